@@ -1,0 +1,32 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv on first use.
+# torch is installed first with an exact pin so that a machine with a local CPU wheel of that
+# version (see pip's find-links) uses it instead of pulling the CUDA build; override with
+# `make TORCH_SPEC="torch>=2.5" test` elsewhere.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m cascade_vsr.cli demo --output-dir outputs/demo
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,78 @@
+"""Rectified-flow helpers shared by the pipeline and the trainer.
+
+Conventions are those of diffusers' `FlowMatchEulerDiscreteScheduler`:
+
+- sigma in [0, 1] is the noise fraction: `z_t = (1 - sigma) * z_0 + sigma * eps` (sigma = 1 is pure noise);
+- the model predicts the velocity `v = eps - z_0`, so an Euler step is `z <- z + (sigma_next - sigma) * v`;
+- the model's `timestep` input is `sigma * num_train_timesteps` (1000).
+
+Noise augmentation of the upsampled LR condition uses the same interpolation with its own level `s`
+(SimpleGVR: s ~ U[0.3, 0.6] in training, fixed at inference), and the level is fed to the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _per_sample(values: torch.Tensor | float, like: torch.Tensor, name: str) -> torch.Tensor:
+    """Reshape a scalar or (B,) tensor so that it broadcasts over a (B, ...) tensor."""
+    values = torch.as_tensor(values, dtype=torch.float32, device=like.device)
+    if values.ndim == 0:
+        values = values.reshape(1)
+    if values.ndim != 1 or values.shape[0] not in (1, like.shape[0]):
+        raise ValueError(
+            f"`{name}` must be a scalar or of shape ({like.shape[0]},), got shape {tuple(values.shape)}"
+        )
+    if torch.any((values < 0) | (values > 1)):
+        raise ValueError(f"`{name}` must lie in [0, 1], got values in [{values.min():.4g}, {values.max():.4g}]")
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def sigma_to_timestep(sigma: torch.Tensor | float) -> torch.Tensor:
+    """Noise fraction in [0, 1] -> the model's timestep input (scheduler units)."""
+    return torch.as_tensor(sigma, dtype=torch.float32) * NUM_TRAIN_TIMESTEPS
+
+
+def timestep_to_sigma(timestep: torch.Tensor | float) -> torch.Tensor:
+    """The model's timestep input (scheduler units) -> noise fraction in [0, 1]."""
+    return torch.as_tensor(timestep, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
+
+
+def add_noise(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """`(1 - sigma) * clean + sigma * noise`, with sigma a scalar or one value per sample."""
+    if clean.shape != noise.shape:
+        raise ValueError(f"`noise` must have the shape of `clean` {tuple(clean.shape)}, got {tuple(noise.shape)}")
+    sigma = _per_sample(sigma, clean, "sigma").to(clean.dtype)
+    return (1 - sigma) * clean + sigma * noise
+
+
+def velocity_target(clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching regression target `eps - z_0`."""
+    return noise - clean
+
+
+def predict_clean(noisy: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Estimate `z_0 = z_t - sigma * v` from a velocity prediction."""
+    sigma = _per_sample(sigma, noisy, "sigma").to(noisy.dtype)
+    return noisy - sigma * velocity
+
+
+def noise_augment(
+    condition: torch.Tensor,
+    level: torch.Tensor | float,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Noise-augment the upsampled LR condition: `c = (1 - s) * up + s * eps` with its own noise.
+
+    The noise is drawn independently of the diffusion noise (SimpleGVR section 4.1); pass `noise` to
+    control it, or a `generator` for reproducibility.
+    """
+    if noise is None:
+        noise = torch.randn(
+            condition.shape, generator=generator, device=condition.device, dtype=condition.dtype
+        )
+    return add_noise(condition, noise, level)

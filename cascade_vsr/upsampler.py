@@ -1,0 +1,112 @@
+"""The latent upsampler: LR latents of the base model -> HR-sized latents (SimpleGVR section 4.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+
+from .validation import check_latents, check_spatial_size
+
+
+def resize_frames(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize the spatial dims of (B, C, T, h, w) latents to `size`, frame by frame.
+
+    Any target size works, including non-integer factors (64x112 -> 135x240).
+    """
+    batch = latents.shape[0]
+    frames = rearrange(latents, "b c t h w -> (b t) c h w")
+    frames = F.interpolate(frames, size=tuple(size), mode="bilinear", align_corners=False)
+    return rearrange(frames, "(b t) c h w -> b c t h w", b=batch)
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame, so that an output frame depends only on nearby input frames
+    (through the convolutions) and chunked or streaming inference sees the same numbers."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch = hidden_states.shape[0]
+        frames = super().forward(rearrange(hidden_states, "b c t h w -> (b t) c h w"))
+        return rearrange(frames, "(b t) c h w -> b c t h w", b=batch)
+
+
+class ResBlock3D(nn.Module):
+    """Pre-activation residual block of two 3x3x3 convolutions."""
+
+    def __init__(self, channels: int, num_groups: int = 8):
+        super().__init__()
+        self.norm1 = FrameGroupNorm(num_groups, channels)
+        self.conv1 = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
+        self.norm2 = FrameGroupNorm(num_groups, channels)
+        self.conv2 = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.conv1(F.silu(self.norm1(hidden_states)))
+        hidden_states = self.conv2(F.silu(self.norm2(hidden_states)))
+        return hidden_states + residual
+
+
+class LatentUpsampler3D(ModelMixin, ConfigMixin):
+    r"""
+    Upsamples base-model latents to any target latent size: 3D convs at LR, a bilinear resize, 3D convs at HR.
+
+    The output is `bilinear(x) + residual(x)`, where the residual branch ends in a zero-initialised
+    convolution. A freshly initialised upsampler is therefore exactly a bilinear resize, so joint training
+    with the transformer starts from a sane condition instead of noise. Frame count is kept.
+
+    Args:
+        latent_channels (`int`): Channels of the latent space (16 for Wan / CogVideoX / HunyuanVideo).
+        hidden_channels (`int`): Width of the convolutional residual branch.
+        num_blocks (`int`): Residual blocks before the resize (at LR, where they are cheap).
+        num_groups (`int`): Groups of the GroupNorm layers; must divide `hidden_channels`.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 16,
+        hidden_channels: int = 128,
+        num_blocks: int = 2,
+        num_groups: int = 8,
+    ):
+        super().__init__()
+        if latent_channels <= 0 or hidden_channels <= 0 or num_blocks < 0:
+            raise ValueError(
+                "latent_channels and hidden_channels must be positive and num_blocks >= 0, got "
+                f"{latent_channels=}, {hidden_channels=}, {num_blocks=}"
+            )
+        if hidden_channels % num_groups:
+            raise ValueError(f"num_groups ({num_groups}) must divide hidden_channels ({hidden_channels})")
+
+        self.conv_in = nn.Conv3d(latent_channels, hidden_channels, kernel_size=3, padding=1)
+        self.lr_blocks = nn.ModuleList([ResBlock3D(hidden_channels, num_groups) for _ in range(num_blocks)])
+        self.hr_norm = FrameGroupNorm(num_groups, hidden_channels)
+        self.hr_conv = nn.Conv3d(hidden_channels, hidden_channels, kernel_size=3, padding=1)
+        self.conv_out = nn.Conv3d(hidden_channels, latent_channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        self.gradient_checkpointing = False
+
+    def forward(self, lr_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Upsample (B, C, T, h, w) latents to (B, C, T, *size)."""
+        check_latents(lr_latents, "lr_latents", channels=self.config.latent_channels)
+        size = check_spatial_size(size, "size")
+
+        base = resize_frames(lr_latents, size)
+
+        hidden_states = self.conv_in(lr_latents)
+        for block in self.lr_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states)
+            else:
+                hidden_states = block(hidden_states)
+        hidden_states = resize_frames(hidden_states, size)
+        hidden_states = self.hr_conv(F.silu(self.hr_norm(hidden_states)))
+        residual = self.conv_out(F.silu(hidden_states))
+        return base + residual

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models with random weights, built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
+
+TINY_TRANSFORMER = dict(
+    latent_channels=4,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=12,
+    ffn_dim=32,
+    text_dim=16,
+)
+TINY_UPSAMPLER = dict(latent_channels=4, hidden_channels=16, num_blocks=1)
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter. The models start with zero-initialised output layers (AdaLN-zero,
+    residual upsampler), where outputs are constant and most gradients are exactly zero by design;
+    tests of numerics and connectivity need a generic point."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * std)
+    return module
+
+
+@pytest.fixture
+def tiny_transformer() -> CascadeVSRTransformer3DModel:
+    torch.manual_seed(0)
+    return randomize_(CascadeVSRTransformer3DModel(**TINY_TRANSFORMER)).eval()
+
+
+@pytest.fixture
+def tiny_upsampler() -> LatentUpsampler3D:
+    torch.manual_seed(0)
+    return randomize_(LatentUpsampler3D(**TINY_UPSAMPLER)).eval()

@@ -1,0 +1,228 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
+from cascade_vsr.transformer import apply_rope, rope_cos_sin
+
+from .conftest import TINY_TRANSFORMER, TINY_UPSAMPLER, randomize_
+
+
+def _inputs(batch=2, frames=5, height=17, width=31, text_len=7, channels=4, text_dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, channels, frames, height, width, generator=g),
+        condition=torch.randn(batch, channels, frames, height, width, generator=g),
+        timestep=torch.rand(batch, generator=g) * 1000,
+        noise_aug_level=torch.rand(batch, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, text_dim, generator=g),
+    )
+
+
+def test_default_config_is_about_one_billion_parameters():
+    with torch.device("meta"):
+        model = CascadeVSRTransformer3DModel()
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"default CascadeVSRTransformer3DModel: {num_params:,} parameters")
+    assert 0.9e9 < num_params < 1.2e9
+
+
+@pytest.mark.parametrize("frames", [1, 5, 20])
+def test_shapes_odd_sizes_and_noninteger_upsampling(tiny_transformer, tiny_upsampler, frames):
+    lr = torch.randn(2, 4, frames, 9, 16)
+    up = tiny_upsampler(lr, size=(17, 31))  # 1.89x and 1.94x
+    inputs = _inputs(frames=frames)
+    inputs["condition"] = up
+    with torch.no_grad():
+        out = tiny_transformer(**inputs).sample
+    assert out.shape == (2, 4, frames, 17, 31)
+    assert torch.isfinite(out).all()
+
+
+def test_batch_broadcast_of_timestep_and_text(tiny_transformer):
+    inputs = _inputs(batch=3)
+    inputs["timestep"] = torch.tensor([400.0])
+    inputs["noise_aug_level"] = 0.45
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:1]
+    with torch.no_grad():
+        out = tiny_transformer(**inputs).sample
+        single = tiny_transformer(**{k: (v[1:2] if k in ("hidden_states", "condition") else v) for k, v in inputs.items()})
+    torch.testing.assert_close(out[1:2], single.sample, rtol=1e-4, atol=1e-5)
+
+
+def test_fresh_model_predicts_zero_velocity():
+    """AdaLN-zero and a zero output projection: a fresh model is a well-defined starting point."""
+    model = CascadeVSRTransformer3DModel(**TINY_TRANSFORMER)
+    out = model(**_inputs(batch=1, frames=2, height=6, width=6)).sample
+    assert torch.count_nonzero(out) == 0
+
+
+def test_gradients_reach_every_parameter_in_a_joint_backward():
+    upsampler = randomize_(LatentUpsampler3D(**TINY_UPSAMPLER))
+    transformer = randomize_(CascadeVSRTransformer3DModel(**TINY_TRANSFORMER), seed=1)
+    lr = torch.randn(2, 4, 3, 5, 9)
+    inputs = _inputs(frames=3, height=11, width=17)
+    inputs["condition"] = upsampler(lr, size=(11, 17))
+    inputs["encoder_hidden_states"] = None  # the null embedding must get gradients too
+    loss = transformer(**inputs).sample.square().mean()
+    loss.backward()
+    for name, module in (("upsampler", upsampler), ("transformer", transformer)):
+        for pname, param in module.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
+
+
+def test_gradient_checkpointing_matches(tiny_transformer):
+    inputs = _inputs(batch=1, frames=2, height=6, width=10)
+    params = [p for n, p in tiny_transformer.named_parameters() if n != "null_text_embedding"]
+    out = tiny_transformer(**inputs).sample.sum()
+    grads = torch.autograd.grad(out, params)
+    tiny_transformer.enable_gradient_checkpointing()
+    out_ckpt = tiny_transformer(**inputs).sample.sum()
+    grads_ckpt = torch.autograd.grad(out_ckpt, params)
+    torch.testing.assert_close(out_ckpt, out)
+    for a, b in zip(grads, grads_ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_save_and_load_round_trip_uses_safetensors(tmp_path, tiny_transformer, tiny_upsampler):
+    tiny_transformer.save_pretrained(tmp_path / "transformer")
+    tiny_upsampler.save_pretrained(tmp_path / "upsampler")
+    for sub in ("transformer", "upsampler"):
+        files = sorted(p.name for p in (tmp_path / sub).iterdir())
+        assert "diffusion_pytorch_model.safetensors" in files, files
+        assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files), files
+    assert json.loads((tmp_path / "transformer" / "config.json").read_text())["num_layers"] == 2
+    transformer = CascadeVSRTransformer3DModel.from_pretrained(tmp_path / "transformer")
+    upsampler = LatentUpsampler3D.from_pretrained(tmp_path / "upsampler")
+    inputs = _inputs(batch=1, frames=2, height=6, width=10)
+    lr = torch.randn(1, 4, 2, 3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(transformer(**inputs).sample, tiny_transformer(**inputs).sample, rtol=0, atol=0)
+        torch.testing.assert_close(upsampler(lr, size=(6, 10)), tiny_upsampler(lr, size=(6, 10)), rtol=0, atol=0)
+
+
+def test_rope_is_relative_in_time(tiny_transformer):
+    inputs = _inputs(batch=1, frames=4, height=6, width=8)
+    with torch.no_grad():
+        base = tiny_transformer(**inputs).sample
+        shifted = tiny_transformer(**inputs, frame_offset=1000).sample
+    torch.testing.assert_close(shifted, base, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_matches_complex_rotation_reference():
+    """Independent reference: RoPE as complex multiplication by exp(i * pos * freq) per axis."""
+    grid, head_dim, theta = (3, 4, 5), 12, 10000.0
+    x = torch.randn(1, 2, 60, head_dim, dtype=torch.float64)
+    cos, sin = rope_cos_sin(grid, head_dim, theta)
+    out = apply_rope(x.float(), cos, sin).double()
+    t_dim, s_dim = head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6)
+    t, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    angles = []
+    for pos, dim in ((t, t_dim), (h, s_dim), (w, s_dim)):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles.append(pos.reshape(-1, 1) * freqs)
+    angles = torch.cat(angles, dim=1)  # (N, head_dim / 2)
+    reference = torch.view_as_real(torch.view_as_complex(x.reshape(1, 2, 60, -1, 2).contiguous()) * torch.polar(torch.ones_like(angles), angles))
+    torch.testing.assert_close(out, reference.reshape_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_self_attention_matches_naive_dense_reference(tiny_transformer):
+    """The block's self-attention against a hand-written projection + RoPE + softmax."""
+    attn = tiny_transformer.blocks[0].attn1
+    grid = (2, 3, 4)
+    x = torch.randn(2, 24, 24)
+    cos, sin = rope_cos_sin(grid, 12)
+    with torch.no_grad():
+        out = attn(x, rotary_emb=(cos, sin), grid=grid)
+
+        def heads(t):
+            return rearrange(t, "b n (h d) -> b h n d", h=2)
+
+        def rms(t, weight):
+            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+        q = apply_rope(rms(heads(x @ attn.to_q.weight.T + attn.to_q.bias), attn.norm_q.weight), cos, sin)
+        k = apply_rope(rms(heads(x @ attn.to_k.weight.T + attn.to_k.bias), attn.norm_k.weight), cos, sin)
+        v = heads(x @ attn.to_v.weight.T + attn.to_v.bias)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / 12**0.5, dim=-1)
+        reference = rearrange(weights @ v, "b h n d -> b n (h d)") @ attn.to_out.weight.T + attn.to_out.bias
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_text_mask_hides_padding_tokens(tiny_transformer):
+    inputs = _inputs(batch=2, frames=2, height=6, width=6, text_len=5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        out = tiny_transformer(**inputs, encoder_attention_mask=mask).sample
+        inputs["encoder_hidden_states"][0, 3:] = 100.0  # padding of sample 0 changes
+        out2 = tiny_transformer(**inputs, encoder_attention_mask=mask).sample
+    torch.testing.assert_close(out2, out)
+
+
+def test_null_text_is_the_default_and_differs_from_a_prompt(tiny_transformer):
+    inputs = _inputs(batch=2, frames=2, height=6, width=6)
+    with torch.no_grad():
+        prompt = tiny_transformer(**inputs).sample
+        inputs["encoder_hidden_states"] = None
+        null = tiny_transformer(**inputs).sample
+        inputs["encoder_hidden_states"] = tiny_transformer.null_text_embeds(2, seq_len=9)
+        null_long = tiny_transformer(**inputs).sample
+    torch.testing.assert_close(null_long, null, rtol=1e-5, atol=1e-6)
+    assert (prompt - null).abs().max() > 1e-4
+
+
+def test_attention_backend_passthrough_matches_default(tiny_transformer):
+    inputs = _inputs(batch=1, frames=2, height=6, width=6)
+    with torch.no_grad():
+        default = tiny_transformer(**inputs).sample
+        tiny_transformer.set_attention_backend("native")
+        native = tiny_transformer(**inputs).sample
+    torch.testing.assert_close(native, default, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(hidden_states=torch.randn(2, 3, 5, 17, 31)), "hidden_states.*4 channels"),
+        (dict(condition=torch.randn(2, 4, 5, 17, 30)), "condition.*shape of `hidden_states`"),
+        (dict(condition=torch.randn(2, 5, 5, 17, 31)), "condition.*4 channels"),
+        (dict(hidden_states=torch.randn(2, 4, 17, 31)), "hidden_states.*5 dims"),
+        (dict(timestep=torch.rand(3)), "timestep.*\\(1,\\) or \\(2,\\)"),
+        (dict(noise_aug_level=torch.rand(2, 1)), "noise_aug_level"),
+        (dict(encoder_hidden_states=torch.randn(3, 7, 16)), "encoder_hidden_states.*batch size must be 1 or 2"),
+        (dict(encoder_hidden_states=torch.randn(2, 7, 15)), "encoder_hidden_states.*text_dim=16"),
+        (dict(encoder_hidden_states=torch.randn(2, 16)), "encoder_hidden_states.*\\(B, L, text_dim\\)"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_argument(tiny_transformer, change, match):
+    inputs = _inputs()
+    inputs.update(change)
+    with pytest.raises(ValueError, match=match):
+        tiny_transformer(**inputs)
+
+
+def test_bad_mask_and_config():
+    model = CascadeVSRTransformer3DModel(**TINY_TRANSFORMER)
+    inputs = _inputs(batch=1, frames=1, height=4, width=4, text_len=3)
+    with pytest.raises(ValueError, match="encoder_attention_mask.*shape"):
+        model(**inputs, encoder_attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="encoder_attention_mask.*at least one"):
+        model(**inputs, encoder_attention_mask=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="attention_mode"):
+        CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "attention_mode": "nope"})
+    with pytest.raises(ValueError, match="attention_mode.*list of 2"):
+        CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "attention_mode": ["full"]})
+    with pytest.raises(ValueError, match="attention_head_dim"):
+        CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "attention_head_dim": 7})
+
+
+def test_patch_padding_is_cropped_and_does_not_leak_across_the_crop(tiny_transformer):
+    """Odd sizes are padded inside; the output has exactly the input size and is finite."""
+    inputs = _inputs(batch=1, frames=3, height=7, width=9)
+    out = tiny_transformer(**inputs).sample
+    assert out.shape == inputs["hidden_states"].shape
+    loss = F.mse_loss(out, torch.zeros_like(out))
+    loss.backward()
