@@ -56,9 +56,11 @@ def main() -> None:
         return adapter.encode(vae, video.clamp(-1, 1))
 
     latent_s = timed(latent_path, repeats=3)
+    print(f"latent path: {latent_s:.3f} s", flush=True)
     start = time.perf_counter()
     pixel_path()  # one run, no warm-up: it is slow on CPU
     pixel_s = time.perf_counter() - start
+    print(f"pixel path: {pixel_s:.3f} s", flush=True)
 
     transformer = CascadeVSRTransformer3DModel().eval().to(device)
     grid = (2, 16, 16)  # latent (T, h, w): 512 tokens after the (1, 2, 2) patch
