@@ -15,11 +15,15 @@ __version__ = "0.1.0"
 _LAZY_IMPORTS = {
     "LatentUpsampler3D": "cascade_vsr.upsampler",
     "CascadeVSRTransformer3DModel": "cascade_vsr.transformer",
+    "CascadeVSRPipeline": "pipelines.pipeline_cascade_vsr",
+    "CascadeVSRPipelineOutput": "pipelines.pipeline_cascade_vsr",
 }
 
-__all__ = ["CascadeVSRTransformer3DModel", "LatentUpsampler3D"]
+__all__ = ["CascadeVSRPipeline", "CascadeVSRPipelineOutput", "CascadeVSRTransformer3DModel", "LatentUpsampler3D"]
 
 if TYPE_CHECKING:
+    from pipelines.pipeline_cascade_vsr import CascadeVSRPipeline, CascadeVSRPipelineOutput
+
     from .transformer import CascadeVSRTransformer3DModel
     from .upsampler import LatentUpsampler3D
 

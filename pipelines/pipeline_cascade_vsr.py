@@ -1,0 +1,654 @@
+"""CascadeVSRPipeline: the latent super-resolution stage that chains after a text-to-video pipeline.
+
+    upstream pipeline (output_type="latent") -> adapter.to_model -> LatentUpsampler3D -> noise augmentation
+    -> N flow-matching steps of CascadeVSRTransformer3DModel -> the upstream VAE decodes (model space -> pixels)
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo,
+    AutoencoderKLLTXVideo,
+    AutoencoderKLMochi,
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from einops import rearrange
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cascade_vsr.transformer import CascadeVSRTransformer3DModel
+from cascade_vsr.upsampler import LatentUpsampler3D, resize_frames
+
+from .adapters import LatentAdapter, get_adapter
+
+OUTPUT_TYPES = ("latent", "np", "pt", "pil")
+COLOR_FIXES = ("wavelet", "adain")
+
+# Set while `from_pipe` runs without an explicit dtype: the ids of the upstream's modules, which `to()` must not
+# cast (DiffusionPipeline.from_pipe ends with `new_pipeline.to(dtype=float32)` and would cast them in place).
+_FROM_PIPE_KEEP: contextvars.ContextVar[tuple[set[int], torch.dtype | None] | None] = contextvars.ContextVar(
+    "cascade_vsr_from_pipe_keep", default=None
+)
+
+
+@dataclass
+class CascadeVSRPipelineOutput(BaseOutput):
+    r"""
+    Output of the cascade stage.
+
+    Args:
+        frames (`torch.Tensor`, `np.ndarray` or `list[list[PIL.Image.Image]]`):
+            With `output_type="latent"`, the HR latents (B, C, T, H/s, W/s) in the model's latent space (use
+            `pipe.adapter.from_model` for the upstream's own format); otherwise the decoded frames, (B, T, H, W, 3)
+            in [0, 1] for `"np"`, (B, T, 3, H, W) for `"pt"`, one list of images per video for `"pil"`.
+    """
+
+    frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Colour fixes against the upsampled input (pure functions on (B, 3, T, H, W) videos)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def adain_color_fix(video: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Match the per-frame, per-channel mean and std of `video` to those of `reference` (same shape)."""
+    dims = (-2, -1)
+    mean, std = video.mean(dims, keepdim=True), video.std(dims, keepdim=True)
+    ref_mean, ref_std = reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True)
+    return (video - mean) / (std + eps) * ref_std + ref_mean
+
+
+def _wavelet_low_pass(frames: torch.Tensor, levels: int) -> torch.Tensor:
+    """Low-frequency part of (N, C, H, W) frames: `levels` a-trous passes of a 3x3 binomial blur with dilation
+    1, 2, 4, ... (replicate padding), as in SeedVR's wavelet colour fix."""
+    channels = frames.shape[1]
+    kernel = torch.tensor([1.0, 2.0, 1.0], device=frames.device, dtype=frames.dtype)
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(channels, 1, 3, 3)
+    for level in range(levels):
+        dilation = 2**level
+        padded = F.pad(frames, (dilation,) * 4, mode="replicate")
+        frames = F.conv2d(padded, kernel, groups=channels, dilation=dilation)
+    return frames
+
+
+def wavelet_color_fix(video: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Keep the high frequencies of `video` and take the low frequencies (colour, shading) of `reference`."""
+    batch = video.shape[0]
+    frames, ref = (rearrange(x, "b c t h w -> (b t) c h w") for x in (video, reference))
+    fixed = frames - _wavelet_low_pass(frames, levels) + _wavelet_low_pass(ref, levels)
+    return rearrange(fixed, "(b t) c h w -> b c t h w", b=batch)
+
+
+def inverse_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Sigmas that the scheduler's static `shift * s / (1 + (shift - 1) * s)` maps back onto `sigmas`."""
+    return sigmas / (shift - (shift - 1) * sigmas)
+
+
+def _pad_sequence(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (B, L, D) text embeddings and their (B, L) mask with masked zeros to `length` tokens."""
+    extra = length - embeds.shape[1]
+    return F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+
+class CascadeVSRPipeline(DiffusionPipeline):
+    r"""
+    Latent video super-resolution stage (SimpleGVR) for diffusers text-to-video pipelines.
+
+    Takes the upstream pipeline's low-resolution latents (`output_type="latent"`) and generates high-resolution
+    latents in the same latent space, which the upstream VAE decodes: nothing is decoded and re-encoded in
+    between. Chain it with `CascadeVSRPipeline.from_pipe(upstream, upsampler=..., transformer=...)`, which
+    shares the upstream's VAE, text encoder and tokenizer without changing their dtype.
+
+    Args:
+        upsampler ([`LatentUpsampler3D`]): LR latents -> HR-sized latents (any size).
+        transformer ([`CascadeVSRTransformer3DModel`]): The conditional DiT predicting the flow velocity.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): The flow-matching sampler.
+        vae (*optional*): The upstream's VAE; needed to decode, to encode `video`, and for the colour fix.
+        text_encoder, tokenizer (*optional*): The upstream's text encoder, needed only to encode `prompt`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->upsampler->transformer->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents", "condition", "prompt_embeds"]
+
+    def __init__(
+        self,
+        upsampler: LatentUpsampler3D,
+        transformer: CascadeVSRTransformer3DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLWan
+        | AutoencoderKLCogVideoX
+        | AutoencoderKLHunyuanVideo
+        | AutoencoderKLLTXVideo
+        | AutoencoderKLMochi
+        | None = None,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            upsampler=upsampler,
+            transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
+        self.video_processor = VideoProcessor(vae_scale_factor=1)
+
+    # -- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any) -> CascadeVSRPipeline:
+        """Build the stage from an upstream pipeline, sharing its vae / text_encoder / tokenizer.
+
+        The shared modules keep their device and dtype. `dtype` / `torch_dtype`, when given, applies only to
+        the modules that are not shared (the upsampler and the transformer); without it they stay as passed.
+        """
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        shared = {id(module) for module in pipeline.components.values() if isinstance(module, torch.nn.Module)}
+        token = _FROM_PIPE_KEEP.set((shared, dtype))
+        try:
+            return super().from_pipe(pipeline, **kwargs)
+        finally:
+            _FROM_PIPE_KEEP.reset(token)
+
+    def to(self, *args: Any, **kwargs: Any) -> CascadeVSRPipeline:
+        keep = _FROM_PIPE_KEEP.get()
+        if keep is None:
+            return super().to(*args, **kwargs)
+        shared, dtype = keep
+        if dtype is not None:
+            for module in self.components.values():
+                if isinstance(module, torch.nn.Module) and id(module) not in shared:
+                    module.to(dtype=dtype)
+        return self
+
+    # -- options -------------------------------------------------------------------------------------------------
+
+    @property
+    def adapter(self) -> LatentAdapter:
+        """The upstream latent format: from the VAE when there is one, else from the transformer's config."""
+        if self.vae is not None:
+            return get_adapter(self.vae)
+        latent_space = self.transformer.config.latent_space
+        if latent_space is None:
+            raise ValueError(
+                "cannot tell the upstream latent format: the pipeline has no `vae` and the transformer's config "
+                "has no `latent_space`; pass the upstream's vae (e.g. via `from_pipe`)"
+            )
+        return get_adapter(latent_space)
+
+    def enable_vae_tiling(self, **kwargs: Any) -> None:
+        """Decode (and encode) in overlapping spatial tiles, where the upstream VAE supports it."""
+        if self.vae is None or not hasattr(self.vae, "enable_tiling"):
+            raise ValueError(f"`vae` ({type(self.vae).__name__}) does not support tiling")
+        self.vae.enable_tiling(**kwargs)
+
+    def disable_vae_tiling(self) -> None:
+        if self.vae is not None and hasattr(self.vae, "disable_tiling"):
+            self.vae.disable_tiling()
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Select a diffusers attention backend ("native", "flash", "sage", ...) for the transformer."""
+        self.transformer.set_attention_backend(backend)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        max_sequence_length: int = 512,
+        device: torch.device | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode `prompt` with the upstream's tokenizer and text encoder -> (embeds (B, L, D), mask (B, L))."""
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = device or self._execution_device
+        inputs = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        mask = inputs.attention_mask.to(device)
+        embeds = self.text_encoder(inputs.input_ids.to(device), attention_mask=mask).last_hidden_state
+        return embeds.to(self.transformer.dtype), mask
+
+    def _check_embeds(self, embeds: torch.Tensor | None, mask: torch.Tensor | None, name: str, batch: int) -> None:
+        if embeds is None:
+            if mask is not None:
+                raise ValueError(f"`{name}_attention_mask` needs `{name}_embeds`")
+            return
+        text_dim = self.transformer.config.text_dim
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"`{name}_embeds` must have shape (B, L, {text_dim}), got {shape}")
+        if embeds.shape[0] not in (1, batch) or embeds.shape[-1] != text_dim:
+            raise ValueError(
+                f"`{name}_embeds` must have shape (1 or {batch}, L, {text_dim}) (batch of the latents, the "
+                f"transformer's text_dim), got {tuple(embeds.shape)}"
+            )
+        if not torch.isfinite(embeds).all():
+            raise ValueError(f"`{name}_embeds` must be finite (no NaN / Inf)")
+        if mask is not None and (mask.ndim != 2 or tuple(mask.shape) != tuple(embeds.shape[:2])):
+            raise ValueError(
+                f"`{name}_attention_mask` must have shape {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}"
+            )
+
+    def check_inputs(
+        self,
+        lr_latents: torch.Tensor | None,
+        video: Any,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+        negative_prompt_attention_mask: torch.Tensor | None,
+        height: int | None,
+        width: int | None,
+        scale: float | tuple[float, float] | None,
+        num_inference_steps: int,
+        sigmas: list[float] | None,
+        guidance_scale: float,
+        noise_aug_strength: float,
+        num_videos_per_prompt: int,
+        output_type: str,
+        color_fix: str | None,
+        callback_on_step_end_tensor_inputs: list[str],
+        decode_chunk_size: int | None,
+        upstream_shape: dict[str, int] | None,
+    ) -> tuple[LatentAdapter, torch.Tensor | None, torch.Tensor | None, tuple[int, int, int], tuple[int, int]]:
+        """Validate every argument before any heavy compute.
+
+        Returns the adapter, the model-space LR latents (or the preprocessed video), the LR grid (T, h, w)
+        in latent units and the target pixel size (H, W).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if color_fix not in (None, *COLOR_FIXES):
+            raise ValueError(f"`color_fix` must be None or one of {COLOR_FIXES}, got {color_fix!r}")
+        if (lr_latents is None) == (video is None):
+            raise ValueError("pass exactly one of `lr_latents` (the upstream's latent output) and `video` (pixels)")
+        bad_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad_inputs:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {bad_inputs}"
+            )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"`num_videos_per_prompt` must be a positive int, got {num_videos_per_prompt!r}")
+        if not 0.0 <= float(noise_aug_strength) <= 1.0:
+            raise ValueError(f"`noise_aug_strength` must lie in [0, 1], got {noise_aug_strength}")
+        if guidance_scale < 1.0:
+            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale}")
+        if sigmas is not None:
+            values = np.asarray(sigmas, dtype=np.float64)
+            if values.ndim != 1 or len(values) == 0 or (values <= 0).any() or (values > 1).any() or (
+                np.diff(values) >= 0
+            ).any():
+                raise ValueError(f"`sigmas` must be a non-empty, strictly decreasing list in (0, 1], got {sigmas}")
+        if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int) or decode_chunk_size < 1):
+            raise ValueError(f"`decode_chunk_size` must be a positive int (latent frames), got {decode_chunk_size!r}")
+        if output_type != "latent" and self.vae is None:
+            raise ValueError(f"`output_type={output_type!r}` needs the upstream's `vae`; use output_type='latent'")
+        if color_fix is not None and self.vae is None:
+            raise ValueError("`color_fix` needs the upstream's `vae`")
+
+        adapter = self.adapter
+        latent_space = self.transformer.config.latent_space
+        if latent_space is not None and latent_space != adapter.name:
+            raise ValueError(
+                f"latent space mismatch: the transformer was trained in latent space {latent_space!r}, but the "
+                f"upstream ({type(self.vae).__name__ if self.vae is not None else 'by name'}) produces "
+                f"{adapter.name!r}"
+            )
+        channels = self.transformer.config.latent_channels
+        if adapter.latent_channels != channels or self.upsampler.config.latent_channels != channels:
+            raise ValueError(
+                f"the upstream latent space {adapter.name!r} has {adapter.latent_channels} channels, but the "
+                f"transformer has latent_channels={channels} and the upsampler "
+                f"{self.upsampler.config.latent_channels}"
+            )
+
+        if lr_latents is not None:
+            lr = adapter.to_model(lr_latents, self.vae, **(upstream_shape or {}))
+            if not torch.isfinite(lr).all():
+                raise ValueError("`lr_latents` must be finite (no NaN / Inf)")
+            grid = tuple(lr.shape[2:])
+            lr_pixels = (grid[1] * adapter.spatial_compression, grid[2] * adapter.spatial_compression)
+            batch = lr.shape[0]
+        else:
+            lr = self.video_processor.preprocess_video(video)
+            if lr.ndim != 5 or lr.shape[1] != 3:
+                raise ValueError(f"`video` must be RGB frames, got a video of shape {tuple(lr.shape)}")
+            if not torch.isfinite(lr).all():
+                raise ValueError("`video` must be finite (no NaN / Inf)")
+            adapter.check_num_frames(lr.shape[2], "video frames")
+            sc = adapter.spatial_compression
+            if lr.shape[3] % sc or lr.shape[4] % sc:
+                raise ValueError(f"`video` height and width must be multiples of {sc}, got {tuple(lr.shape[3:])}")
+            grid = (adapter.num_latent_frames(lr.shape[2]), lr.shape[3] // sc, lr.shape[4] // sc)
+            lr_pixels = (lr.shape[3], lr.shape[4])
+            batch = lr.shape[0]
+
+        if scale is not None and (height is not None or width is not None):
+            raise ValueError("pass either `height` and `width` or `scale`, not both")
+        if scale is not None:
+            scales = (scale, scale) if isinstance(scale, int | float) else tuple(scale)
+            if len(scales) != 2 or any(not isinstance(s, int | float) or s < 1 for s in scales):
+                raise ValueError(f"`scale` must be a number >= 1 or a (height, width) pair of them, got {scale!r}")
+            target = (round(lr_pixels[0] * scales[0]), round(lr_pixels[1] * scales[1]))
+        elif height is None or width is None:
+            raise ValueError("pass the target size as `height` and `width` (pixels) or as `scale`")
+        else:
+            target = (height, width)
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in target):
+                raise ValueError(f"`height` and `width` must be ints, got {target}")
+        if target[0] < lr_pixels[0] or target[1] < lr_pixels[1]:
+            raise ValueError(
+                f"the target size (height, width)={target} must not be smaller than the input {lr_pixels}"
+            )
+
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is None:
+                continue
+            if not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
+                raise ValueError(f"`{name}` must be a string or a list of strings, got {type(text).__name__}")
+            if isinstance(text, list) and len(text) not in (1, batch):
+                raise ValueError(f"`{name}` must have 1 or {batch} (batch of the latents) entries, got {len(text)}")
+            if self.text_encoder is None or self.tokenizer is None:
+                raise ValueError(f"`{name}` needs the upstream's `text_encoder` and `tokenizer`; or pass `{name}_embeds`")
+        self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt", batch)
+        self._check_embeds(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt", batch)
+        return adapter, lr, grid, target
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _text_conditioning(
+        self,
+        prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, prompt_attention_mask,
+        negative_prompt_attention_mask, batch: int, do_cfg: bool, max_sequence_length: int, device: torch.device,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(B or 2B, L, D) embeddings and mask; with CFG the unconditional half comes first."""
+        if prompt is not None:
+            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, max_sequence_length, device)
+        if negative_prompt is not None:
+            negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                negative_prompt, max_sequence_length, device
+            )
+        if prompt_embeds is None:
+            return None, None  # the transformer's learned null embedding
+        dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(device, dtype).expand(batch, -1, -1)
+        if prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        prompt_attention_mask = prompt_attention_mask.to(device).expand(batch, -1)
+        if not do_cfg:
+            return prompt_embeds, prompt_attention_mask
+        if negative_prompt_embeds is None:
+            # The learned null prompt repeated over L fully visible tokens attends exactly like one null token.
+            negative_prompt_embeds = self.transformer.null_text_embeds(batch, prompt_embeds.shape[1]).to(device, dtype)
+        negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).expand(batch, -1, -1)
+        if negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
+            )
+        negative_prompt_attention_mask = negative_prompt_attention_mask.to(device).expand(batch, -1)
+        length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
+        prompt_embeds, prompt_attention_mask = _pad_sequence(prompt_embeds, prompt_attention_mask, length)
+        negative_prompt_embeds, negative_prompt_attention_mask = _pad_sequence(
+            negative_prompt_embeds, negative_prompt_attention_mask, length
+        )
+        return (
+            torch.cat([negative_prompt_embeds, prompt_embeds]),
+            torch.cat([negative_prompt_attention_mask, prompt_attention_mask]),
+        )
+
+    def _set_sigmas(self, sigmas: list[float] | None, num_inference_steps: int, seq_len: int, device) -> None:
+        """Default schedule linspace(1, 1/N, N) through the scheduler's shift; user `sigmas` exactly as given
+        (set_timesteps(sigmas=...) would shift them: pre-apply the inverse shift, or mu for identity)."""
+        config = self.scheduler.config
+        if sigmas is None:
+            values, mu = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps), None
+            if config.use_dynamic_shifting:
+                base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+                base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+                slope = (max_shift - base_shift) / (max_len - base_len)
+                mu = seq_len * slope + base_shift - slope * base_len
+        else:
+            values = np.asarray(sigmas, dtype=np.float64)
+            if config.use_dynamic_shifting:
+                mu = 0.0 if config.time_shift_type == "exponential" else 1.0  # identity time shift
+            else:
+                values, mu = inverse_shift(values, config.shift), None
+        self.scheduler.set_timesteps(sigmas=values.tolist(), device=device, mu=mu)
+
+    def decode_latents(
+        self, adapter: LatentAdapter, latents: torch.Tensor, decode_chunk_size: int | None = None
+    ) -> torch.Tensor:
+        """Model-space latents -> (B, 3, T, H, W) in [-1, 1], optionally `decode_chunk_size` latent frames at a
+        time. Each chunk after the first is decoded with one latent frame of left context, whose frames are
+        dropped, so a causal VAE gives the frame count of a single decode and the chunks join smoothly."""
+        num_frames = latents.shape[2]
+        if decode_chunk_size is None or decode_chunk_size >= num_frames:
+            return adapter.decode(self.vae, latents)
+        chunks = []
+        for start in range(0, num_frames, decode_chunk_size):  # chunks bound the VAE's peak memory
+            stop = min(start + decode_chunk_size, num_frames)
+            context = max(start - 1, 0)
+            decoded = adapter.decode(self.vae, latents[:, :, context:stop])
+            if start > 0:
+                decoded = decoded[:, :, -(stop - start) * adapter.temporal_compression :]
+            chunks.append(decoded)
+        return torch.cat(chunks, dim=2)
+
+    # -- call ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        lr_latents: torch.Tensor | None = None,
+        video: Any = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scale: float | tuple[float, float] | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 1.0,
+        noise_aug_strength: float = 0.45,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
+        max_sequence_length: int = 512,
+        attention_kwargs: dict[str, Any] | None = None,
+        color_fix: str | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        upstream_shape: dict[str, int] | None = None,
+        decode_chunk_size: int | None = None,
+    ) -> CascadeVSRPipelineOutput | tuple:
+        r"""
+        Super-resolve the upstream's latents (or, slower, a pixel video) to `height` x `width` or `scale`.
+
+        Args:
+            lr_latents (`torch.Tensor`, *optional*): What the upstream pipeline returned with
+                `output_type="latent"`, in its own format (e.g. Wan (B, C, T, h, w), CogVideoX (B, T, C, h, w),
+                LTX-Video packed (B, S, D) with `upstream_shape`).
+            video (*optional*): Pixel frames instead (anything `VideoProcessor.preprocess_video` accepts). The
+                slow path: the frames are first encoded with the VAE.
+            prompt, negative_prompt: Text, encoded with the shared upstream text encoder.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor` (B, L, text_dim), *optional*): Upstream text
+                embeddings, used as they are (same text encoder), with optional attention masks.
+            height, width (`int`, *optional*): Target size in pixels; output frames have exactly this size.
+            scale (`float` or `(float, float)`, *optional*): Target size as a factor of the input (non-integer ok).
+            num_inference_steps (`int`): Denoising steps (1 for a one-step model).
+            sigmas (`list[float]`, *optional*): An explicit decreasing schedule in (0, 1], used exactly.
+            guidance_scale (`float`): Classifier-free guidance; > 1 runs the conditional and unconditional
+                (negative prompt, or the model's null text embedding) branches in one batched forward.
+            noise_aug_strength (`float`): Noise level s of the upsampled condition, fixed through denoising.
+            generator, latents: Randomness: the condition's noise is drawn first, then the initial noise
+                (or pass `latents`, (B, C, T, H/s, W/s)).
+            output_type (`str`): "latent" (model-space HR latents), "np", "pt" or "pil".
+            callback_on_step_end: Called after every step with `callback_on_step_end_tensor_inputs`; may return
+                a replacement `latents`.
+            attention_kwargs (`dict`, *optional*): Passed to the transformer.
+            color_fix (`str`, *optional*): "wavelet" or "adain" against the bilinearly upsampled input.
+            upstream_shape (`dict`, *optional*): Grid of packed upstream latents (LTX-Video): `num_frames`,
+                `height`, `width` of the upstream call.
+            decode_chunk_size (`int`, *optional*): Decode this many latent frames at a time (less memory).
+        """
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check every input (cheap) before any heavy compute.
+        adapter, lr, grid, (height, width) = self.check_inputs(
+            lr_latents, video, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            prompt_attention_mask, negative_prompt_attention_mask, height, width, scale, num_inference_steps,
+            sigmas, guidance_scale, noise_aug_strength, num_videos_per_prompt, output_type, color_fix,
+            callback_on_step_end_tensor_inputs, decode_chunk_size, upstream_shape,
+        )
+        sc = adapter.spatial_compression
+        latent_size = (math.ceil(height / sc), math.ceil(width / sc))
+        batch = lr.shape[0] * num_videos_per_prompt
+        shape = (batch, adapter.latent_channels, grid[0], *latent_size)
+        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must have shape {shape} (B, C, T, H/{sc}, W/{sc}), got {got}")
+
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0 and (prompt is not None or prompt_embeds is not None)
+
+        # 2. LR latents in model space (the slow path encodes the pixels first).
+        video_pixels = None
+        if lr_latents is None:
+            video_pixels = lr
+            lr = adapter.encode(self.vae, video_pixels.to(device, self.vae.dtype), generator=None)
+        lr = lr.to(device, torch.float32).repeat_interleave(num_videos_per_prompt, dim=0)
+
+        # 3. Text conditioning (CFG halves batched: unconditional first).
+        text_batch = batch
+        prompt_embeds, prompt_attention_mask = self._text_conditioning(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, prompt_attention_mask,
+            negative_prompt_attention_mask, text_batch, do_cfg, max_sequence_length, device,
+        )
+
+        # 4. Upsample once and noise-augment once: the condition is fixed through denoising.
+        upsampled = self.upsampler(lr.to(self.upsampler.dtype), size=latent_size).float()
+        condition_noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=torch.float32)
+        condition = (1 - noise_aug_strength) * upsampled + noise_aug_strength * condition_noise
+
+        # 5. Timesteps and initial latents.
+        self._set_sigmas(sigmas, num_inference_steps, grid[0] * latent_size[0] * latent_size[1] // 4, device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            sigma_start = float(self.scheduler.sigmas[0])
+            latents = noise if sigma_start == 1.0 else (1 - sigma_start) * upsampled + sigma_start * noise
+        latents = latents.to(device, torch.float32)
+
+        # 6. Denoising loop.
+        transformer_dtype = self.transformer.dtype
+        noise_level = torch.full((batch * (2 if do_cfg else 1),), float(noise_aug_strength), device=device)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_condition = torch.cat([condition] * 2) if do_cfg else condition
+                velocity = self.transformer(
+                    hidden_states=model_input.to(transformer_dtype),
+                    condition=model_condition.to(transformer_dtype),
+                    timestep=t.expand(model_input.shape[0]),
+                    noise_aug_level=noise_level,
+                    encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=prompt_attention_mask,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )[0].float()
+                if do_cfg:
+                    uncond, cond = velocity.chunk(2)
+                    velocity = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    condition = callback_outputs.pop("condition", condition)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+
+        # 7. Decode with the upstream VAE, crop to the exact size, optional colour fix.
+        if output_type == "latent":
+            frames = latents
+        else:
+            decoded = self.decode_latents(adapter, latents, decode_chunk_size).float()[..., :height, :width]
+            if color_fix is not None:
+                if video_pixels is None:
+                    video_pixels = self.decode_latents(adapter, lr, decode_chunk_size).float()
+                reference = resize_frames(video_pixels.to(decoded.device, decoded.dtype), (height, width))
+                reference = reference.repeat_interleave(decoded.shape[0] // reference.shape[0], dim=0)
+                frames_t = min(decoded.shape[2], reference.shape[2])
+                fix = wavelet_color_fix if color_fix == "wavelet" else adain_color_fix
+                decoded = fix(decoded[:, :, :frames_t], reference[:, :, :frames_t]).clamp(-1, 1)
+            frames = self.video_processor.postprocess_video(decoded, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return CascadeVSRPipelineOutput(frames=frames)

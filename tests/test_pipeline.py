@@ -1,0 +1,296 @@
+"""CascadeVSRPipeline chained after tiny random upstream pipelines of every family (nothing downloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from cascade_vsr import CascadeVSRPipeline, CascadeVSRPipelineOutput, CascadeVSRTransformer3DModel, LatentUpsampler3D
+from pipelines import testing_utils as tu
+from pipelines.adapters import get_adapter
+from pipelines.pipeline_cascade_vsr import adain_color_fix, inverse_shift, wavelet_color_fix
+from tests.conftest import randomize_
+
+LR_SIZE = (16, 32)  # pixels of the upstream call: 2 x 4 latents for the (4, 8, 8) VAEs
+
+
+def _stage(latent_channels: int, text_dim: int, latent_space: str | None):
+    torch.manual_seed(0)
+    transformer = CascadeVSRTransformer3DModel(
+        latent_channels=latent_channels, num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32,
+        text_dim=text_dim, latent_space=latent_space,
+    )
+    upsampler = LatentUpsampler3D(latent_channels=latent_channels, hidden_channels=16, num_blocks=1)
+    return dict(
+        transformer=randomize_(transformer).eval(),
+        upsampler=randomize_(upsampler, seed=1).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    upstream = tu.tiny_wan_pipeline()
+    lr = upstream(
+        prompt="a cat", num_frames=5, height=LR_SIZE[0], width=LR_SIZE[1], num_inference_steps=2,
+        output_type="latent", generator=_gen(), max_sequence_length=16,
+    ).frames
+    pipe = CascadeVSRPipeline.from_pipe(upstream, **_stage(16, 32, "wan"))
+    pipe.set_progress_bar_config(disable=True)
+    return upstream, pipe, lr
+
+
+def _run(pipe, lr, **kwargs):
+    defaults = dict(lr_latents=lr, scale=1.5, num_inference_steps=2, output_type="latent", generator=_gen())
+    return pipe(**{**defaults, **kwargs}).frames
+
+
+def test_lazy_public_export():
+    import cascade_vsr
+
+    assert "CascadeVSRPipeline" in cascade_vsr.__all__ and cascade_vsr.CascadeVSRPipeline is CascadeVSRPipeline
+
+
+@pytest.mark.parametrize("output_type", ["latent", "np", "pt", "pil"])
+def test_wan_chain_every_output_type_at_non_integer_scale(wan, output_type):
+    _, pipe, lr = wan
+    frames = _run(pipe, lr, output_type=output_type, prompt="a cat", max_sequence_length=16)
+    height, width = 24, 48  # 1.5 x (16, 32)
+    if output_type == "latent":
+        assert frames.shape == (1, 16, 2, 3, 6)  # ceil(24 / 8) x ceil(48 / 8) latents
+    elif output_type == "np":
+        assert frames.shape == (1, 5, height, width, 3) and 0 <= frames.min() and frames.max() <= 1
+    elif output_type == "pt":
+        assert frames.shape == (1, 5, 3, height, width)
+    else:
+        assert len(frames) == 1 and len(frames[0]) == 5 and frames[0][0].size == (width, height)
+
+
+def test_exact_size_pads_and_crops(wan):
+    _, pipe, lr = wan
+    frames = _run(pipe, lr, scale=None, height=21, width=37, output_type="pt", num_inference_steps=1)
+    assert frames.shape == (1, 5, 3, 21, 37)
+
+
+def test_from_pipe_keeps_upstream_dtype():
+    upstream = tu.tiny_wan_pipeline(dtype=torch.bfloat16)
+    pipe = CascadeVSRPipeline.from_pipe(upstream, **_stage(16, 32, "wan"))
+    assert pipe.vae is upstream.vae and pipe.text_encoder is upstream.text_encoder
+    assert upstream.vae.dtype == torch.bfloat16 and upstream.text_encoder.dtype == torch.bfloat16
+    assert upstream.transformer.dtype == torch.bfloat16
+    assert pipe.transformer.dtype == torch.float32  # our modules stay as passed
+    pipe = CascadeVSRPipeline.from_pipe(upstream, dtype=torch.float16, **_stage(16, 32, "wan"))
+    assert pipe.transformer.dtype == torch.float16 and pipe.upsampler.dtype == torch.float16
+    assert upstream.vae.dtype == torch.bfloat16 and upstream.text_encoder.dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_decode_equals_upstream_decode_path(wan):
+    upstream, pipe, lr = wan
+    ours = _run(pipe, lr, scale=None, height=32, width=48)  # width x1.5: non-integer
+    adapter = get_adapter(upstream)
+    decoded = pipe.video_processor.postprocess_video(adapter.decode(pipe.vae, ours), output_type="np")
+
+    def replace_final_latents(p, i, t, kwargs):  # the upstream decodes exactly our latents
+        return {"latents": adapter.from_model(ours)} if i == p.num_timesteps - 1 else {}
+
+    expected = upstream(
+        prompt="a cat", num_frames=5, height=32, width=48, num_inference_steps=1, output_type="np",
+        max_sequence_length=16, callback_on_step_end=replace_final_latents,
+    ).frames
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_same_generator_same_output(wan):
+    _, pipe, lr = wan
+    first, second = _run(pipe, lr), _run(pipe, lr)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, _run(pipe, lr, generator=_gen(1)))
+
+
+def test_callback_once_per_step_and_can_replace_latents(wan):
+    _, pipe, lr = wan
+    calls = []
+
+    def callback(p, i, t, kwargs):
+        calls.append((i, sorted(kwargs)))
+        return {"latents": torch.full_like(kwargs["latents"], 0.25)}
+
+    out = _run(pipe, lr, num_inference_steps=3, callback_on_step_end=callback,
+               callback_on_step_end_tensor_inputs=["latents", "condition"])
+    assert calls == [(i, ["condition", "latents"]) for i in range(3)]
+    assert torch.equal(out, torch.full_like(out, 0.25))
+
+
+def test_one_step_and_cfg_is_batched_formula(wan):
+    _, pipe, lr = wan
+    embeds = torch.randn(1, 7, 32, generator=_gen(3))
+    kwargs = dict(num_inference_steps=1)
+    cond = _run(pipe, lr, prompt_embeds=embeds, **kwargs)
+    uncond = _run(pipe, lr, **kwargs)  # no text: the model's null embedding
+    guided = _run(pipe, lr, prompt_embeds=embeds, guidance_scale=4.0, **kwargs)
+    assert cond.shape == (1, 16, 2, 3, 6) and not torch.allclose(cond, uncond)
+    # One Euler step from the same noise is linear in the velocity: CFG of velocities = CFG of outputs.
+    torch.testing.assert_close(guided, uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
+    negative = torch.randn(1, 3, 32, generator=_gen(4))  # another length: padded and masked
+    neg_out = _run(pipe, lr, prompt_embeds=negative, **kwargs)
+    guided = _run(pipe, lr, prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=2.0, **kwargs)
+    torch.testing.assert_close(guided, neg_out + 2.0 * (cond - neg_out), rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_sigmas_are_used_exactly_despite_shift(wan):
+    _, pipe, lr = wan
+    _run(pipe, lr, num_inference_steps=3, sigmas=[1.0, 0.6, 0.2])
+    torch.testing.assert_close(pipe.scheduler.sigmas, torch.tensor([1.0, 0.6, 0.2, 0.0]))
+    _run(pipe, lr, num_inference_steps=2)  # the default schedule goes through the shift (3.0)
+    torch.testing.assert_close(pipe.scheduler.sigmas, torch.tensor([1.0, 3 * 0.5 / (1 + 2 * 0.5), 0.0]))
+    torch.testing.assert_close(inverse_shift(torch.tensor(0.75), 3.0), torch.tensor(0.5))
+
+
+def test_save_and_reload_offline_identical(wan, tmp_path):
+    _, pipe, lr = wan
+    pipe.save_pretrained(tmp_path)
+    reloaded = CascadeVSRPipeline.from_pretrained(tmp_path, local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded.transformer) is CascadeVSRTransformer3DModel and reloaded.vae is not None
+    kwargs = dict(prompt="a cat", max_sequence_length=16, guidance_scale=2.0)
+    assert torch.equal(_run(pipe, lr, **kwargs), _run(reloaded, lr, **kwargs))
+
+
+def test_video_input_slow_path_and_color_fix(wan):
+    _, pipe, _ = wan
+    video = torch.rand(1, 5, 3, 16, 32, generator=_gen())  # (B, T, C, H, W) in [0, 1]
+    for color_fix in ("adain", "wavelet"):
+        frames = pipe(video=video, scale=1.5, num_inference_steps=1, output_type="pt", generator=_gen(),
+                      color_fix=color_fix, return_dict=False)[0]
+        assert frames.shape == (1, 5, 3, 24, 48)
+
+
+def test_return_dict_and_num_videos_per_prompt(wan):
+    _, pipe, lr = wan
+    out = pipe(lr_latents=lr, scale=1.5, num_inference_steps=1, output_type="latent", num_videos_per_prompt=2)
+    assert isinstance(out, CascadeVSRPipelineOutput) and out.frames.shape[0] == 2
+
+
+def test_color_fixes_against_reference():
+    generator = _gen(5)
+    video = torch.randn(2, 3, 3, 16, 16, generator=generator)
+    reference = torch.randn(2, 3, 3, 16, 16, generator=generator) * 0.3 + 0.5
+    fixed = adain_color_fix(video, reference)
+    torch.testing.assert_close(fixed.mean((-2, -1)), reference.mean((-2, -1)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fixed.std((-2, -1)), reference.std((-2, -1)), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(wavelet_color_fix(video, video), video, rtol=1e-5, atol=1e-5)
+    # A checkerboard has only high frequencies (the binomial blur removes it) and a flat reference only low
+    # ones: the fix keeps the pattern and takes the reference's colour.
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    checker = ((rows + cols) % 2 * 2 - 1).float().expand(2, 3, 3, 16, 16)
+    flat = torch.full_like(checker, 0.7)
+    fixed = wavelet_color_fix(checker, flat)
+    torch.testing.assert_close(fixed.mean((-2, -1)), torch.full((2, 3, 3), 0.7), rtol=0, atol=0.05)
+    torch.testing.assert_close(fixed[..., 4:-4, 4:-4], (checker + 0.7)[..., 4:-4, 4:-4], rtol=0, atol=0.05)
+
+
+def _bad_inputs(lr):
+    nan = lr.clone()
+    nan[0, 0, 0, 0, 0] = float("nan")
+    return [
+        (dict(lr_latents=None), "exactly one"),
+        (dict(video=torch.rand(1, 5, 3, 16, 32)), "exactly one"),
+        (dict(lr_latents=lr[0]), "lr_latents"),
+        (dict(lr_latents=lr[:, :4]), "16 channels"),
+        (dict(lr_latents=nan), "finite"),
+        (dict(scale=0.5), "scale"),
+        (dict(scale=(1.0, 0.9)), "scale"),
+        (dict(scale=None, height=8, width=64), "smaller"),
+        (dict(scale=None), "height"),
+        (dict(scale=2.0, height=32, width=64), "scale"),
+        (dict(output_type="mp4"), "output_type"),
+        (dict(color_fix="histogram"), "color_fix"),
+        (dict(prompt_embeds=torch.zeros(1, 4, 31)), "prompt_embeds"),
+        (dict(prompt_embeds=torch.zeros(3, 4, 32)), "prompt_embeds"),
+        (dict(negative_prompt_embeds=torch.zeros(1, 4, 8), prompt="a"), "negative_prompt_embeds"),
+        (dict(prompt="a", prompt_embeds=torch.zeros(1, 4, 32)), "prompt"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(sigmas=[0.5, 1.0]), "sigmas"),
+        (dict(noise_aug_strength=1.5), "noise_aug_strength"),
+        (dict(callback_on_step_end_tensor_inputs=["velocity"]), "callback_on_step_end_tensor_inputs"),
+        (dict(latents=torch.zeros(1, 16, 2, 2, 2)), "latents"),
+        (dict(decode_chunk_size=0), "decode_chunk_size"),
+    ]
+
+
+def test_bad_inputs_raise_before_compute(wan, monkeypatch):
+    _, pipe, lr = wan
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("heavy compute ran before the input check")
+
+    monkeypatch.setattr(pipe.upsampler, "forward", no_compute)
+    monkeypatch.setattr(pipe.vae, "encode", no_compute)
+    for kwargs, match in _bad_inputs(lr):
+        with pytest.raises(ValueError, match=match):
+            _run(pipe, **{"lr": lr, **kwargs}) if "lr_latents" not in kwargs else pipe(
+                **{"scale": 1.5, "num_inference_steps": 1, **kwargs}
+            )
+    with pytest.raises(ValueError, match="video frames"):
+        pipe(video=torch.rand(1, 4, 3, 16, 32), scale=1.5)
+
+
+def test_latent_space_mismatch_names_both(wan):
+    upstream, _, lr = wan
+    pipe = CascadeVSRPipeline.from_pipe(upstream, **_stage(16, 32, "hunyuan_video"))
+    with pytest.raises(ValueError, match="'hunyuan_video'.*'wan'"):
+        pipe(lr_latents=lr, scale=1.5)
+    pipe = CascadeVSRPipeline(**_stage(16, 32, None))  # no vae and no latent_space: the format is unknown
+    with pytest.raises(ValueError, match="latent_space"):
+        pipe(lr_latents=lr, scale=1.5, output_type="latent")
+
+
+@torch.no_grad()
+def test_decode_in_temporal_chunks_keeps_frame_count(wan):
+    _, pipe, _ = wan
+    latents = torch.randn(1, 16, 3, 2, 2, generator=_gen())
+    adapter = get_adapter(pipe.vae)
+    whole = pipe.decode_latents(adapter, latents)
+    chunked = pipe.decode_latents(adapter, latents, decode_chunk_size=1)
+    assert chunked.shape == whole.shape == (1, 3, 9, 16, 16)
+    torch.testing.assert_close(chunked[:, :, :1], whole[:, :, :1])  # the first chunk is decoded alone as well
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuan_video", "ltx_video"])
+def test_chain_after_other_families(family):
+    if family == "cogvideox":
+        upstream, text_dim, call = tu.tiny_cogvideox_pipeline(), 32, dict(prompt="a cat", max_sequence_length=16)
+    elif family == "hunyuan_video":
+        upstream, text_dim, call = tu.tiny_hunyuan_pipeline(), 16, tu.hunyuan_prompt_embeds()
+    else:
+        upstream, text_dim, call = tu.tiny_ltx_pipeline(), 32, dict(prompt="a cat", max_sequence_length=16)
+    num_frames = 9 if family == "cogvideox" else 5  # CogVideoX decodes odd latent counts to 4k+1 frames
+    lr_size = (32, 64) if family == "ltx_video" else LR_SIZE  # LTXPipeline wants multiples of 32
+    lr = upstream(num_frames=num_frames, height=lr_size[0], width=lr_size[1], num_inference_steps=1,
+                  output_type="latent", generator=_gen(), **call).frames
+    adapter = get_adapter(upstream)
+    pipe = CascadeVSRPipeline.from_pipe(upstream, **_stage(adapter.latent_channels, text_dim, family))
+    pipe.set_progress_bar_config(disable=True)
+    upstream_shape = dict(num_frames=num_frames, height=lr_size[0], width=lr_size[1]) if family == "ltx_video" else None
+    height, width = round(1.5 * lr_size[0]), round(1.5 * lr_size[1])
+    embeds = torch.randn(1, 6, text_dim, generator=_gen())
+    common = dict(lr_latents=lr, scale=1.5, num_inference_steps=1, generator=_gen(), upstream_shape=upstream_shape,
+                  prompt_embeds=embeds, guidance_scale=2.0)
+    latents = pipe(output_type="latent", **common).frames
+    sc = adapter.spatial_compression
+    assert latents.shape[:3] == adapter.to_model(lr, **(upstream_shape or {})).shape[:3]
+    assert latents.shape[3:] == (-(-height // sc), -(-width // sc))
+    frames = pipe(output_type="np", **common).frames
+    assert frames.shape == (1, num_frames, height, width, 3)
+    # our latents decode through the adapter exactly like the upstream's own lines
+    round_trip = adapter.to_model(adapter.from_model(latents), **(
+        dict(latent_num_frames=latents.shape[2], latent_height=latents.shape[3], latent_width=latents.shape[4])
+        if family == "ltx_video" else {}))
+    assert torch.equal(round_trip, latents)
