@@ -71,8 +71,15 @@ class ClassicDegradationConfig:
         for name in ("kernel_size", "blur_sigma", "resize_scale", "gaussian_sigma", "poisson_scale", "crf"):
             check_range(getattr(self, name), name, 0)
         check_range(self.jpeg_quality, "jpeg_quality", 1, 100)
-        for name in ("blur_prob", "resize_prob", "noise_prob", "gaussian_noise_prob", "gray_noise_prob",
-                     "jpeg_prob", "video_prob"):
+        for name in (
+            "blur_prob",
+            "resize_prob",
+            "noise_prob",
+            "gaussian_noise_prob",
+            "gray_noise_prob",
+            "jpeg_prob",
+            "video_prob",
+        ):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"`{name}` must be a probability in [0, 1], got {getattr(self, name)}")
 
@@ -184,7 +191,10 @@ class ClassicDegradation:
             codec = c.codecs[rng.integers(len(c.codecs))]
             crf, bpp = uniform(rng, c.crf), uniform(rng, c.bits_per_pixel)
             out = encode_video(out, codec, c.fps, crf, round(bpp * height * width * c.fps))
-            params["video"] = {"codec": codec, **({"crf": round(crf)} if codec == "libx264" else {"bits_per_pixel": bpp})}
+            params["video"] = {
+                "codec": codec,
+                **({"crf": round(crf)} if codec == "libx264" else {"bits_per_pixel": bpp}),
+            }
         return out, params
 
     def _walk(self, rng, bounds, steps) -> np.ndarray:
@@ -201,8 +211,13 @@ class ClassicDegradation:
         beta = uniform(rng, c.generalized_beta if kind == "generalized" else c.plateau_beta)
         cutoff = self._walk(rng, c.sinc_cutoff, num)
         kernels = torch.from_numpy(blur_kernels(kind, size, sigma_x, sigma_y, theta, beta, cutoff))
-        stage["blur"] = {"kernel": kind, "size": size, "sigma": [float(sigma_x[0]), float(sigma_y[0])], "beta": beta,
-                         "cutoff": float(cutoff[0])}
+        stage["blur"] = {
+            "kernel": kind,
+            "size": size,
+            "sigma": [float(sigma_x[0]), float(sigma_y[0])],
+            "beta": beta,
+            "cutoff": float(cutoff[0]),
+        }
         # every frame with its own kernel: one grouped convolution over (frame, channel) groups
         weight = kernels.repeat_interleave(3, dim=0)[:, None]
         pad = size // 2
@@ -237,7 +252,9 @@ class ClassicDegradation:
             [
                 cv2.cvtColor(
                     cv2.imdecode(
-                        cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(q)])[1],
+                        cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(q)])[
+                            1
+                        ],
                         cv2.IMREAD_COLOR,
                     ),
                     cv2.COLOR_BGR2RGB,

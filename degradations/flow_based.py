@@ -152,7 +152,10 @@ class FlowBasedDegradation:
         out[0] = frames[0]
         # weights exactly 0 return the current pixel bit-exact (static blocks, frame 0)
         cv2.blendLinear(
-            blurred.reshape(-1, width, 3), blended, intensity.reshape(-1, width), 1 - intensity.reshape(-1, width),
+            blurred.reshape(-1, width, 3),
+            blended,
+            intensity.reshape(-1, width),
+            1 - intensity.reshape(-1, width),
             dst=out[1:].reshape(-1, width, 3),
         )
         return out, params
@@ -169,7 +172,9 @@ class FlowBasedDegradation:
         step = 4
         grid_h, grid_w = -(-height // step), -(-width // step)
         if num == 0 or params["blend_strength"] == 0:
-            return np.zeros((num_pairs * height, width), np.float32), np.zeros((num_pairs * height, width, 3), np.uint8)
+            return np.zeros((num_pairs * height, width), np.float32), np.zeros(
+                (num_pairs * height, width, 3), np.uint8
+            )
         counts = rng.integers(c.num_ellipses[0], c.num_ellipses[1] + 1, size=num_pairs)
         # centres: uniformly among the moving cells of each frame (random keys, top-k per frame)
         grid_flow = pool(flow, step)  # (T-1, grid_h, grid_w, 2) mean flow of each cell
@@ -208,8 +213,10 @@ class FlowBasedDegradation:
         v = (dy * cos - dx * sin) * ratio
         weight = np.clip(1 - np.sqrt(u * u + v * v), 0, 1) * strength.astype(f32)[..., None, None]
         total = (1 - np.prod(1 - weight, axis=1)) * grid_moving  # (T-1, h, w)
-        field = rearrange(weight, "t k h w -> t (h w) k") @ colour / np.maximum(weight.sum(axis=1), 1e-6).reshape(
-            num_pairs, -1, 1
+        field = (
+            rearrange(weight, "t k h w -> t (h w) k")
+            @ colour
+            / np.maximum(weight.sum(axis=1), 1e-6).reshape(num_pairs, -1, 1)
         )
         field = field.reshape(num_pairs, grid_h, grid_w, 3)
         return self._upsample(total, height, width, step), self._upsample(
@@ -246,7 +253,9 @@ class FlowBasedDegradation:
         # nearest upsampling by an integer factor replicates each block exactly
         size = (blocks_x * block, num_pairs * blocks_y * block)
         labels = cv2.resize(labels.reshape(-1, blocks_x), size, interpolation=cv2.INTER_NEAREST)
-        intensity = cv2.resize(intensity.astype(np.float32).reshape(-1, blocks_x), size, interpolation=cv2.INTER_NEAREST)
+        intensity = cv2.resize(
+            intensity.astype(np.float32).reshape(-1, blocks_x), size, interpolation=cv2.INTER_NEAREST
+        )
         labels = labels.reshape(num_pairs, blocks_y * block, -1)[:, :height, :width]
         intensity = intensity.reshape(num_pairs, blocks_y * block, -1)[:, :height, :width]
         return labels, np.ascontiguousarray(intensity)

@@ -63,7 +63,9 @@ class QualityFilter:
         c = self.config
         sampled = frames[sample_frame_indices(len(frames), c.num_sampled_frames)]
         luma = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in sampled])
-        report = QualityReport(passed=True, brightness=float(luma.mean()), laplacian_variance=laplacian_variance(sampled))
+        report = QualityReport(
+            passed=True, brightness=float(luma.mean()), laplacian_variance=laplacian_variance(sampled)
+        )
         if report.brightness < c.min_brightness:
             report.reasons.append(f"too dark (mean luma {report.brightness:.1f} < {c.min_brightness})")
         if report.brightness > c.max_brightness:

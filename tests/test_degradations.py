@@ -20,7 +20,9 @@ def smooth_texture(height, width, seed=0, sigma=2.0):
 def translating(num_frames=4, height=64, width=96, shift=4, seed=0):
     """A texture moving right by `shift` px per frame on a static textured background (left half static)."""
     base = smooth_texture(height, width + shift * num_frames, seed)
-    frames = np.stack([base[:, shift * (num_frames - t) : shift * (num_frames - t) + width] for t in range(num_frames)])
+    frames = np.stack(
+        [base[:, shift * (num_frames - t) : shift * (num_frames - t) + width] for t in range(num_frames)]
+    )
     return np.clip(frames * 255, 0, 255).astype(np.uint8)
 
 
@@ -30,8 +32,10 @@ def separable_translating(num_frames=4, height=64, width=96, shift=4):
     fx = cv2.GaussianBlur(rng.random((1, width + shift * num_frames)).astype(np.float32), (0, 0), 2.0)[0]
     gy = cv2.GaussianBlur(rng.random((height, 1)).astype(np.float32), (0, 0), 2.0)[:, 0]
     fx, gy = (fx - fx.mean()) / fx.std() * 40, (gy - gy.mean()) / gy.std() * 40
-    frames = [gy[:, None] + fx[None, shift * (num_frames - t) : shift * (num_frames - t) + width] + 128
-              for t in range(num_frames)]
+    frames = [
+        gy[:, None] + fx[None, shift * (num_frames - t) : shift * (num_frames - t) + width] + 128
+        for t in range(num_frames)
+    ]
     return np.repeat(np.clip(np.stack(frames), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
@@ -54,8 +58,13 @@ def test_flow_matches_translation():
 
 def test_flow_blur_is_along_motion():
     frames = separable_translating()
-    config = FlowDegradationConfig(num_ellipses=(0, 0), blur_strength=(1.0, 1.0), full_blur_motion=4.0, blur_length_scale=(2.0, 2.0),
-                                   dis_preset="medium")
+    config = FlowDegradationConfig(
+        num_ellipses=(0, 0),
+        blur_strength=(1.0, 1.0),
+        full_blur_motion=4.0,
+        blur_length_scale=(2.0, 2.0),
+        dis_preset="medium",
+    )
     out = FlowBasedDegradation(config)(frames, seed=0).astype(np.float32)
     inner = (slice(1, None), slice(8, -8), slice(8, -8))
     energy = lambda x, axis: (np.diff(x[..., 0], axis=axis)[inner] ** 2).mean()  # noqa: E731
@@ -74,8 +83,13 @@ def test_flow_colours_move_towards_previous_frame_and_static_stay():
     background = frames[0].copy()
     frames = np.stack([np.where(moving[..., None], f + delta * t, background) for t, f in enumerate(frames)])
     frames = np.clip(frames, 0, 255).astype(np.uint8)
-    config = FlowDegradationConfig(blur_strength=(0.0, 0.0), num_ellipses=(4, 4), blend_strength=(0.8, 0.8),
-                                   ellipse_axes=(0.3, 0.4), dis_preset="medium")
+    config = FlowDegradationConfig(
+        blur_strength=(0.0, 0.0),
+        num_ellipses=(4, 4),
+        blend_strength=(0.8, 0.8),
+        ellipse_axes=(0.3, 0.4),
+        dis_preset="medium",
+    )
     out = FlowBasedDegradation(config)(frames, seed=0).astype(np.float32)
     change = (out - frames)[1:, :, 56:-4]  # well inside the moving part
     assert (change @ delta).mean() < -50  # towards the previous frame's (earlier) colour
@@ -130,8 +144,9 @@ ONLY = dict(blur_prob=0.0, resize_prob=0.0, noise_prob=0.0, jpeg_prob=0.0, video
 
 def test_classic_gaussian_noise_variance():
     frames = np.full((3, 48, 64, 3), 128, np.uint8)
-    config = ClassicDegradationConfig(**{**ONLY, "noise_prob": 1.0}, gaussian_noise_prob=1.0, gray_noise_prob=0.0,
-                                      gaussian_sigma=(10.0, 10.0))
+    config = ClassicDegradationConfig(
+        **{**ONLY, "noise_prob": 1.0}, gaussian_noise_prob=1.0, gray_noise_prob=0.0, gaussian_sigma=(10.0, 10.0)
+    )
     diff = ClassicDegradation(config)(frames, seed=0).astype(np.float32) - 128
     assert 9.0 < diff.std() < 11.0 and abs(diff.mean()) < 0.5
     assert np.abs(diff[..., 0] - diff[..., 1]).mean() > 5  # colour noise: channels differ
@@ -139,8 +154,9 @@ def test_classic_gaussian_noise_variance():
 
 def test_classic_gray_and_poisson_noise():
     frames = np.full((2, 48, 64, 3), 100, np.uint8)
-    config = ClassicDegradationConfig(**{**ONLY, "noise_prob": 1.0}, gaussian_noise_prob=0.0, gray_noise_prob=1.0,
-                                      poisson_scale=(1.0, 1.0))
+    config = ClassicDegradationConfig(
+        **{**ONLY, "noise_prob": 1.0}, gaussian_noise_prob=0.0, gray_noise_prob=1.0, poisson_scale=(1.0, 1.0)
+    )
     diff = ClassicDegradation(config)(frames, seed=0).astype(np.float32) - 100
     np.testing.assert_array_equal(diff[..., 0], diff[..., 1])  # gray noise: same on every channel
     expected = np.sqrt(100 / 255 * 256) / 256 * 255  # std of Poisson(lambda)/256, in uint8 units
@@ -164,8 +180,9 @@ def test_classic_blur_kernels(kind):
 
 def test_classic_blur_and_resize_soften():
     frames = (smooth_texture(48, 64, sigma=1.0) * 255).clip(0, 255).astype(np.uint8)[None].repeat(3, 0)
-    config = ClassicDegradationConfig(**{**ONLY, "blur_prob": 1.0}, kernel_types=("iso",), kernel_probs=(1.0,),
-                                      blur_sigma=(2.0, 2.0))
+    config = ClassicDegradationConfig(
+        **{**ONLY, "blur_prob": 1.0}, kernel_types=("iso",), kernel_probs=(1.0,), blur_sigma=(2.0, 2.0)
+    )
     out = ClassicDegradation(config)(frames, seed=0)
     assert laplacian_variance(out) < 0.3 * laplacian_variance(frames)
     config = ClassicDegradationConfig(**{**ONLY, "resize_prob": 1.0}, resize_scale=(0.5, 0.5))
@@ -197,8 +214,9 @@ def test_classic_orders_and_determinism():
 
 def test_classic_drift_is_smooth():
     frames = np.full((12, 32, 32, 3), 128, np.uint8)
-    config = ClassicDegradationConfig(**{**ONLY, "noise_prob": 1.0}, gaussian_noise_prob=1.0,
-                                      gaussian_sigma=(2.0, 30.0), drift=0.02)
+    config = ClassicDegradationConfig(
+        **{**ONLY, "noise_prob": 1.0}, gaussian_noise_prob=1.0, gaussian_sigma=(2.0, 30.0), drift=0.02
+    )
     stds = (ClassicDegradation(config)(frames, seed=0).astype(np.float32) - 128).std(axis=(1, 2, 3))
     assert np.abs(np.diff(stds)).max() < 3.0  # consecutive frames: close noise levels
 
