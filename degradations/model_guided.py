@@ -170,7 +170,9 @@ class ModelGuidedDegradation:
         if not timesteps or alpha == 0:
             return clean.clone()
         upstream = self.adapter.from_model(clean.to(self.device))
-        upstream = scheduler.add_noise(upstream, self.adapter.from_model(noise).to(upstream), timesteps[:1][0].reshape(1))
+        upstream = scheduler.add_noise(
+            upstream, self.adapter.from_model(noise).to(upstream), timesteps[:1][0].reshape(1)
+        )
         for t in timesteps:
             output = self._call_transformer(upstream.to(dtype), float(t), prompt_embeds, rotary).float()
             upstream = scheduler.step(output, t, upstream, return_dict=False)[0]
@@ -204,8 +206,12 @@ class ModelGuidedDegradation:
             )[0]
         ofs = None if getattr(transformer.config, "ofs_embed_dim", None) is None else upstream.new_full((1,), 2.0)
         return transformer(
-            hidden_states=upstream, encoder_hidden_states=prompt_embeds, timestep=t.long(), ofs=ofs,
-            image_rotary_emb=rotary, return_dict=False,
+            hidden_states=upstream,
+            encoder_hidden_states=prompt_embeds,
+            timestep=t.long(),
+            ofs=ofs,
+            image_rotary_emb=rotary,
+            return_dict=False,
         )[0]
 
     @torch.no_grad()
