@@ -476,6 +476,7 @@ def build_dataset(
     inputs: list[str], root: Path, settings: PairSettings, num_workers: int = 0, preview: int = 0
 ) -> dict:
     """Make every missing clip of `inputs` in `root`; this process's share when run under accelerate."""
+    import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -493,7 +494,8 @@ def build_dataset(
                 raise ValueError(f"`{name}`: size {size} must be a multiple of {adapter.spatial_compression}")
         settings.latent_space = adapter.name
     clips = plan_clips(videos, settings)
-    state = PartialState()
+    # without an accelerator, processes started by `accelerate launch` / torchrun split the work over gloo
+    state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
         prepare_output(root, settings)
     state.wait_for_everyone()
