@@ -147,17 +147,9 @@ class FlowBasedDegradation:
         blended = cv2.blendLinear(colours, current, blend_weight, 1 - blend_weight)
 
         labels, intensity = self._block_blur_maps(flow, params)
-        blurred = self._blur_by_label(blended.reshape(num_pairs, height, width, 3), labels)
         out = np.empty_like(frames)
         out[0] = frames[0]
-        # weights exactly 0 return the current pixel bit-exact (static blocks, frame 0)
-        cv2.blendLinear(
-            blurred.reshape(-1, width, 3),
-            blended,
-            intensity.reshape(-1, width),
-            1 - intensity.reshape(-1, width),
-            dst=out[1:].reshape(-1, width, 3),
-        )
+        out[1:] = self._blur_blocks(blended.reshape(num_pairs, height, width, 3), labels, intensity)
         return out, params
 
     def _colour_field(self, frames, flow, params, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -165,11 +157,11 @@ class FlowBasedDegradation:
         samples of the previous frame around the flow-mapped ellipse centre.
 
         Returns the blending weight (T-1 * H, W) float32 and the colour field (T-1 * H, W, 3) uint8; both are
-        smooth, so they are computed on a 1/4-resolution grid and upsampled bilinearly."""
+        smooth, so they are computed on a 1/8-resolution grid and upsampled bilinearly."""
         c = self.config
         num_pairs, height, width = flow.shape[:3]
         num = int(c.num_ellipses[1])
-        step = 4
+        step = 8
         grid_h, grid_w = -(-height // step), -(-width // step)
         if num == 0 or params["blend_strength"] == 0:
             return np.zeros((num_pairs * height, width), np.float32), np.zeros(
@@ -235,50 +227,52 @@ class FlowBasedDegradation:
         return np.ascontiguousarray(large).reshape(num * height, *large.shape[2:])
 
     def _block_blur_maps(self, flow, params) -> tuple[np.ndarray, np.ndarray]:
-        """Per-pixel kernel label (-1 = no blur) and blur intensity (T-1, H, W), constant over each block."""
+        """Kernel label (-1 = no blur) and blur intensity of each block: (T-1, blocks_y, blocks_x)."""
         c = self.config
-        num_pairs, height, width = flow.shape[:3]
-        block = c.block_size
-        block_flow = pool(flow, block)
-        blocks_y, blocks_x = block_flow.shape[1:3]
+        block_flow = pool(flow, c.block_size)
         magnitude = np.linalg.norm(block_flow, axis=-1)
         direction = np.mod(np.arctan2(block_flow[..., 1], block_flow[..., 0]), np.pi)
         direction_index = np.rint(direction / (np.pi / c.num_directions)).astype(int) % c.num_directions
         lengths = np.asarray(c.kernel_lengths)
         wanted = magnitude * params["blur_length_scale"]
         length_index = np.abs(wanted[..., None] - lengths).argmin(axis=-1)
-        moving = (magnitude > c.motion_threshold) & (wanted >= 2)
-        labels = np.where(moving, direction_index * len(lengths) + length_index, -1).astype(np.int16)
+        moving = (magnitude > c.motion_threshold) & (wanted >= 2) & (params["blur_strength"] > 0)
+        labels = np.where(moving, direction_index * len(lengths) + length_index, -1)
         intensity = np.where(moving, params["blur_strength"] * np.clip(magnitude / c.full_blur_motion, 0, 1), 0)
-        # nearest upsampling by an integer factor replicates each block exactly
-        size = (blocks_x * block, num_pairs * blocks_y * block)
-        labels = cv2.resize(labels.reshape(-1, blocks_x), size, interpolation=cv2.INTER_NEAREST)
-        intensity = cv2.resize(
-            intensity.astype(np.float32).reshape(-1, blocks_x), size, interpolation=cv2.INTER_NEAREST
-        )
-        labels = labels.reshape(num_pairs, blocks_y * block, -1)[:, :height, :width]
-        intensity = intensity.reshape(num_pairs, blocks_y * block, -1)[:, :height, :width]
-        return labels, np.ascontiguousarray(intensity)
+        return labels, intensity.astype(np.float32)
 
-    def _blur_by_label(self, frames: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Blur every pixel with the kernel its label selects; one cv2.filter2D per kernel in use, on the
-        bounding box of its blocks over all frames, stacked into one tall image (frames padded apart)."""
-        out = frames.copy()
-        height, width = frames.shape[1:3]
+    def _blur_blocks(self, frames: np.ndarray, labels: np.ndarray, intensity: np.ndarray) -> np.ndarray:
+        """Blend each moving block with its line-kernel blur, `intensity` strong; other blocks stay bit-exact.
+
+        Per kernel of the bank in use: gather its blocks with a halo of real neighbouring pixels from all frames
+        into one batch of tiles, one cv2.filter2D over the tiles stacked into a tall image (the halo absorbs the
+        seams), blend, and scatter the block interiors back."""
+        c = self.config
+        block = c.block_size
+        num, height, width = frames.shape[:3]
+        blocks_y, blocks_x = labels.shape[1:]
+        halo = max(self.config.kernel_lengths) // 2
+        pad = ((0, 0), (halo, halo + blocks_y * block - height), (halo, halo + blocks_x * block - width), (0, 0))
+        padded = np.pad(frames, pad, mode="reflect")
+        out = padded[:, halo : halo + blocks_y * block, halo : halo + blocks_x * block].copy()
+        inner = np.arange(block)
         for label in np.unique(labels[labels >= 0]):
             kernel = self.kernels[label]
             radius = kernel.shape[0] // 2
-            selected = labels == label
-            rows, cols = np.flatnonzero(selected.any(axis=(0, 2))), np.flatnonzero(selected.any(axis=(0, 1)))
-            y0, y1 = max(rows[0] - radius, 0), min(rows[-1] + 1 + radius, height)
-            x0, x1 = max(cols[0] - radius, 0), min(cols[-1] + 1 + radius, width)
-            frame_ids = np.flatnonzero(selected.any(axis=(1, 2)))
-            crop = frames[frame_ids, y0:y1, x0:x1]
-            mode = "reflect" if y1 - y0 > radius else "edge"
-            crop = np.pad(crop, ((0, 0), (radius, radius), (0, 0), (0, 0)), mode=mode)
-            tall = rearrange(crop, "t h w c -> (t h) w c")
-            blurred = cv2.filter2D(tall, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
-            blurred = rearrange(blurred, "(t h) w c -> t h w c", t=len(frame_ids))[:, radius : radius + y1 - y0]
-            region = out[frame_ids, y0:y1, x0:x1]
-            out[frame_ids, y0:y1, x0:x1] = np.where(selected[frame_ids, y0:y1, x0:x1, None], blurred, region)
-        return out
+            t, by, bx = np.nonzero(labels == label)
+            span = np.arange(block + 2 * radius)
+            rows = (by * block + halo - radius)[:, None, None] + span[None, :, None]
+            cols = (bx * block + halo - radius)[:, None, None] + span[None, None, :]
+            tiles = padded[t[:, None, None], rows, cols]  # (N, B + 2r, B + 2r, 3)
+            tall = rearrange(tiles, "n h w c -> (n h) w c")
+            blurred = rearrange(cv2.filter2D(tall, cv2.CV_32F, kernel), "(n h) w c -> n h w c", n=len(t))
+            sharp = tiles[:, radius : radius + block, radius : radius + block].astype(np.float32)
+            blurred = blurred[:, radius : radius + block, radius : radius + block]
+            weight = intensity[t, by, bx][:, None, None, None]
+            mixed = np.clip(np.rint(sharp + weight * (blurred - sharp)), 0, 255).astype(np.uint8)
+            out[
+                t[:, None, None],
+                (by * block)[:, None, None] + inner[None, :, None],
+                (bx * block)[:, None, None] + inner[None, None, :],
+            ] = mixed
+        return out[:, :height, :width]
