@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-format", default="mp4", choices=("mp4", "png"))
     parser.add_argument("--crf", type=int, default=12, help="x264 CRF of the stored mp4 clips")
     parser.add_argument("--no-quality-filter", action="store_true")
+    parser.add_argument(
+        "--quality-score",
+        default=None,
+        metavar="MODULE:CALLABLE",
+        help="a learned quality score (e.g. a MUSIQ wrapper): uint8 frames (N, H, W, 3) -> float",
+    )
+    parser.add_argument("--min-quality-score", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=0, help="worker processes (0: in this process)")
     parser.add_argument("--preview", type=int, default=0, metavar="N", help="write preview.png with N clips")
@@ -99,6 +106,8 @@ class PairSettings:
     frames_format: str = "mp4"
     crf: int = 12
     quality_filter: bool = True
+    quality_score: str | None = None
+    min_quality_score: float = 40.0
     seed: int = 0
 
     def dataset_config(self) -> dict:
@@ -147,6 +156,8 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
     if not 0 <= args.alpha[0] <= args.alpha[1] <= 1:
         raise ValueError(f"`--alpha` must be a range inside [0, 1], got {tuple(args.alpha)}")
     mix = parse_mix(args.degradations)
+    if args.quality_score is not None:
+        load_callable(args.quality_score)
     if "model_guided" in mix and args.upstream is None:
         raise ValueError("`--degradations` includes model_guided, which needs `--upstream` (a T2V pipeline folder)")
     if args.upstream is not None and not (Path(args.upstream) / "model_index.json").is_file():
@@ -170,6 +181,8 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         frames_format=args.frames_format,
         crf=args.crf,
         quality_filter=not args.no_quality_filter,
+        quality_score=args.quality_score,
+        min_quality_score=args.min_quality_score,
         seed=args.seed,
     )
 
@@ -315,14 +328,17 @@ def _worker_state(settings: PairSettings) -> dict:
     if _STATE.get("key") != key:
         from .classic import ClassicDegradation
         from .flow_based import FlowBasedDegradation, FlowDegradationConfig
-        from .quality import QualityFilter
+        from .quality import QualityFilter, QualityFilterConfig
 
         state = {
             "key": key,
             "flow": FlowBasedDegradation(FlowDegradationConfig(dis_preset=settings.dis_preset)),
             "classic1": ClassicDegradation(order=1),
             "classic2": ClassicDegradation(order=2),
-            "quality": QualityFilter(),
+            "quality": QualityFilter(
+                QualityFilterConfig(min_learned_score=settings.min_quality_score),
+                learned_score=load_callable(settings.quality_score) if settings.quality_score else None,
+            ),
         }
         if settings.upstream:
             from .model_guided import ModelGuidedDegradation, ModelGuidedDegradationConfig
@@ -337,6 +353,22 @@ def _worker_state(settings: PairSettings) -> dict:
         _STATE.clear()
         _STATE.update(state)
     return _STATE
+
+
+def load_callable(spec: str):
+    """'package.module:function' -> the callable; ValueError naming `--quality-score` otherwise."""
+    import importlib
+
+    module_name, _, attribute = str(spec).partition(":")
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"`--quality-score` must be MODULE:CALLABLE of an installed module, got {spec!r}: {error}"
+        ) from None
+    if not callable(value):
+        raise ValueError(f"`--quality-score` {spec!r} is not callable")
+    return value
 
 
 def load_upstream(path: str):

@@ -136,7 +136,7 @@ def test_make_pairs_sigkill_and_resume(tmp_path):
     (root / "clips" / f".tmp-{missing[-1]}-123").mkdir()
     (root / "clips" / missing[-2]).mkdir(exist_ok=True)
     (root / "clips" / missing[-2] / "hr.mp4").write_bytes(b"partial")
-    make_pairs(*args)
+    make_pairs(*args, "--num-workers", 2)  # the resumed run also exercises the worker processes
     records = check_dataset(root, 10)
     assert all(clips[r["id"]] == r for r in records if r["id"] in clips)  # finished clips were left alone
 
@@ -227,12 +227,37 @@ def test_make_pairs_upstream_latents(tmp_path):
         (["--degradations", "model_guided=1"], r"`--degradations`.*--upstream"),
         (["--lr-scale", "1.5"], r"`--lr-scale`"),
         (["--hr-size", "60", "112"], r"`--hr-size`"),
+        (["--quality-score", "no_such_module:score"], r"`--quality-score`"),
     ],
 )
 def test_make_pairs_bad_settings(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         make_pairs(VIDEO, "--output-dir", tmp_path / "out", *SMALL, *extra)
     assert not (tmp_path / "out").exists()
+
+
+def reject_all(frames) -> float:
+    """A stand-in learned quality score (importable as tests.test_make_pairs:reject_all)."""
+    assert frames.dtype == np.uint8 and frames.shape[-1] == 3
+    return 0.0
+
+
+def test_make_pairs_learned_quality_score(tmp_path):
+    root = tmp_path / "pairs"
+    make_pairs(
+        VIDEO,
+        "--output-dir",
+        root,
+        *SMALL,
+        "--max-clips-per-video",
+        2,
+        "--degradations",
+        "flow=1",
+        "--quality-score",
+        "tests.test_make_pairs:reject_all",
+    )
+    assert read_manifest(root) == {} and len(read_manifest(root, "rejected.jsonl")) == 2
+    assert "learned score" in next(iter(read_manifest(root, "rejected.jsonl").values()))["rejected"][0]
 
 
 def test_make_pairs_bad_videos(tmp_path):
