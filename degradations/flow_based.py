@@ -142,31 +142,27 @@ class FlowBasedDegradation:
         if flow is None:
             flow = compute_flow(frames, c.dis_preset, c.flow_scale)
         num_pairs, height, width = flow.shape[:3]
-        current = frames[1:].reshape(num_pairs * height, width, 3)  # frames stacked into one tall image
-        blend_weight, colours = self._colour_field(frames, flow, params, rng)
-        blended = cv2.blendLinear(colours, current, blend_weight, 1 - blend_weight)
-
+        out = frames.copy()
+        field = self._colour_field(frames, flow, params, rng)
+        if field is not None:
+            self._blend_cells_(out[1:], *field)
         labels, intensity = self._block_blur_maps(flow, params)
-        out = np.empty_like(frames)
-        out[0] = frames[0]
-        out[1:] = self._blur_blocks(blended.reshape(num_pairs, height, width, 3), labels, intensity)
+        self._blur_blocks_(out[1:], labels, intensity)
         return out, params
 
     def _colour_field(self, frames, flow, params, rng) -> tuple[np.ndarray, np.ndarray]:
         """Distance-weighted ellipses inside the moving regions, each filled with the mean of Gaussian
         samples of the previous frame around the flow-mapped ellipse centre.
 
-        Returns the blending weight (T-1 * H, W) float32 and the colour field (T-1 * H, W, 3) uint8; both are
-        smooth, so they are computed on a 1/8-resolution grid and upsampled bilinearly."""
+        Returns the blending weight (T-1, h, w) and colour (T-1, h, w, 3) on a grid of `step`-pixel cells (both are
+        smooth; `_blend_cells_` upsamples them bilinearly), and `step`; None when nothing is blended."""
         c = self.config
         num_pairs, height, width = flow.shape[:3]
         num = int(c.num_ellipses[1])
         step = 8
         grid_h, grid_w = -(-height // step), -(-width // step)
         if num == 0 or params["blend_strength"] == 0:
-            return np.zeros((num_pairs * height, width), np.float32), np.zeros(
-                (num_pairs * height, width, 3), np.uint8
-            )
+            return None
         counts = rng.integers(c.num_ellipses[0], c.num_ellipses[1] + 1, size=num_pairs)
         # centres: uniformly among the moving cells of each frame (random keys, top-k per frame)
         grid_flow = pool(flow, step)  # (T-1, grid_h, grid_w, 2) mean flow of each cell
@@ -210,21 +206,44 @@ class FlowBasedDegradation:
             @ colour
             / np.maximum(weight.sum(axis=1), 1e-6).reshape(num_pairs, -1, 1)
         )
-        field = field.reshape(num_pairs, grid_h, grid_w, 3)
-        return self._upsample(total, height, width, step), self._upsample(
-            np.clip(np.rint(field), 0, 255).astype(np.uint8), height, width, step
-        )
+        return total.astype(f32), field.reshape(num_pairs, grid_h, grid_w, 3).astype(f32), step
 
     @staticmethod
-    def _upsample(small: np.ndarray, height: int, width: int, step: int) -> np.ndarray:
-        """Bilinear x`step` upsampling of (T, h, w[, C]) in one cv2 call on a tall image; each frame is edge-padded
-        by one cell so frames do not bleed into each other. Returns (T * height, width[, C])."""
-        num = small.shape[0]
-        pad = ((0, 0), (1, 1), (0, 0)) + ((0, 0),) * (small.ndim - 3)
-        tall = rearrange(np.pad(small, pad, mode="edge"), "t h w ... -> (t h) w ...")
-        large = cv2.resize(tall, (small.shape[2] * step, tall.shape[0] * step), interpolation=cv2.INTER_LINEAR)
-        large = large.reshape(num, (small.shape[1] + 2) * step, *large.shape[1:])[:, step : step + height, :width]
-        return np.ascontiguousarray(large).reshape(num * height, *large.shape[2:])
+    def _blend_cells_(frames: np.ndarray, weight: np.ndarray, colour: np.ndarray, step: int) -> None:
+        """In place: frames += w * (colour - frames), with w and colour upsampled bilinearly (cv2 INTER_LINEAR
+        convention, edge-clamped) from the cell grid, on the cells where w can be nonzero only.
+
+        A pixel of a cell interpolates between that cell and its 3 x 3 neighbourhood, so one small separable
+        interpolation matrix gives every active cell's (step x step) weights and colours from its neighbourhood;
+        pixels are gathered and scattered by flat index. Pixels with w = 0 are never written."""
+        num, height, width = frames.shape[:3]
+        grid_h, grid_w = weight.shape[1:]
+        windows = np.lib.stride_tricks.sliding_window_view
+        # active cells: a nonzero weight in the 3 x 3 neighbourhood (one dilation of the frames stacked tall;
+        # the rows it leaks across frames only add cells whose weights come out 0)
+        active = cv2.dilate((weight > 0).view(np.uint8).reshape(-1, grid_w), np.ones((3, 3), np.uint8))
+        t, cy, cx = np.nonzero(active.reshape(weight.shape))
+        if len(t) == 0:
+            return
+        padded_weight = np.pad(weight, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        padded_colour = np.pad(colour, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        offset = (np.arange(step) + 0.5) / step - 0.5  # source position of each pixel relative to its cell
+        interp = np.stack([np.maximum(-offset, 0), 1 - np.abs(offset), np.maximum(offset, 0)], axis=1)  # (step, 3)
+        interp = interp.astype(np.float32)
+        tile_weight = interp @ windows(padded_weight, (3, 3), axis=(1, 2))[t, cy, cx] @ interp.T  # (N, step, step)
+        near_colour = windows(padded_colour, (3, 3), axis=(1, 2))[t, cy, cx]  # (N, C, 3, 3)
+        tile_colour = rearrange(interp @ near_colour @ interp.T, "n c o p -> n o p c")
+        rows = (cy * step)[:, None] + np.arange(step)  # (N, step)
+        cols = (cx * step)[:, None] + np.arange(step)
+        flat = ((t * height)[:, None] + rows)[:, :, None] * width + cols[:, None, :]
+        if grid_h * step != height or grid_w * step != width:  # partial cells on the bottom / right edge
+            inside = (rows < height)[:, :, None] & (cols < width)[:, None, :]
+            flat, tile_weight, tile_colour = flat[inside], tile_weight[inside], tile_colour[inside]
+        flat, tile_weight, tile_colour = flat.reshape(-1), tile_weight.reshape(-1, 1), tile_colour.reshape(-1, 3)
+        pixels = frames.reshape(-1, 3)
+        current = pixels[flat].astype(np.float32)
+        # w = 0 gives back the current value exactly
+        pixels[flat] = np.clip(np.rint(current + tile_weight * (tile_colour - current)), 0, 255).astype(np.uint8)
 
     def _block_blur_maps(self, flow, params) -> tuple[np.ndarray, np.ndarray]:
         """Kernel label (-1 = no blur) and blur intensity of each block: (T-1, blocks_y, blocks_x)."""
@@ -241,38 +260,42 @@ class FlowBasedDegradation:
         intensity = np.where(moving, params["blur_strength"] * np.clip(magnitude / c.full_blur_motion, 0, 1), 0)
         return labels, intensity.astype(np.float32)
 
-    def _blur_blocks(self, frames: np.ndarray, labels: np.ndarray, intensity: np.ndarray) -> np.ndarray:
-        """Blend each moving block with its line-kernel blur, `intensity` strong; other blocks stay bit-exact.
+    def _blur_blocks_(self, frames: np.ndarray, labels: np.ndarray, intensity: np.ndarray) -> None:
+        """In place: blend each moving block with its line-kernel blur, `intensity` strong; other blocks stay
+        bit-exact.
 
-        Per kernel of the bank in use: gather its blocks with a halo of real neighbouring pixels from all frames
-        into one batch of tiles, one cv2.filter2D over the tiles stacked into a tall image (the halo absorbs the
-        seams), blend, and scatter the block interiors back."""
-        c = self.config
-        block = c.block_size
+        Per kernel of the bank in use: gather its blocks with a halo of neighbouring pixels (edge-replicated at
+        the frame border) from all frames into one batch of tiles, one cv2.filter2D over the tiles stacked into a
+        tall image (the halo absorbs the seams between tiles) and one blend. All tiles are gathered before any is
+        written back, so every block is blurred from the unblurred frame."""
+        block = self.config.block_size
         num, height, width = frames.shape[:3]
-        blocks_y, blocks_x = labels.shape[1:]
-        halo = max(self.config.kernel_lengths) // 2
-        pad = ((0, 0), (halo, halo + blocks_y * block - height), (halo, halo + blocks_x * block - width), (0, 0))
-        padded = np.pad(frames, pad, mode="reflect")
-        out = padded[:, halo : halo + blocks_y * block, halo : halo + blocks_x * block].copy()
+        pixels = frames.reshape(-1, 3)  # flat pixel indices: one take / put per kernel instead of 3-d indexing
         inner = np.arange(block)
+        results = []
         for label in np.unique(labels[labels >= 0]):
             kernel = self.kernels[label]
             radius = kernel.shape[0] // 2
             t, by, bx = np.nonzero(labels == label)
-            span = np.arange(block + 2 * radius)
-            rows = (by * block + halo - radius)[:, None, None] + span[None, :, None]
-            cols = (bx * block + halo - radius)[:, None, None] + span[None, None, :]
-            tiles = padded[t[:, None, None], rows, cols]  # (N, B + 2r, B + 2r, 3)
+            span = np.arange(block + 2 * radius) - radius
+            rows = np.clip((by * block)[:, None] + span, 0, height - 1) + (t * height)[:, None]  # edge-replicated
+            cols = np.clip((bx * block)[:, None] + span, 0, width - 1)
+            tiles = pixels[rows[:, :, None] * width + cols[:, None, :]]  # (N, B + 2r, B + 2r, 3)
             tall = rearrange(tiles, "n h w c -> (n h) w c")
-            blurred = rearrange(cv2.filter2D(tall, cv2.CV_32F, kernel), "(n h) w c -> n h w c", n=len(t))
-            sharp = tiles[:, radius : radius + block, radius : radius + block].astype(np.float32)
-            blurred = blurred[:, radius : radius + block, radius : radius + block]
-            weight = intensity[t, by, bx][:, None, None, None]
-            mixed = np.clip(np.rint(sharp + weight * (blurred - sharp)), 0, 255).astype(np.uint8)
-            out[
-                t[:, None, None],
-                (by * block)[:, None, None] + inner[None, :, None],
-                (bx * block)[:, None, None] + inner[None, None, :],
-            ] = mixed
-        return out[:, :height, :width]
+            blurred = cv2.filter2D(tall, -1, kernel)
+            crop = (slice(None), slice(radius, radius + block), slice(radius, radius + block))
+            sharp = rearrange(tiles[crop], "n h w c -> (n h) w c")
+            blurred = rearrange(rearrange(blurred, "(n h) w c -> n h w c", n=len(t))[crop], "n h w c -> (n h) w c")
+            weight = np.repeat(intensity[t, by, bx], block)[:, None] * np.ones((1, block), np.float32)
+            mixed = cv2.blendLinear(blurred, np.ascontiguousarray(sharp), weight, 1 - weight)
+            results.append((t, by, bx, mixed.reshape(len(t), block, block, 3)))
+        if not results:
+            return
+        t, by, bx, mixed = (np.concatenate(parts) for parts in zip(*results))
+        rows = (t * height + by * block)[:, None] + inner  # (N, B)
+        cols = (bx * block)[:, None] + inner
+        flat = rows[:, :, None] * width + cols[:, None, :]
+        if labels.shape[1] * block != height or labels.shape[2] * block != width:  # partial edge blocks
+            inside = ((by * block)[:, None] + inner < height)[:, :, None] & (cols < width)[:, None, :]
+            flat, mixed = flat[inside], mixed[inside]
+        pixels[flat.reshape(-1)] = mixed.reshape(-1, 3)

@@ -98,6 +98,14 @@ def test_flow_colours_move_towards_previous_frame_and_static_stay():
     np.testing.assert_array_equal(out[0], frames[0])
 
 
+def test_flow_sizes_not_multiple_of_blocks():
+    frames = translating(4, height=50, width=70, shift=5)
+    out = FlowBasedDegradation(FlowDegradationConfig(blend_strength=(0.8, 0.8), ellipse_axes=(0.3, 0.4)))(frames, 2)
+    assert out.shape == frames.shape and out.dtype == np.uint8 and not np.array_equal(out, frames)
+    static = np.repeat(frames[:1], 3, axis=0)
+    np.testing.assert_array_equal(FlowBasedDegradation()(static, seed=0), static)
+
+
 def test_flow_determinism():
     frames = translating(4)
     degradation = FlowBasedDegradation()
