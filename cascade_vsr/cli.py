@@ -13,6 +13,7 @@ import sys
 # sub-command -> module implementing it
 COMMANDS = {
     "demo": "cascade_vsr.demo",
+    "make-pairs": "degradations.make_pairs",
 }
 
 
