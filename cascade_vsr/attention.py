@@ -271,6 +271,9 @@ def select_units(
     fewer than k candidates gets empty slots), with k = min(topk, most candidates of any unit).
     """
     k_eff = min(topk, int(candidates.sum(-1).max()))
+    if k_eff == 0:  # nothing to select (topk=0, or one unit per scope): skip the scoring
+        empty = q_mean.new_zeros(*q_mean.shape[:-1], 0, dtype=torch.long)
+        return empty, empty.bool()
     scores = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * (q_mean.shape[-1] ** -0.5)
     scores = scores.masked_fill(~candidates, float("-inf"))
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k_eff]
