@@ -20,6 +20,7 @@ mask instead (compiled on CUDA; eager forward only on CPU, where FlexAttention h
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -114,31 +115,80 @@ def temporal_block_ids(num_frames: int, temporal_unit: int | None, shift: bool =
     return (torch.arange(num_frames) + front) // temporal_unit
 
 
+def _axis_segments(size: int, part: tuple[int, int, int]) -> list[tuple[int, int, int, int, int]]:
+    """The at most three runs of an axis in the window layout: the leading partial window (shifted
+    partitions), the full windows, the trailing partial window. Each run is (source start, windows,
+    first window, offset in the window, tokens per window)."""
+    window, front, _ = part
+    head = min(window - front, size) if front else 0
+    full = (size - head) // window
+    tail = size - head - full * window
+    runs = [(0, 1, 0, front, head), (head, full, int(head > 0), 0, window)]
+    runs.append((head + full * window, 1, int(head > 0) + full, 0, tail))
+    return [run for run in runs if run[1] and run[4]]
+
+
+def _layout_views(tokens: torch.Tensor, windows: torch.Tensor, grid, parts):
+    """Pairs of matching views (token grid region, window layout region) covering every real token.
+
+    `tokens` is (..., T, H, W, D) and `windows` (..., nt, ny, nx, wt, wy, wx, D). The views are strided
+    (no copies); there are at most 3 x 3 x 3 regions whatever the number of windows.
+    """
+    for runs in itertools.product(*(_axis_segments(n, p) for n, p in zip(grid, parts))):
+        src = tokens[(..., *(slice(start, start + n * length) for start, n, _, _, length in runs), slice(None))]
+        for axis, (_, n, _, _, length) in reversed(list(enumerate(runs))):  # axis -> (windows, tokens)
+            src = src.unflatten(2 * axis - 6, (n, length))
+        base = src.ndim - 7  # (nt, lt, ny, ly, nx, lx, D) -> (nt, ny, nx, lt, ly, lx, D)
+        src = src.permute(*range(base), *(base + i for i in (0, 2, 4, 1, 3, 5, 6)))
+        dst = windows[(..., *(slice(first, first + n) for _, n, first, _, _ in runs), *[slice(None)] * 4)]
+        dst = dst[(..., *(slice(offset, offset + length) for _, _, _, offset, length in runs), slice(None))]
+        yield src, dst
+
+
 def _pad_window_layout(
-    x: torch.Tensor, grid: tuple[int, int, int], parts: Sequence[tuple[int, int, int]]
+    x: torch.Tensor,
+    grid: tuple[int, int, int],
+    parts: Sequence[tuple[int, int, int]],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(..., N, D) tokens -> (..., windows, window tokens, D), zero padding on the ragged edges."""
-    (wt, ft, nt), (wh, fh, nh), (ww, fw, nw) = parts
-    x = rearrange(x, "... (t y x) d -> ... t y x d", t=grid[0], y=grid[1], x=grid[2])
-    x = F.pad(
-        x,
-        (0, 0, fw, nw * ww - grid[2] - fw, fh, nh * wh - grid[1] - fh, ft, nt * wt - grid[0] - ft),
-    )
-    return rearrange(
-        x, "... (nt wt) (ny wy) (nx wx) d -> ... (nt ny nx) (wt wy wx) d", wt=wt, wy=wh, wx=ww
-    )
+    """(..., N, D) tokens -> (..., windows, window tokens, D), zeros on the padding of ragged windows.
+
+    One strided copy per region instead of pad + rearrange (these layouts are memory-bound on CPU). `out`, a
+    possibly strided (..., windows, window tokens, D) view, receives the layout in place.
+    """
+    counts, sizes = [p[2] for p in parts], [p[0] for p in parts]
+    if out is None:
+        windows = x.new_empty(*x.shape[:-2], *counts, *sizes, x.shape[-1])
+    else:
+        windows = out.unflatten(-2, sizes).unflatten(-5, counts)
+    for axis, (size, (window, front, count)) in enumerate(zip(grid, parts)):
+        end = size + front - (count - 1) * window  # real tokens in the last window end here
+        win_dim, off_dim = axis - 7, axis - 4
+        if front:
+            windows.narrow(win_dim, 0, 1).narrow(off_dim, 0, front).zero_()
+        if end < window:
+            windows.narrow(win_dim, count - 1, 1).narrow(off_dim, end, window - end).zero_()
+    tokens = x.unflatten(-2, grid)
+    for src, dst in _layout_views(tokens, windows, grid, parts):
+        dst.copy_(src)
+    return _flat(windows)
+
+
+def _flat(windows: torch.Tensor) -> torch.Tensor:
+    """(..., nt, ny, nx, wt, wy, wx, D) -> (..., windows, window tokens, D) (a view)."""
+    return windows.flatten(-4, -2).flatten(-5, -3)
 
 
 def _unpad_window_layout(
     x: torch.Tensor, grid: tuple[int, int, int], parts: Sequence[tuple[int, int, int]]
 ) -> torch.Tensor:
     """Inverse of `_pad_window_layout`: (..., windows, window tokens, D) -> (..., N, D)."""
-    (wt, ft, nt), (wh, fh, nh), (ww, fw, nw) = parts
-    x = rearrange(
-        x, "... (nt ny nx) (wt wy wx) d -> ... (nt wt) (ny wy) (nx wx) d", nt=nt, ny=nh, nx=nw, wt=wt, wy=wh
-    )
-    x = x[..., ft : ft + grid[0], fh : fh + grid[1], fw : fw + grid[2], :]
-    return rearrange(x, "... t y x d -> ... (t y x) d")
+    counts, sizes = [p[2] for p in parts], [p[0] for p in parts]
+    windows = x.unflatten(-2, sizes).unflatten(-5, counts)
+    tokens = x.new_empty(*x.shape[:-3], *grid, x.shape[-1])
+    for src, dst in _layout_views(tokens, windows, grid, parts):
+        src.copy_(dst)
+    return tokens.flatten(-4, -2)
 
 
 def window_token_mask(grid: tuple[int, int, int], parts: Sequence[tuple[int, int, int]]) -> torch.Tensor:
@@ -161,7 +211,15 @@ def tile_attention(
     query row keeps at least one key. SDPA beat a plain batched matmul + softmax on these tiles on CPU
     (benchmarks/attention.py measures both), and picks fused kernels on GPU.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    shape = q.shape
+    # SDPA's fused CPU kernel takes 4D inputs and a 4D mask only; anything else falls back to the math path,
+    # which materialises the scores (several times slower).
+    if q.ndim > 4:
+        q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (q, k, v))
+    if key_mask is not None:
+        key_mask = key_mask.reshape(-1, *key_mask.shape[-3:]) if key_mask.ndim > 4 else key_mask
+        key_mask = key_mask.reshape((1,) * (4 - key_mask.ndim) + tuple(key_mask.shape))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).reshape(shape)
 
 
 _compiled_flex = None
@@ -317,19 +375,27 @@ def sparse_topk_attention(
     valid = window_token_mask(grid, parts).to(q.device)  # (U, L), units in (t, y, x) order
     num_units, length = valid.shape
     padded = not bool(valid.all())
-    qu, ku, vu = (_pad_window_layout(x, grid, parts) for x in (q, k, v))  # (B, heads, U, L, D)
 
-    # 1. Candidates: other units in the same temporal block.
+    # 1. Candidates: other units in the same temporal block; every unit keeps itself + `slots - 1` others.
     frame_of_unit = torch.arange(num_units, device=q.device) // (num_units // grid[0])
     block = temporal_block_ids(grid[0], temporal_unit, shift).to(q.device)[frame_of_unit]
     candidates = (block[:, None] == block[None, :]) & ~torch.eye(num_units, dtype=torch.bool, device=q.device)
+    slots = 1 + min(topk, int(candidates.sum(-1).max()))
 
-    # 2. Selection from the unit means over real tokens (padding is zero, so sum / count is the real mean).
+    # 2. Unit-major layout. Keys and values go straight into slot 0 of the gather buffers
+    #    (B, heads, U, slots, L, D): the selected units are copied next to them, so each tile's keys are contiguous.
+    qu = _pad_window_layout(q, grid, parts)  # (B, heads, U, L, D)
+    k_tiles, v_tiles = (x.new_empty(batch, heads, num_units, slots, length, dim) for x in (k, v))
+    ku, vu = k_tiles[:, :, :, 0], v_tiles[:, :, :, 0]
+    _pad_window_layout(k, grid, parts, out=ku)
+    _pad_window_layout(v, grid, parts, out=vu)
+
+    # 3. Selection from the unit means over real tokens (padding is zero, so sum / count is the real mean).
     with torch.no_grad():
         counts = valid.sum(-1, keepdim=True).to(q.dtype)
         chosen, is_candidate = select_units(qu.sum(-2) / counts, ku.sum(-2) / counts, candidates, topk)
     self_index = torch.arange(num_units, device=q.device)[:, None].expand(batch, heads, num_units, 1)
-    selected = torch.cat([self_index, chosen], dim=-1)  # (B, heads, U, 1 + k)
+    selected = torch.cat([self_index, chosen], dim=-1)  # (B, heads, U, slots)
     slot_ok = torch.cat([torch.ones_like(self_index, dtype=torch.bool), is_candidate], dim=-1)
 
     if backend == "flex":
@@ -338,19 +404,24 @@ def sparse_topk_attention(
         out = _flex_unit_attention(qu, ku, vu, allowed, valid)
         return _unpad_window_layout(out, grid, parts)
 
-    # 3. Gather the selected units' keys and values: one index_select over the flattened (B, heads, U) units.
+    # 4. Gather the selected units into slots 1.. with one index_select over the flattened (B, heads, U) units
+    #    per top-k rank (a loop over ranks, k = 1 in the paper, never over units).
     offsets = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * num_units
-    flat_index = (selected + offsets).reshape(-1)
-
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(batch * heads * num_units, length, dim).index_select(0, flat_index)
-        return rearrange(x, "(b h u s) l d -> b h u (s l) d", b=batch, h=heads, u=num_units)
+    flat_index = rearrange(chosen + offsets, "b h u s -> s (b h u)")
+    differentiable = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+    for tiles in (k_tiles, v_tiles):
+        flat = tiles.flatten(0, 2)  # (B*heads*U, slots, L, D), a view
+        for rank, index in enumerate(flat_index, start=1):
+            if differentiable:
+                flat[:, rank].copy_(flat[:, 0].index_select(0, index))
+            else:  # no temporary: write the gathered rows in place
+                torch.index_select(flat[:, 0], 0, index, out=flat[:, rank])
 
     key_mask = None
     if padded or not bool(slot_ok.all()):
-        key_mask = valid[selected] & slot_ok[..., None]  # (B, heads, U, 1 + k, L)
+        key_mask = valid[selected] & slot_ok[..., None]  # (B, heads, U, slots, L)
         key_mask = rearrange(key_mask, "b h u s l -> b h u 1 (s l)")
-    out = tile_attention(qu, gather(ku), gather(vu), key_mask)
+    out = tile_attention(qu, k_tiles.flatten(-3, -2), v_tiles.flatten(-3, -2), key_mask)
     return _unpad_window_layout(out, grid, parts)
 
 
