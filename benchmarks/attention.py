@@ -156,13 +156,13 @@ def main():
     short_ops, short = time_ops((5, 34, 60), args.repeats)
     long_ops, long = time_ops((20, 34, 60), args.repeats, temporal_unit=5, with_window=False)
     retained = retain_freed_memory()
-    for ops, result in ((short_ops, short), (long_ops, long)):
+    for ops, timing in ((short_ops, short), (long_ops, long)):
         seconds = {name: median_time(ops[name], args.repeats) for name in ("sparse_topk", "floor_sdpa")}
-        result["retained_allocator"] = {
+        timing["retained_allocator"] = {
             "enabled": retained,
             "seconds": seconds,
             "sparse_overhead_vs_floor": seconds["sparse_topk"] / seconds["floor_sdpa"],
-            "sparse_speedup_vs_full": result["seconds"]["full"] / seconds["sparse_topk"],
+            "sparse_speedup_vs_full": timing["seconds"]["full"] / seconds["sparse_topk"],
         }
     flops = flop_table()
     sparse = flops["modes"]["sparse_topk"]
@@ -211,8 +211,8 @@ def main():
         print(row)
     print(f"sparse_topk overhead vs floor: {short['sparse_overhead_vs_floor']:.2f}x (5x34x60), "
           f"{long['sparse_overhead_vs_floor']:.2f}x (20x34x60)")
-    for label, result in (("5x34x60", short), ("20x34x60 tu5", long)):
-        kept = result["retained_allocator"]
+    for label, timing in (("5x34x60", short), ("20x34x60 tu5", long)):
+        kept = timing["retained_allocator"]
         print(f"retained allocator {label}: sparse {kept['seconds']['sparse_topk']:.4f}s, floor "
               f"{kept['seconds']['floor_sdpa']:.4f}s, overhead {kept['sparse_overhead_vs_floor']:.2f}x, "
               f"speedup vs full {kept['sparse_speedup_vs_full']:.1f}x")
