@@ -5,8 +5,9 @@
 1. Grid 5 x 34 x 60 tokens (17 frames of 544 x 960), 8 heads of 64, batch 1, float32: median time of full
    SDPA, window attention (the model's default adaptive window) and sparse_topk (k=1, 12 x 9 units), their
    ratio to full, and the overhead of sparse_topk over its floor: one dense batched SDPA over exactly the tiles
-   it attends (B*heads*units, 108 queries, 216 keys), pre-gathered and unmasked. A batched matmul + softmax
-   over the same tiles is timed too (the alternative kernel for small tiles).
+   it attends (B*heads*units, 108 queries, 216 keys), pre-gathered and unmasked. The same SDPA with the op's
+   key-padding mask (34 and 60 are not multiples of 12 and 9) and a batched matmul + softmax over the same
+   tiles (the alternative kernel for small tiles) are timed too.
 2. Grid 20 x 34 x 60 (77 frames) with temporal_unit=5: full SDPA over all frames vs sparse_topk.
 3. The analytic matmul FLOPs (cascade_vsr.flops) of the default ~1B config at 5 x 68 x 120 tokens
    (17 frames of 1088 x 1920) per mode, next to SimpleGVR table 2 (1612.5 / 452.6 / 377.1 GFLOPs).
@@ -42,6 +43,7 @@ from cascade_vsr.attention import (
     partition_axis,
     sparse_topk_attention,
     window_attention,
+    window_token_mask,
 )
 from cascade_vsr.flops import transformer_flops
 
@@ -92,6 +94,11 @@ def time_ops(grid, repeats, temporal_unit=None, with_window=True):
     fk = torch.randn(1, HEADS * units, keys, HEAD_DIM, generator=g)
     fv = torch.randn(1, HEADS * units, keys, HEAD_DIM, generator=g)
 
+    # The same tiles with the op's key-padding mask (ragged edge units): how much of the overhead is the mask.
+    valid = window_token_mask(grid, [(1, 0, grid[0]), *(partition_axis(n, w) for n, w in zip(grid[1:], SPARSE_WINDOW))])
+    other = torch.randperm(units, generator=g)
+    floor_mask = torch.cat([valid, valid[other]], dim=-1).repeat(HEADS, 1)[None, :, None, :]
+
     def matmul_floor():
         scores = torch.matmul(fq, fk.transpose(-1, -2)) * HEAD_DIM**-0.5
         return torch.matmul(scores.softmax(-1), fv)
@@ -100,6 +107,7 @@ def time_ops(grid, repeats, temporal_unit=None, with_window=True):
         "full": lambda: full_attention(q, k, v),
         "sparse_topk": lambda: sparse_topk_attention(q, k, v, grid, SPARSE_WINDOW, TOPK, temporal_unit),
         "floor_sdpa": lambda: F.scaled_dot_product_attention(fq, fk, fv),
+        "floor_sdpa_masked": lambda: F.scaled_dot_product_attention(fq, fk, fv, attn_mask=floor_mask),
         "floor_matmul_softmax": matmul_floor,
     }
     window = adaptive_window_size(grid)
@@ -119,6 +127,7 @@ def time_ops(grid, repeats, temporal_unit=None, with_window=True):
         "seconds": seconds,
         "speedup_vs_full": {name: seconds["full"] / s for name, s in seconds.items()},
         "sparse_overhead_vs_floor": seconds["sparse_topk"] / floor,
+        "sparse_overhead_vs_masked_floor": seconds["sparse_topk"] / seconds["floor_sdpa_masked"],
         "query_key_pairs_per_head": {
             "full": n * n,
             "sparse_topk_tiles": units * length * keys,
@@ -204,7 +213,7 @@ def main():
     }
 
     print(f"{'op':<22}{'5x34x60 s':>12}{'x full':>9}{'20x34x60 tu5 s':>16}{'x full':>9}")
-    for name in ("full", "window", "sparse_topk", "floor_sdpa", "floor_matmul_softmax"):
+    for name in ("full", "window", "sparse_topk", "floor_sdpa", "floor_sdpa_masked", "floor_matmul_softmax"):
         row = f"{name:<22}{short['seconds'][name]:>12.4f}{short['speedup_vs_full'][name]:>9.1f}"
         if name in long["seconds"]:
             row += f"{long['seconds'][name]:>16.4f}{long['speedup_vs_full'][name]:>9.1f}"
