@@ -357,8 +357,9 @@ def sparse_topk_attention(
             padding is never attended and does not enter the unit means. Clamped to the frame size.
         topk: other units every unit attends to besides itself (1 in the paper), chosen per head by
             mean(q over unit) . mean(k over unit) / sqrt(D) among all units of all frames in scope (past
-            and future). Softmax is exact over the union of the selected units' keys. The selection itself
-            is discrete and carries no gradient.
+            and future); ties go to the lower unit index (units are numbered in (t, h, w) order), and a scope
+            with fewer than `topk` other units gives all of them. Softmax is exact over the union of the
+            selected units' keys. The selection is discrete and carries no gradient.
         temporal_unit: scope = blocks of this many latent frames (None: the whole video).
         shift: move the temporal blocks by temporal_unit // 2 (odd layers), without wrap-around.
         backend: "sdpa" (gather the selected units into (B*heads*U, (1+k)*L, D) tiles and run one batched
