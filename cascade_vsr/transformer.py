@@ -18,7 +18,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from einops import rearrange
 
-from .attention import check_attention_mode, self_attention
+from .attention import (
+    ATTENTION_BACKENDS,
+    check_attention_mode,
+    check_temporal_unit,
+    check_topk,
+    check_window,
+    self_attention,
+)
 from .flow import NUM_TRAIN_TIMESTEPS
 from .validation import check_latents, check_per_sample
 
@@ -109,7 +116,8 @@ class CascadeVSRAttnProcessor:
         value = rearrange(attn.to_v(context), "b n (h d) -> b n h d", h=attn.heads)
         query, key = attn.norm_q(query), attn.norm_k(key)
 
-        if encoder_hidden_states is not None or (attn.attention_mode == "full" and self._attention_backend):
+        plain_full = attn.attention_mode == "full" and attn.attention_options.get("temporal_unit") is None
+        if encoder_hidden_states is not None or (plain_full and self._attention_backend):
             # Text cross-attention, or full self-attention on a user-selected diffusers backend.
             if rotary_emb is not None:
                 query, key = (rearrange(x, "b n h d -> b h n d") for x in (query, key))
@@ -252,12 +260,24 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         ffn_dim (`int`): Hidden width of the feed-forward layers.
         text_dim (`int`): Width of the upstream text encoder's embeddings (4096 for T5-XXL).
         patch_size (`tuple[int, int, int]`): (t, h, w) patch; sizes it does not divide are padded and cropped.
-        attention_mode (`str` or `list[str]`): Self-attention mode of every layer, or one per layer.
+        attention_mode (`str` or `list[str]`): Self-attention mode of every layer, or one per layer: `"full"`,
+            `"sparse_topk"` (SimpleGVR sparse local attention) or `"window"` (SeedVR2 adaptive 3D windows).
+            Modes own no parameters: a checkpoint loads with any mode (`from_pretrained(path, attention_mode=...)`).
+            Odd layers shift (windows, temporal units).
         freq_dim (`int`): Width of the sinusoidal timestep / noise-level features.
         rope_theta (`float`): Base of the rotary frequencies.
         eps (`float`): Epsilon of the norms.
         latent_space (`str`, *optional*): Name of the upstream latent space the model was trained in
             (e.g. `"wan"`); the pipeline refuses an upstream of another space.
+        sparse_window (`tuple[int, int]`): (h, w) tokens of a `sparse_topk` window unit (12 x 9 in the paper).
+        sparse_topk (`int`): Other units each `sparse_topk` unit attends to (1 in the paper).
+        temporal_unit (`int`, *optional*): Scope of `full` and `sparse_topk` attention in latent frames
+            (SimpleGVR's interleaving temporal units, 5 in stage 3); odd layers shift the units by half a unit
+            without wrap-around. `None`: all frames. `window` layers ignore it (their 3D window bounds time).
+        window_size (`tuple[int, int, int]`, *optional*): (t, h, w) tokens of a `window` layer's 3D window;
+            `None` uses SeedVR2's adaptive, resolution-consistent size (`adaptive_window_size`).
+        window_reference (`tuple[int, int]`): (h, w) tokens of the training resolution the adaptive window is
+            sized at (3 x 3 windows at that area; 45 x 80 = 720p with an 8x VAE and a 2x2 patch).
     """
 
     _supports_gradient_checkpointing = True
@@ -280,6 +300,11 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         eps: float = 1e-6,
         latent_space: str | None = None,
+        sparse_window: tuple[int, int] = (12, 9),
+        sparse_topk: int = 1,
+        temporal_unit: int | None = None,
+        window_size: tuple[int, int, int] | None = None,
+        window_reference: tuple[int, int] = (45, 80),
     ):
         super().__init__()
         for name, value in dict(
@@ -299,6 +324,12 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"`attention_mode` must be a string or a list of {num_layers} strings, got {len(modes)}")
         for i, mode in enumerate(modes):
             check_attention_mode(mode, f"attention_mode[{i}]")
+        check_window(sparse_window, 2, "sparse_window")
+        check_topk(sparse_topk, "sparse_topk")
+        check_temporal_unit(temporal_unit, "temporal_unit")
+        if window_size is not None:
+            check_window(window_size, 3, "window_size")
+        check_window(window_reference, 2, "window_reference")
 
         inner_dim = num_attention_heads * attention_head_dim
 
@@ -326,7 +357,7 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
                     eps,
                     attention_mode=mode,
                     shift=bool(i % 2),
-                    attention_options=self._attention_options(),
+                    attention_options=self._attention_options(mode),
                 )
                 for i, mode in enumerate(modes)
             ]
@@ -340,9 +371,25 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
 
         self.gradient_checkpointing = False
 
-    def _attention_options(self) -> dict[str, Any]:
-        """Keyword options of the non-full attention modes, read from the config."""
-        return {}
+    def _attention_options(self, mode: str) -> dict[str, Any]:
+        """Keyword options of `self_attention` for a layer of `mode`, read from the config."""
+        config = self.config
+        temporal_unit = config.temporal_unit
+        if mode == "full":
+            return {"temporal_unit": temporal_unit}
+        if mode == "sparse_topk":
+            return {"window": tuple(config.sparse_window), "topk": config.sparse_topk, "temporal_unit": temporal_unit}
+        window = None if config.window_size is None else tuple(config.window_size)
+        return {"window": window, "window_reference": tuple(config.window_reference)}
+
+    def set_local_attention_backend(self, backend: str = "sdpa") -> None:
+        """Run the `sparse_topk` and `window` layers on "sdpa" (default, differentiable everywhere) or "flex"
+        (FlexAttention with a block mask, compiled on CUDA; forward only on CPU)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"`backend` must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        for block in self.blocks:
+            if block.attn1.attention_mode != "full":
+                block.attn1.attention_options["backend"] = backend
 
     def null_text_embeds(self, batch_size: int, seq_len: int = 1) -> torch.Tensor:
         """The learned null prompt as (batch_size, seq_len, text_dim) encoder hidden states."""

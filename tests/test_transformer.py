@@ -226,3 +226,102 @@ def test_patch_padding_is_cropped_and_does_not_leak_across_the_crop(tiny_transfo
     assert out.shape == inputs["hidden_states"].shape
     loss = F.mse_loss(out, torch.zeros_like(out))
     loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention modes (issue 3)
+# ---------------------------------------------------------------------------------------------------------------
+
+ATTENTION_CONFIGS = {
+    "full": dict(attention_mode="full"),
+    "full_temporal_units": dict(attention_mode="full", temporal_unit=5),
+    "sparse_topk": dict(attention_mode="sparse_topk", sparse_window=(4, 5), sparse_topk=1, temporal_unit=5),
+    "window": dict(attention_mode="window", window_reference=(6, 10)),
+    "window_fixed": dict(attention_mode="window", window_size=(3, 4, 4)),
+    "mixed": dict(attention_mode=["sparse_topk", "window"], sparse_window=(3, 3), sparse_topk=2),
+}
+
+
+@pytest.mark.parametrize("frames", [1, 20])
+@pytest.mark.parametrize("name", sorted(ATTENTION_CONFIGS))
+def test_every_attention_mode_runs_forward_and_backward_at_odd_sizes(name, frames):
+    model = randomize_(CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, **ATTENTION_CONFIGS[name]}))
+    inputs = _inputs(batch=1, frames=frames, height=13, width=19)  # grid (frames, 7, 10)
+    out = model(**inputs).sample
+    assert out.shape == inputs["hidden_states"].shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    for pname, param in model.named_parameters():
+        if pname != "null_text_embedding":  # unused: a prompt is given
+            assert param.grad is not None and torch.isfinite(param.grad).all(), pname
+    assert model.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
+
+
+def test_attention_options_come_from_the_config():
+    model = CascadeVSRTransformer3DModel(
+        **{**TINY_TRANSFORMER, "attention_mode": ["sparse_topk", "window"], "sparse_window": (6, 5)},
+        sparse_topk=3,
+        temporal_unit=4,
+    )
+    first, second = (block.attn1 for block in model.blocks)
+    assert first.attention_options == {"window": (6, 5), "topk": 3, "temporal_unit": 4} and not first.shift
+    assert second.attention_options == {"window": None, "window_reference": (45, 80)} and second.shift
+    model.set_local_attention_backend("flex")
+    assert first.attention_options["backend"] == "flex" == second.attention_options["backend"]
+    with pytest.raises(ValueError, match="backend"):
+        model.set_local_attention_backend("cuda")
+
+
+def test_checkpoint_of_one_mode_loads_and_runs_with_another(tmp_path, tiny_transformer):
+    tiny_transformer.save_pretrained(tmp_path / "full")
+    inputs = _inputs(batch=1, frames=3, height=9, width=11)
+    with torch.no_grad():
+        reference = tiny_transformer(**inputs).sample
+        for mode, options in [
+            ("sparse_topk", dict(sparse_window=(2, 3), sparse_topk=1)),
+            ("window", dict(window_size=(1, 2, 2))),
+        ]:
+            model = CascadeVSRTransformer3DModel.from_pretrained(tmp_path / "full", attention_mode=mode, **options)
+            assert model.config.attention_mode == mode
+            assert all(block.attn1.attention_mode == mode for block in model.blocks)
+            for name, tensor in model.state_dict().items():
+                torch.testing.assert_close(tensor, tiny_transformer.state_dict()[name], rtol=0, atol=0)
+            out = model(**inputs).sample
+            assert torch.isfinite(out).all() and not torch.allclose(out, reference, atol=1e-6)
+            # topk covering every unit / windows covering the grid give back full attention exactly.
+        covering = CascadeVSRTransformer3DModel.from_pretrained(
+            tmp_path / "full", attention_mode="sparse_topk", sparse_window=(2, 3), sparse_topk=100
+        )
+        torch.testing.assert_close(covering(**inputs).sample, reference, rtol=1e-4, atol=1e-5)
+        covering.save_pretrained(tmp_path / "sparse")
+        back = CascadeVSRTransformer3DModel.from_pretrained(tmp_path / "sparse", attention_mode="full")
+        torch.testing.assert_close(back(**inputs).sample, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_temporal_unit_scopes_full_attention_layers(tiny_transformer):
+    """With temporal_unit, full-attention layers see only their unit: frames beyond both (shifted and
+    unshifted) units of frame 0 cannot change its output through a 2-layer model."""
+    model = CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "temporal_unit": 2})
+    model.load_state_dict(tiny_transformer.state_dict())
+    inputs = _inputs(batch=1, frames=6, height=4, width=4)
+    with torch.no_grad():
+        out = model(**inputs).sample
+        # layer 0 units {0,1} {2,3} {4,5}; layer 1 (shifted by 1) {0} {1,2} {3,4} {5}: frames 4-5 reach 3-5 only
+        inputs["hidden_states"][:, :, 4:] += 3.0
+        changed = model(**inputs).sample
+    torch.testing.assert_close(changed[:, :, :3], out[:, :, :3], rtol=0, atol=0)
+    assert not torch.allclose(changed[:, :, 3], out[:, :, 3])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(sparse_window=(0, 9)), "sparse_window"),
+        (dict(sparse_topk=-1), "sparse_topk"),
+        (dict(temporal_unit=0), "temporal_unit"),
+        (dict(window_size=(1, 2)), "window_size"),
+        (dict(window_reference=(45, -1)), "window_reference"),
+    ],
+)
+def test_bad_attention_config_raises_value_error(change, match):
+    with pytest.raises(ValueError, match=match):
+        CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, **change})

@@ -1,0 +1,130 @@
+"""Analytic matmul FLOPs of one CascadeVSRTransformer3DModel forward, per attention mode.
+
+Convention (the one of `torch.utils.flop_counter.FlopCounterMode`): a matmul of (m x k) by (k x n) costs
+2*m*k*n FLOPs; biases, norms, softmax, RoPE, activations, gathers and top-k sorting are not matmuls and are
+not counted. Attention costs 4 * queries * keys * head_dim per head (scores and values).
+
+Attention is counted as executed by `cascade_vsr.attention`, i.e. over padded tiles: a ragged window or unit
+is padded to the full tile and the padding is masked, not skipped, so its FLOPs are spent. For `sparse_topk`
+every unit attends to (1 + k) units of `window` tokens, and the top-k scoring is one (U x D) @ (D x U) unit
+score matmul per head over all U units of the video (temporal units only mask it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .attention import adaptive_window_size, check_attention_mode, partition_axis, temporal_block_ids
+
+
+def _matmul(m: int, k: int, n: int) -> int:
+    return 2 * m * k * n
+
+
+def token_grid(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """(T, H, W) token grid of a (B, C, T, H, W) latent after the (padded) patch embedding."""
+    return tuple(-(-size // patch) for size, patch in zip(latent_shape[2:], patch_size))
+
+
+def attention_pairs(grid: Sequence[int], mode: str, shift: bool, config: Mapping[str, Any]) -> tuple[int, int]:
+    """(query-key pairs computed by one head's self-attention, unit-score pairs of the top-k selection).
+
+    Counts padded tiles as executed (see the module docstring).
+    """
+    frames, height, width = grid
+    num_tokens = frames * height * width
+    temporal_unit = config.get("temporal_unit")
+    if mode == "full":
+        if temporal_unit is None or temporal_unit >= frames:
+            return num_tokens * num_tokens, 0
+        _, _, blocks = partition_axis(frames, temporal_unit, shift)
+        tile = temporal_unit * height * width
+        return blocks * tile * tile, 0
+    if mode == "window":
+        window = config.get("window_size")
+        if window is None:
+            window = adaptive_window_size(tuple(grid), tuple(config.get("window_reference", (45, 80))))
+        parts = [partition_axis(size, w, shift) for size, w in zip(grid, window)]
+        tiles = math.prod(count for _, _, count in parts)
+        tile = math.prod(w for w, _, _ in parts)
+        return tiles * tile * tile, 0
+    wh, ww = config.get("sparse_window", (12, 9))
+    (wh, _, nh), (ww, _, nw) = partition_axis(height, wh), partition_axis(width, ww)
+    units_per_frame = nh * nw
+    units = frames * units_per_frame
+    block_frames = temporal_block_ids(frames, temporal_unit, shift).bincount()
+    most_candidates = int(block_frames.max()) * units_per_frame - 1
+    selected = 1 + min(config.get("sparse_topk", 1), most_candidates)
+    tile = wh * ww
+    return units * tile * selected * tile, (units * units if selected > 1 else 0)
+
+
+def transformer_flops(
+    config: Mapping[str, Any],
+    latent_shape: Sequence[int],
+    text_len: int = 512,
+    attention_mode: str | Sequence[str] | None = None,
+) -> dict[str, int]:
+    """Matmul FLOPs of one forward of a `CascadeVSRTransformer3DModel` with `config` on latents of
+    `latent_shape` (B, C, T, H, W) and `text_len` text tokens (512 for Wan's T5 prompts).
+
+    `attention_mode` overrides the config's (a mode or one per layer). Returns a dict of FLOPs:
+    `embeddings` (patch, time / noise-level, text projections), `linear` (per-block q/k/v/out of both
+    attentions, FFN, the output projection), `self_attention` (scores + values), `topk_scoring`,
+    `cross_attention` (scores + values against the text), `attention` = self_attention + topk_scoring (the
+    part that the mode changes) and `total`.
+    """
+    config = dict(config)
+    batch, channels = latent_shape[0], latent_shape[1]
+    if channels != config["latent_channels"]:
+        raise ValueError(f"`latent_shape` must have {config['latent_channels']} channels, got {channels}")
+    layers = config["num_layers"]
+    modes = attention_mode if attention_mode is not None else config.get("attention_mode", "full")
+    modes = [modes] * layers if isinstance(modes, str) else list(modes)
+    if len(modes) != layers:
+        raise ValueError(f"`attention_mode` must be a string or a list of {layers} strings, got {len(modes)}")
+    for i, mode in enumerate(modes):
+        check_attention_mode(mode, f"attention_mode[{i}]")
+
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    dim, ffn, text_dim = heads * head_dim, config["ffn_dim"], config["text_dim"]
+    freq = config.get("freq_dim", 256)
+    patch = tuple(config.get("patch_size", (1, 2, 2)))
+    grid = token_grid(latent_shape, patch)
+    tokens = batch * math.prod(grid)
+    text = batch * text_len
+
+    embeddings = (
+        _matmul(tokens, 2 * channels * math.prod(patch), dim)  # patch embedding (a strided conv)
+        + 2 * (_matmul(batch, freq, dim) + _matmul(batch, dim, dim))  # time and noise-level embedders
+        + _matmul(batch, dim, 6 * dim)  # shared AdaLN modulation
+        + _matmul(text, text_dim, dim)
+        + _matmul(text, dim, dim)  # text projection
+    )
+    per_block_linear = (
+        4 * _matmul(tokens, dim, dim)  # self-attention q, k, v, out
+        + 2 * _matmul(tokens, dim, dim)  # cross-attention q, out
+        + 2 * _matmul(text, dim, dim)  # cross-attention k, v (on the text tokens)
+        + 2 * _matmul(tokens, dim, ffn)  # feed-forward up and down
+    )
+    linear = layers * per_block_linear + _matmul(tokens, dim, channels * math.prod(patch))
+    cross_attention = layers * 4 * batch * heads * math.prod(grid) * text_len * head_dim
+
+    self_attention = topk_scoring = 0
+    for i, mode in enumerate(modes):
+        pairs, unit_pairs = attention_pairs(grid, mode, bool(i % 2), config)
+        self_attention += 4 * batch * heads * pairs * head_dim
+        topk_scoring += 2 * batch * heads * unit_pairs * head_dim
+
+    attention = self_attention + topk_scoring
+    return {
+        "embeddings": embeddings,
+        "linear": linear,
+        "self_attention": self_attention,
+        "topk_scoring": topk_scoring,
+        "cross_attention": cross_attention,
+        "attention": attention,
+        "total": embeddings + linear + attention + cross_attention,
+    }
