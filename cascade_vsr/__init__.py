@@ -17,13 +17,21 @@ _LAZY_IMPORTS = {
     "CascadeVSRTransformer3DModel": "cascade_vsr.transformer",
     "CascadeVSRPipeline": "pipelines.pipeline_cascade_vsr",
     "CascadeVSRPipelineOutput": "pipelines.pipeline_cascade_vsr",
+    "SpaceToDepthAutoencoder": "cascade_vsr.space_to_depth",
 }
 
-__all__ = ["CascadeVSRPipeline", "CascadeVSRPipelineOutput", "CascadeVSRTransformer3DModel", "LatentUpsampler3D"]
+__all__ = [
+    "CascadeVSRPipeline",
+    "CascadeVSRPipelineOutput",
+    "CascadeVSRTransformer3DModel",
+    "LatentUpsampler3D",
+    "SpaceToDepthAutoencoder",
+]
 
 if TYPE_CHECKING:
     from pipelines.pipeline_cascade_vsr import CascadeVSRPipeline, CascadeVSRPipelineOutput
 
+    from .space_to_depth import SpaceToDepthAutoencoder
     from .transformer import CascadeVSRTransformer3DModel
     from .upsampler import LatentUpsampler3D
 

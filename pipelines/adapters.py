@@ -17,6 +17,7 @@ from einops import rearrange
 
 from cascade_vsr.validation import check_latents
 
+# Upstream text-to-video families; `space_to_depth` (pixel space, see SpaceToDepthAdapter) is a latent space too.
 FAMILIES = ("wan", "cogvideox", "hunyuan_video", "ltx_video", "mochi")
 
 # VAE class name -> family; the VAE defines a latent space, so it identifies the family.
@@ -26,6 +27,7 @@ _VAE_FAMILIES = {
     "AutoencoderKLHunyuanVideo": "hunyuan_video",
     "AutoencoderKLLTXVideo": "ltx_video",
     "AutoencoderKLMochi": "mochi",
+    "SpaceToDepthAutoencoder": "space_to_depth",
 }
 # Pipeline class name prefix -> family, for pipelines loaded without a VAE.
 _PIPELINE_PREFIXES = {"Wan": "wan", "CogVideoX": "cogvideox", "HunyuanVideo": "hunyuan_video", "LTX": "ltx_video",
@@ -338,12 +340,35 @@ class LTXVideoAdapter(LatentAdapter):
         return vae.decode(raw, temb, return_dict=False)[0]
 
 
+class SpaceToDepthAdapter(LatentAdapter):
+    """Pixel space through `cascade_vsr.space_to_depth.SpaceToDepthAutoencoder`: 48 channels (factor 4), no
+    temporal compression (any frame count), no normalization. Demos and users without a learned VAE run the
+    same pipeline code on it."""
+
+    name = "space_to_depth"
+
+    def __init__(self, latent_channels: int = 48, temporal_compression: int = 1, spatial_compression: int = 4,
+                 name: str | None = None):
+        super().__init__(latent_channels, temporal_compression, spatial_compression, name)
+
+    @classmethod
+    def for_vae(cls, vae: Any) -> SpaceToDepthAdapter:
+        return cls(latent_channels=vae.latent_channels, spatial_compression=vae.config.factor)
+
+    def to_vae(self, latents: torch.Tensor, vae: Any) -> torch.Tensor:
+        return latents
+
+    def from_vae(self, latents: torch.Tensor, vae: Any) -> torch.Tensor:
+        return latents
+
+
 _ADAPTERS: dict[str, type[LatentAdapter]] = {
     "wan": WanAdapter,
     "cogvideox": CogVideoXAdapter,
     "hunyuan_video": HunyuanVideoAdapter,
     "ltx_video": LTXVideoAdapter,
     "mochi": MochiAdapter,
+    "space_to_depth": SpaceToDepthAdapter,
 }
 
 
@@ -363,7 +388,8 @@ def _family_of(obj: Any) -> tuple[str, Any]:
             if cls.__name__.startswith(prefix) and cls.__name__.endswith("Pipeline"):
                 return family, None
     raise ValueError(
-        f"`upstream` must be one of {FAMILIES}, a diffusers pipeline of those families or its VAE, "
+        f"`upstream` must be one of {(*FAMILIES, 'space_to_depth')}, a diffusers pipeline of those families or "
+        "its VAE, "
         f"got {type(obj).__name__}"
     )
 
@@ -376,7 +402,7 @@ def get_adapter(upstream: Any) -> LatentAdapter:
                           name=upstream)
     family, vae = _family_of(upstream)
     if family not in _ADAPTERS:
-        raise ValueError(f"`upstream` must be one of {FAMILIES}, got {family!r}")
+        raise ValueError(f"`upstream` must be one of {tuple(_ADAPTERS)}, got {family!r}")
     if vae is None:
         return _ADAPTERS[family]()
     adapter = _ADAPTERS[family].for_vae(vae)
