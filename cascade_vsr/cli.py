@@ -13,6 +13,8 @@ import sys
 # sub-command -> module implementing it
 COMMANDS = {
     "demo": "cascade_vsr.demo",
+    "train": "cascade_vsr.training.cmd_train",
+    "calibrate-sampler": "cascade_vsr.training.cmd_calibrate",
 }
 
 
