@@ -353,6 +353,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         "losses": losses,
         "steps_per_second": steps / elapsed if elapsed > 0 and steps else math.nan,
         "export_dir": str(export_dir),
+        "model": unwrapped,
     }
 
 
