@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
@@ -20,6 +21,7 @@ from cascade_vsr.training.samplers import DetailAwareTimestepSampler
 from cascade_vsr.training.trainer import export_pipeline, train
 
 from ._pairs import build_pairs
+from ._recipes import TINY_MODEL_ARGS as TINY_ARGS_NO_DATA
 from ._recipes import tiny_args
 from .conftest import TINY_TRANSFORMER, TINY_UPSAMPLER, randomize_
 from .test_training_data import write_clip
@@ -152,3 +154,18 @@ def test_calibration_writes_a_distribution_that_sampling_follows(tmp_path):
     cdf = sampler.cdf_at(samples)
     ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max()
     assert ks < 1.63 / n**0.5
+
+
+def test_cli_train_bf16_checkpointing_accumulation(pairs, tmp_path, request):
+    """`cascade-vsr train --config C -- overrides` with bf16 autocast, gradient checkpointing and accumulation."""
+    # accelerate keeps one process-wide state; this test's mixed precision differs from the other runs'.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data_dir: {pairs}\noutput_dir: {tmp_path / 'out'}\nmax_train_steps: 2\nreport_to: none\n")
+    overrides = [*TINY_ARGS_NO_DATA, *SMALL, "--mixed_precision", "bf16", "--gradient_checkpointing"]
+    assert cli_main(["train", "--config", str(config), "--", *overrides, "--gradient_accumulation_steps", "2"]) == 0
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert (tmp_path / "out/export/model_index.json").is_file()
+    assert (tmp_path / "out/export/scheduler/scheduler_config.json").is_file()
