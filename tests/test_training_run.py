@@ -167,5 +167,9 @@ def test_cli_train_bf16_checkpointing_accumulation(pairs, tmp_path, request):
     assert cli_main(["train", "--config", str(config), "--", *overrides, "--gradient_accumulation_steps", "2"]) == 0
     log = read_log(tmp_path / "out")
     assert [r["step"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
-    assert (tmp_path / "out/export/model_index.json").is_file()
+    # the layout CascadeVSRPipeline.from_pretrained loads (component libraries are module paths)
+    model_index = json.loads((tmp_path / "out/export/model_index.json").read_text())
+    assert model_index["_class_name"] == "CascadeVSRPipeline"
+    assert model_index["upsampler"] == ["cascade_vsr.upsampler", "LatentUpsampler3D"]
+    assert model_index["transformer"] == ["cascade_vsr.transformer", "CascadeVSRTransformer3DModel"]
     assert (tmp_path / "out/export/scheduler/scheduler_config.json").is_file()

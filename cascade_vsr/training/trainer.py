@@ -158,8 +158,11 @@ def export_pipeline(path: str | Path, upsampler: LatentUpsampler3D, transformer:
         "_class_name": "CascadeVSRPipeline",
         "_diffusers_version": __version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "transformer": ["cascade_vsr", "CascadeVSRTransformer3DModel"],
-        "upsampler": ["cascade_vsr", "LatentUpsampler3D"],
+        "text_encoder": [None, None],
+        "tokenizer": [None, None],
+        "transformer": ["cascade_vsr.transformer", "CascadeVSRTransformer3DModel"],
+        "upsampler": ["cascade_vsr.upsampler", "LatentUpsampler3D"],
+        "vae": [None, None],  # optional: the upstream's, shared with `from_pipe` or passed to from_pretrained
     }
     (path / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     return path
