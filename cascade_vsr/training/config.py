@@ -32,14 +32,22 @@ class ModelConfig:
     temporal_unit: int | None = field(
         default=None, metadata={"help": "Latent frames per temporal attention unit (SimpleGVR stage 3: 5)."}
     )
+    sparse_window: list[int] | None = field(
+        default=None, metadata={"help": "sparse_topk: (h, w) tokens per window unit (paper: 12 9)."}
+    )
+    sparse_topk: int | None = field(default=None, metadata={"help": "sparse_topk: other units each unit attends."})
+    window_size: list[int] | None = field(default=None, metadata={"help": "window mode: (t, h, w) window size."})
     upsampler_hidden_channels: int = 128
     upsampler_num_blocks: int = 2
 
     def attention_config(self) -> dict:
         """Attention fields, passed as overrides to `from_pretrained` so stage n+1 may change them."""
         config = {"attention_mode": self.attention_mode}
-        if self.temporal_unit is not None:
-            config["temporal_unit"] = self.temporal_unit
+        # Only fields that are set: a transformer version without the sparse modes takes none of them.
+        for name in ("temporal_unit", "sparse_topk", "sparse_window", "window_size"):
+            value = getattr(self, name)
+            if value is not None:
+                config[name] = tuple(value) if isinstance(value, list) else value
         return config
 
     def transformer_kwargs(self) -> dict:
