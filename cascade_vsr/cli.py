@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "demo": "cascade_vsr.demo",
     "make-pairs": "degradations.make_pairs",
+    "train": "cascade_vsr.training.cmd_train",
+    "calibrate-sampler": "cascade_vsr.training.cmd_calibrate",
 }
 
 

@@ -1,0 +1,177 @@
+"""Training configuration: three dataclasses read from one flat JSON or YAML file by transformers'
+`HfArgumentParser`, with `--name value` command-line overrides parsed by the same parser."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .samplers import TIMESTEP_SAMPLERS
+
+
+@dataclass
+class ModelConfig:
+    """The upsampler and transformer to train (defaults: the ~1B configuration of the paper)."""
+
+    pretrained_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "An export (upsampler/ and transformer/) of a previous stage to start from."}
+    )
+    latent_channels: int = 16
+    num_layers: int = 28
+    num_attention_heads: int = 12
+    attention_head_dim: int = 128
+    ffn_dim: int = 6144
+    text_dim: int = 4096
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    freq_dim: int = 256
+    latent_space: str | None = None
+    attention_mode: str = field(
+        default="full", metadata={"help": "Self-attention mode of every layer (also applied to a pretrained model)."}
+    )
+    temporal_unit: int | None = field(
+        default=None, metadata={"help": "Latent frames per temporal attention unit (SimpleGVR stage 3: 5)."}
+    )
+    sparse_window: list[int] | None = field(
+        default=None, metadata={"help": "sparse_topk: (h, w) tokens per window unit (paper: 12 9)."}
+    )
+    sparse_topk: int | None = field(default=None, metadata={"help": "sparse_topk: other units each unit attends."})
+    window_size: list[int] | None = field(default=None, metadata={"help": "window mode: (t, h, w) window size."})
+    upsampler_hidden_channels: int = 128
+    upsampler_num_blocks: int = 2
+
+    def attention_config(self) -> dict:
+        """Attention fields, passed as overrides to `from_pretrained` so stage n+1 may change them."""
+        config = {"attention_mode": self.attention_mode}
+        # Only fields that are set: a transformer version without the sparse modes takes none of them.
+        for name in ("temporal_unit", "sparse_topk", "sparse_window", "window_size"):
+            value = getattr(self, name)
+            if value is not None:
+                config[name] = tuple(value) if isinstance(value, list) else value
+        return config
+
+    def transformer_kwargs(self) -> dict:
+        return dict(
+            latent_channels=self.latent_channels,
+            num_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            attention_head_dim=self.attention_head_dim,
+            ffn_dim=self.ffn_dim,
+            text_dim=self.text_dim,
+            patch_size=tuple(self.patch_size),
+            freq_dim=self.freq_dim,
+            latent_space=self.latent_space,
+            **self.attention_config(),
+        )
+
+    def upsampler_kwargs(self) -> dict:
+        return dict(
+            latent_channels=self.latent_channels,
+            hidden_channels=self.upsampler_hidden_channels,
+            num_blocks=self.upsampler_num_blocks,
+        )
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = field(default=None, metadata={"help": "A pair dataset (cascade-vsr make-pairs)."})
+    crop_size: list[int] | None = field(default=None, metadata={"help": "Crop (h w) in LR latent pixels."})
+    num_latent_frames: int | None = field(default=None, metadata={"help": "Latent frames per sample."})
+    dataloader_num_workers: int = 0
+    drop_last: bool = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/cascade-vsr"
+    seed: int = 0
+    train_batch_size: int = field(default=1, metadata={"help": "Per-process batch size."})
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 20000
+    learning_rate: float = 5e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 500
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "None defers to `accelerate launch` / accelerate config."}
+    )
+    gradient_checkpointing: bool = False
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    noise_aug_min: float = 0.3
+    noise_aug_max: float = 0.6
+    text_dropout: float = 0.1
+    timestep_sampler: str = "detail_aware"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    timestep_curve: str | None = field(
+        default=None, metadata={"help": "JSON of calibrate-sampler; the built-in curve when unset."}
+    )
+    checkpointing_steps: int = 1000
+    checkpoints_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder or 'latest'."})
+    report_to: str = field(
+        default="auto", metadata={"help": "'auto' (tensorboard when installed), 'none', 'tensorboard', 'wandb'."}
+    )
+    logging_steps: int = 1
+    export_ema: bool = field(default=True, metadata={"help": "Export EMA weights (else the raw weights)."})
+
+
+CONFIG_CLASSES = (ModelConfig, DataConfig, TrainConfig)
+
+
+def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
+    """Cheap checks with messages that name the field; the models and the dataset check the rest."""
+    from cascade_vsr.attention import check_attention_mode
+
+    check_attention_mode(model.attention_mode, "attention_mode")
+    if model.temporal_unit is not None and model.temporal_unit <= 0:
+        raise ValueError(f"`temporal_unit` must be a positive number of latent frames, got {model.temporal_unit}")
+    if len(model.patch_size) != 3:
+        raise ValueError(f"`patch_size` must be three ints (t h w), got {model.patch_size}")
+    if not data.data_dir:
+        raise ValueError("`data_dir` must name a pair dataset (cascade-vsr make-pairs output)")
+    if not (0 <= train.noise_aug_min <= train.noise_aug_max <= 1):
+        raise ValueError(
+            "`noise_aug_min` and `noise_aug_max` must satisfy 0 <= min <= max <= 1, got "
+            f"[{train.noise_aug_min}, {train.noise_aug_max}]"
+        )
+    if not 0 <= train.text_dropout <= 1:
+        raise ValueError(f"`text_dropout` must lie in [0, 1], got {train.text_dropout}")
+    if train.timestep_sampler not in TIMESTEP_SAMPLERS:
+        raise ValueError(f"`timestep_sampler` must be one of {TIMESTEP_SAMPLERS}, got {train.timestep_sampler!r}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
+        if getattr(train, name) <= 0:
+            raise ValueError(f"`{name}` must be positive, got {getattr(train, name)}")
+    if train.learning_rate <= 0 or train.max_grad_norm <= 0 or not 0 <= train.ema_decay < 1:
+        raise ValueError(
+            "`learning_rate` and `max_grad_norm` must be positive and `ema_decay` in [0, 1), got "
+            f"{train.learning_rate}, {train.max_grad_norm}, {train.ema_decay}"
+        )
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    """Read a flat JSON / YAML config (unknown keys are errors), apply `--name value` overrides, validate."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(CONFIG_CLASSES)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"`config` {str(path)!r} does not exist")
+        if path.suffix == ".json":
+            configs = parser.parse_json_file(str(path))
+        elif path.suffix in (".yaml", ".yml"):
+            configs = parser.parse_yaml_file(str(path))
+        else:
+            raise ValueError(f"`config` must be a .json, .yaml or .yml file, got {str(path)!r}")
+        parser.set_defaults(**{k: v for config in configs for k, v in asdict(config).items()})
+    configs = parser.parse_args_into_dataclasses(args=list(overrides or []))
+    validate(*configs)
+    return tuple(configs)

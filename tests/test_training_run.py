@@ -1,0 +1,175 @@
+"""Trainer runs: exact resume, 2-process DDP on CPU (gloo), calibration of the detail-aware sampler."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
+from cascade_vsr.cli import main as cli_main
+from cascade_vsr.training.config import load_config
+from cascade_vsr.training.samplers import DetailAwareTimestepSampler
+from cascade_vsr.training.trainer import export_pipeline, train
+
+from ._pairs import build_pairs
+from ._recipes import TINY_MODEL_ARGS as TINY_ARGS_NO_DATA
+from ._recipes import tiny_args
+from .conftest import TINY_TRANSFORMER, TINY_UPSAMPLER, randomize_
+from .test_training_data import write_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--crop_size", "2", "4", "--num_latent_frames", "1", "--train_batch_size", "2", "--lr_warmup_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return build_pairs(tmp_path_factory.mktemp("pairs"), num_clips=4, num_frames=2, hr_size=(32, 64), text_dim=16)
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact(pairs, tmp_path):
+    common = [*SMALL, "--checkpointing_steps", "2", "--ema_decay", "0.9", "--learning_rate", "1e-3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*load_config(None, tiny_args(pairs, straight, 4, *common)))
+    train(*load_config(None, tiny_args(pairs, resumed, 2, *common)))
+    train(*load_config(None, tiny_args(pairs, resumed, 4, *common, "--resume_from_checkpoint", "latest")))
+
+    log_a, log_b = read_log(straight), read_log(resumed)
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    assert [r["lr"] for r in log_a] == [r["lr"] for r in log_b]
+    # raw weights (checkpoint) and EMA weights (export) are identical
+    for name in (
+        "checkpoints/checkpoint-4/model.safetensors",
+        "export/transformer/diffusion_pytorch_model.safetensors",
+    ):
+        a, b = load_file(straight / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # the EMA export differs from the raw weights (EMA was really applied and restored)
+    raw = load_file(straight / "checkpoints/checkpoint-4/model.safetensors")
+    ema = load_file(straight / "export/transformer/diffusion_pytorch_model.safetensors")
+    assert not torch.equal(raw["transformer.proj_out.weight"], ema["proj_out.weight"])
+
+
+def test_stage_transition_loads_export_with_new_attention_config(pairs, tmp_path):
+    first = tmp_path / "stage1"
+    summary = train(*load_config(None, tiny_args(pairs, first, 1, *SMALL)))
+    second = train(
+        *load_config(
+            None,
+            tiny_args(pairs, tmp_path / "stage2", 1, *SMALL, "--pretrained_model_name_or_path", summary["export_dir"]),
+        )
+    )
+    exported = load_file(Path(summary["export_dir"]) / "upsampler/diffusion_pytorch_model.safetensors")
+    assert second["model"].upsampler.config.hidden_channels == 32
+    assert exported.keys() == set(second["model"].upsampler.state_dict())
+    with pytest.raises(ValueError, match="attention_mode"):
+        load_config(None, ["--data_dir", str(pairs), "--attention_mode", "sparse_nope"])
+
+
+DDP_SCRIPT = """
+import os
+import sys
+from safetensors.torch import save_file
+from cascade_vsr.training.config import load_config
+from cascade_vsr.training.trainer import train
+from accelerate import PartialState
+
+summary = train(*load_config(sys.argv[1]))
+state = {k: v.contiguous() for k, v in summary["model"].state_dict().items()}
+assert PartialState().distributed_type == "MULTI_CPU" and PartialState().num_processes == 2
+save_file(state, f"{sys.argv[2]}/rank{os.environ['RANK']}.safetensors")
+"""
+
+
+def test_ddp_two_cpu_processes(pairs, tmp_path):
+    args = tiny_args(pairs, tmp_path / "out", 2, *SMALL)
+    config = {}
+    i = 0
+    while i < len(args):
+        key, values = args[i].lstrip("-"), []
+        i += 1
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        config[key] = [int(v) for v in values] if key in ("crop_size", "patch_size") else values[0]
+    config["train_batch_size"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "ddp.py").write_text(textwrap.dedent(DDP_SCRIPT))
+    # `accelerate launch --cpu --num_processes 2` starts ONE process unless mpirun is configured (accelerate 1.15);
+    # the torchrun launcher (--multi_gpu) with ACCELERATE_USE_CPU gives 2 CPU processes on gloo (MULTI_CPU).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "ddp.py")]
+    result = subprocess.run(
+        [*command, str(tmp_path / "config.json"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_log(tmp_path / "out")] == [1, 2]
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # and training moved the weights (the zero-initialised output layer is no longer zero)
+    assert rank0["transformer.proj_out.weight"].abs().sum() > 0
+
+
+def test_calibration_writes_a_distribution_that_sampling_follows(tmp_path):
+    torch.manual_seed(0)
+    upsampler = randomize_(LatentUpsampler3D(**TINY_UPSAMPLER))
+    transformer = randomize_(CascadeVSRTransformer3DModel(**TINY_TRANSFORMER), std=0.2)
+    export_pipeline(tmp_path / "model", upsampler, transformer)
+    data = tmp_path / "data"
+    for k in range(2):
+        write_clip(data, f"c{k}", (4, 2, 4, 6), (4, 2, 8, 12))
+    output = tmp_path / "calib" / "curve.json"
+    assert (
+        cli_main(
+            ["calibrate-sampler", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(output)]
+            + ["--num-steps", "10", "--num-clips", "2"]
+        )
+        == 0
+    )
+    curve = json.loads(output.read_text())
+    edges, density = torch.tensor(curve["edges"]), torch.tensor(curve["density"])
+    assert len(edges) == 11 and edges[0] == 0 and edges[-1] == 1 and torch.all(edges[1:] > edges[:-1])
+    assert torch.all(density > 0)
+    assert torch.isclose((density * (edges[1:] - edges[:-1])).sum(), torch.tensor(1.0, dtype=density.dtype))
+    assert len(curve["gain"]) == 10 and len(curve["hf_energy"]) == 11
+    assert output.with_suffix(".png").stat().st_size > 1000
+
+    sampler = DetailAwareTimestepSampler.from_json(output)
+    samples = sampler.sample(20000, torch.Generator().manual_seed(1)).double().sort().values
+    n = len(samples)
+    cdf = sampler.cdf_at(samples)
+    ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max()
+    assert ks < 1.63 / n**0.5
+
+
+def test_cli_train_bf16_checkpointing_accumulation(pairs, tmp_path, request):
+    """`cascade-vsr train --config C -- overrides` with bf16 autocast, gradient checkpointing and accumulation."""
+    # accelerate keeps one process-wide state; this test's mixed precision differs from the other runs'.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data_dir: {pairs}\noutput_dir: {tmp_path / 'out'}\nmax_train_steps: 2\nreport_to: none\n")
+    overrides = [*TINY_ARGS_NO_DATA, *SMALL, "--mixed_precision", "bf16", "--gradient_checkpointing"]
+    assert cli_main(["train", "--config", str(config), "--", *overrides, "--gradient_accumulation_steps", "2"]) == 0
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    # the layout CascadeVSRPipeline.from_pretrained loads (component libraries are module paths)
+    model_index = json.loads((tmp_path / "out/export/model_index.json").read_text())
+    assert model_index["_class_name"] == "CascadeVSRPipeline"
+    assert model_index["upsampler"] == ["cascade_vsr.upsampler", "LatentUpsampler3D"]
+    assert model_index["transformer"] == ["cascade_vsr.transformer", "CascadeVSRTransformer3DModel"]
+    assert (tmp_path / "out/export/scheduler/scheduler_config.json").is_file()
