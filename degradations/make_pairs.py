@@ -29,6 +29,7 @@ HELP = "Synthesize (HR, degraded LR) training pairs from videos, with optional u
 FORMAT = "cascade-vsr-pairs"
 VERSION = 1
 DEGRADATIONS = ("flow", "classic1", "classic2", "model_guided")
+SPACE_TO_DEPTH = "space_to_depth"  # `--upstream` value for pixel-space latents
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".y4m")
 
 
@@ -61,9 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdedit-steps", type=int, default=20)
     parser.add_argument(
         "--upstream",
-        type=Path,
         default=None,
-        help="a diffusers T2V pipeline folder (save_pretrained): HR/LR latents with its VAE",
+        help="a diffusers T2V pipeline folder (save_pretrained): HR/LR latents with its VAE; or `space_to_depth` "
+        "for pixel-space latents (SpaceToDepthAutoencoder, no T2V model: no model_guided, no text embeddings)",
     )
     parser.add_argument("--prompt", default="", help="caption used for model-guided denoising and text embeddings")
     parser.add_argument("--text-embeds", action="store_true", help="store the upstream prompt embeddings")
@@ -160,9 +161,15 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         load_callable(args.quality_score)
     if "model_guided" in mix and args.upstream is None:
         raise ValueError("`--degradations` includes model_guided, which needs `--upstream` (a T2V pipeline folder)")
-    if args.upstream is not None and not (Path(args.upstream) / "model_index.json").is_file():
+    if args.upstream == SPACE_TO_DEPTH:
+        if "model_guided" in mix or args.text_embeds:
+            raise ValueError(
+                "`--upstream space_to_depth` has no T2V model: it cannot make model_guided pairs or text embeddings"
+            )
+    elif args.upstream is not None and not (Path(args.upstream) / "model_index.json").is_file():
         raise ValueError(
-            f"`--upstream` {str(args.upstream)!r} is not a diffusers pipeline folder (no model_index.json)"
+            f"`--upstream` {str(args.upstream)!r} is not a diffusers pipeline folder (no model_index.json) "
+            f"nor {SPACE_TO_DEPTH!r}"
         )
     return PairSettings(
         num_frames=args.num_frames,
@@ -175,7 +182,9 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         dis_preset=args.dis_preset,
         alpha=tuple(args.alpha),
         sdedit_steps=args.sdedit_steps,
-        upstream=str(Path(args.upstream).resolve()) if args.upstream else None,
+        upstream=(
+            args.upstream if args.upstream in (None, SPACE_TO_DEPTH) else str(Path(args.upstream).resolve())
+        ),
         prompt=args.prompt,
         text_embeds=bool(args.text_embeds),
         frames_format=args.frames_format,
@@ -341,15 +350,20 @@ def _worker_state(settings: PairSettings) -> dict:
             ),
         }
         if settings.upstream:
-            from .model_guided import ModelGuidedDegradation, ModelGuidedDegradationConfig
+            from pipelines.adapters import get_adapter
 
-            pipeline = load_upstream(settings.upstream)
-            state["model_guided"] = ModelGuidedDegradation(
-                pipeline,
-                ModelGuidedDegradationConfig(
-                    alpha=settings.alpha, num_inference_steps=settings.sdedit_steps, prompt=settings.prompt
-                ),
-            )
+            upstream = load_upstream(settings.upstream)
+            state["adapter"] = get_adapter(upstream)
+            state["vae"] = getattr(upstream, "vae", upstream)  # a pipeline's VAE, or the VAE itself
+            if settings.upstream != SPACE_TO_DEPTH:
+                from .model_guided import ModelGuidedDegradation, ModelGuidedDegradationConfig
+
+                state["model_guided"] = ModelGuidedDegradation(
+                    upstream,
+                    ModelGuidedDegradationConfig(
+                        alpha=settings.alpha, num_inference_steps=settings.sdedit_steps, prompt=settings.prompt
+                    ),
+                )
         _STATE.clear()
         _STATE.update(state)
     return _STATE
@@ -372,7 +386,12 @@ def load_callable(spec: str):
 
 
 def load_upstream(path: str):
-    """A diffusers pipeline saved with save_pretrained, loaded offline (nothing is downloaded)."""
+    """A diffusers pipeline saved with save_pretrained, loaded offline (nothing is downloaded), or the
+    space-to-depth autoencoder for `space_to_depth`."""
+    if path == SPACE_TO_DEPTH:
+        from cascade_vsr.space_to_depth import SpaceToDepthAutoencoder
+
+        return SpaceToDepthAutoencoder()
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(path, local_files_only=True)
@@ -465,12 +484,11 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
     if settings.upstream:
         from .model_guided import frames_to_video
 
-        pipeline = state["model_guided"].pipeline
-        adapter = state["model_guided"].adapter
+        adapter, vae = state["adapter"], state["vae"]
         with torch.no_grad():
-            tensors = {"hr_latents": adapter.encode(pipeline.vae, frames_to_video(hr).to(pipeline.vae.dtype))[0]}
+            tensors = {"hr_latents": adapter.encode(vae, frames_to_video(hr).to(vae.dtype))[0]}
             if lr_latents is None:
-                lr_latents = adapter.encode(pipeline.vae, frames_to_video(lr).to(pipeline.vae.dtype))
+                lr_latents = adapter.encode(vae, frames_to_video(lr).to(vae.dtype))
         tensors["lr_latents"] = lr_latents[0]
         if settings.text_embeds:
             embeds, mask = state["model_guided"].encode_prompt(settings.prompt)

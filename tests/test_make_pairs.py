@@ -220,6 +220,26 @@ def test_make_pairs_upstream_latents(tmp_path):
     assert {r["degradation"]["kind"] for r in records} <= {"model_guided", "flow"}
 
 
+def test_make_pairs_space_to_depth_latents_are_the_pixels(tmp_path):
+    """Pixel-space pairs: the latents are exactly the space-to-depth of the stored HR / LR frames."""
+    root = tmp_path / "pairs"
+    make_pairs(
+        VIDEO, "--output-dir", root, "--num-frames", 3, "--stride", 4, "--hr-size", 64, 96, "--lr-scale", 0.5,
+        "--max-clips-per-video", 1, "--upstream", "space_to_depth", "--degradations", "flow=1",
+        "--frames-format", "png",
+    )
+    (record,) = check_dataset(root, 1)
+    assert record["latent_space"] == "space_to_depth"
+    with safe_open(root / record["latents"], "pt") as handle:
+        hr, lr = handle.get_tensor("hr_latents"), handle.get_tensor("lr_latents")
+    assert hr.shape == (48, 3, 16, 24) and lr.shape == (48, 3, 8, 12)
+    hr_frames = load_frames(root / record["hr"])
+    expected = torch.nn.functional.pixel_unshuffle(
+        torch.from_numpy(hr_frames).permute(0, 3, 1, 2).float() / 127.5 - 1, 4
+    ).permute(1, 0, 2, 3)
+    torch.testing.assert_close(hr, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [
