@@ -45,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="source frames between clip starts (default: num_frames * stride, non-overlapping)",
     )
     parser.add_argument("--max-clips-per-video", type=int, default=None)
+    parser.add_argument(
+        "--frame-range",
+        type=int,
+        nargs=2,
+        metavar=("START", "END"),
+        default=None,
+        help="use only source frames [START, END) of every video (e.g. to hold frames out for evaluation)",
+    )
     parser.add_argument("--hr-size", type=int, nargs=2, default=(1088, 1920), metavar=("H", "W"))
     parser.add_argument(
         "--lr-scale",
@@ -94,6 +102,7 @@ class PairSettings:
     stride: int = 1
     clip_step: int | None = None
     max_clips_per_video: int | None = None
+    frame_range: tuple[int, int] | None = None
     hr_size: tuple[int, int] = (1088, 1920)
     lr_size: tuple[int, int] = (544, 960)
     degradations: dict = field(default_factory=lambda: {"flow": 0.5, "classic1": 0.25, "classic2": 0.25})
@@ -156,6 +165,8 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         raise ValueError(f"`--lr-scale` must be in (0, 1), got {args.lr_scale}")
     if not 0 <= args.alpha[0] <= args.alpha[1] <= 1:
         raise ValueError(f"`--alpha` must be a range inside [0, 1], got {tuple(args.alpha)}")
+    if args.frame_range is not None and not 0 <= args.frame_range[0] < args.frame_range[1]:
+        raise ValueError(f"`--frame-range` must be START END with 0 <= START < END, got {tuple(args.frame_range)}")
     mix = parse_mix(args.degradations)
     if args.quality_score is not None:
         load_callable(args.quality_score)
@@ -176,6 +187,7 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         stride=args.stride,
         clip_step=args.clip_step,
         max_clips_per_video=args.max_clips_per_video,
+        frame_range=tuple(args.frame_range) if args.frame_range else None,
         hr_size=hr_size,
         lr_size=(round16(hr_size[0] * args.lr_scale), round16(hr_size[1] * args.lr_scale)),
         degradations=mix,
@@ -242,7 +254,14 @@ def plan_clips(videos: list[Path], settings: PairSettings) -> list[dict]:
                 f"`inputs`: video {str(video)!r} has {info['num_frames']} frames, fewer than one clip "
                 f"({settings.num_frames} frames at stride {settings.stride} = {span})"
             )
-        starts = list(range(0, info["num_frames"] - span + 1, step))[: settings.max_clips_per_video]
+        first, end = settings.frame_range or (0, info["num_frames"])
+        end = min(end, info["num_frames"])
+        if end - first < span:
+            raise ValueError(
+                f"`--frame-range` {settings.frame_range} of {str(video)!r} ({info['num_frames']} frames) holds "
+                f"fewer frames than one clip ({span})"
+            )
+        starts = list(range(first, end - span + 1, step))[: settings.max_clips_per_video]
         clips.extend({"id": clip_id(video, s), "source": str(video), "start": s} for s in starts)
     return clips
 

@@ -225,11 +225,11 @@ def test_make_pairs_space_to_depth_latents_are_the_pixels(tmp_path):
     root = tmp_path / "pairs"
     make_pairs(
         VIDEO, "--output-dir", root, "--num-frames", 3, "--stride", 4, "--hr-size", 64, 96, "--lr-scale", 0.5,
-        "--max-clips-per-video", 1, "--upstream", "space_to_depth", "--degradations", "flow=1",
+        "--frame-range", 8, 20, "--upstream", "space_to_depth", "--degradations", "flow=1",
         "--frames-format", "png",
     )
-    (record,) = check_dataset(root, 1)
-    assert record["latent_space"] == "space_to_depth"
+    (record,) = check_dataset(root, 1)  # frames 8..16 fit once in [8, 20) with 3 frames at stride 4
+    assert record["latent_space"] == "space_to_depth" and record["start"] == 8
     with safe_open(root / record["latents"], "pt") as handle:
         hr, lr = handle.get_tensor("hr_latents"), handle.get_tensor("lr_latents")
     assert hr.shape == (48, 3, 16, 24) and lr.shape == (48, 3, 8, 12)
@@ -245,6 +245,8 @@ def test_make_pairs_space_to_depth_latents_are_the_pixels(tmp_path):
     [
         (["--degradations", "flow=1,blurry=1"], r"`--degradations`.*blurry"),
         (["--degradations", "model_guided=1"], r"`--degradations`.*--upstream"),
+        (["--frame-range", 10, 5], r"`--frame-range`"),
+        (["--upstream", "space_to_depth", "--degradations", "model_guided=1"], r"`--upstream space_to_depth`"),
         (["--lr-scale", "1.5"], r"`--lr-scale`"),
         (["--hr-size", "60", "112"], r"`--hr-size`"),
         (["--quality-score", "no_such_module:score"], r"`--quality-score`"),
