@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="flow=0.5,classic1=0.25,classic2=0.25",
         help=f"mix of {', '.join(DEGRADATIONS)} as name=weight pairs",
     )
+    parser.add_argument(
+        "--classic-options",
+        type=json.loads,
+        default=None,
+        help='JSON object of ClassicDegradationConfig overrides, e.g. \'{"gaussian_sigma": [0, 3]}\' for milder pairs',
+    )
     parser.add_argument("--dis-preset", default="fast", choices=("ultrafast", "fast", "medium"))
     parser.add_argument("--alpha", type=float, nargs=2, default=(0.3, 0.4), help="model-guided noise level range")
     parser.add_argument("--sdedit-steps", type=int, default=20)
@@ -106,6 +112,7 @@ class PairSettings:
     hr_size: tuple[int, int] = (1088, 1920)
     lr_size: tuple[int, int] = (544, 960)
     degradations: dict = field(default_factory=lambda: {"flow": 0.5, "classic1": 0.25, "classic2": 0.25})
+    classic_options: dict | None = None
     dis_preset: str = "fast"
     alpha: tuple[float, float] = (0.3, 0.4)
     sdedit_steps: int = 20
@@ -167,6 +174,10 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         raise ValueError(f"`--alpha` must be a range inside [0, 1], got {tuple(args.alpha)}")
     if args.frame_range is not None and not 0 <= args.frame_range[0] < args.frame_range[1]:
         raise ValueError(f"`--frame-range` must be START END with 0 <= START < END, got {tuple(args.frame_range)}")
+    if args.classic_options is not None:
+        if not isinstance(args.classic_options, dict):
+            raise ValueError(f"`--classic-options` must be a JSON object, got {args.classic_options!r}")
+        classic_config(args.classic_options, order=1)
     mix = parse_mix(args.degradations)
     if args.quality_score is not None:
         load_callable(args.quality_score)
@@ -191,6 +202,7 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         hr_size=hr_size,
         lr_size=(round16(hr_size[0] * args.lr_scale), round16(hr_size[1] * args.lr_scale)),
         degradations=mix,
+        classic_options=args.classic_options,
         dis_preset=args.dis_preset,
         alpha=tuple(args.alpha),
         sdedit_steps=args.sdedit_steps,
@@ -361,8 +373,8 @@ def _worker_state(settings: PairSettings) -> dict:
         state = {
             "key": key,
             "flow": FlowBasedDegradation(FlowDegradationConfig(dis_preset=settings.dis_preset)),
-            "classic1": ClassicDegradation(order=1),
-            "classic2": ClassicDegradation(order=2),
+            "classic1": ClassicDegradation(classic_config(settings.classic_options, order=1)),
+            "classic2": ClassicDegradation(classic_config(settings.classic_options, order=2)),
             "quality": QualityFilter(
                 QualityFilterConfig(min_learned_score=settings.min_quality_score),
                 learned_score=load_callable(settings.quality_score) if settings.quality_score else None,
@@ -386,6 +398,18 @@ def _worker_state(settings: PairSettings) -> dict:
         _STATE.clear()
         _STATE.update(state)
     return _STATE
+
+
+def classic_config(options: dict | None, order: int):
+    """ClassicDegradationConfig with `--classic-options` overrides; ValueError naming the option otherwise."""
+    from .classic import ClassicDegradationConfig
+
+    options = dict(options or {})
+    unknown = set(options) - set(ClassicDegradationConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"`--classic-options`: unknown ClassicDegradationConfig fields {sorted(unknown)}")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return ClassicDegradationConfig(**{**options, "order": order})
 
 
 def load_callable(spec: str):

@@ -32,6 +32,7 @@ from diffusers.video_processor import VideoProcessor
 from einops import rearrange
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cascade_vsr.flow import noise_augment
 from cascade_vsr.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.upsampler import LatentUpsampler3D, resize_frames
 
@@ -587,7 +588,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
         # 4. Upsample once and noise-augment once: the condition is fixed through denoising.
         upsampled = self.upsampler(lr.to(self.upsampler.dtype), size=latent_size).float()
         condition_noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=torch.float32)
-        condition = (1 - noise_aug_strength) * upsampled + noise_aug_strength * condition_noise
+        condition = noise_augment(upsampled, noise_aug_strength, noise=condition_noise)
 
         # 5. Timesteps and initial latents.
         self._set_sigmas(sigmas, num_inference_steps, grid[0] * latent_size[0] * latent_size[1] // 4, device)

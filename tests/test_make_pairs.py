@@ -246,6 +246,7 @@ def test_make_pairs_space_to_depth_latents_are_the_pixels(tmp_path):
         (["--degradations", "flow=1,blurry=1"], r"`--degradations`.*blurry"),
         (["--degradations", "model_guided=1"], r"`--degradations`.*--upstream"),
         (["--frame-range", 10, 5], r"`--frame-range`"),
+        (["--classic-options", '{"nope": 1}'], r"`--classic-options`.*nope"),
         (["--upstream", "space_to_depth", "--degradations", "model_guided=1"], r"`--upstream space_to_depth`"),
         (["--lr-scale", "1.5"], r"`--lr-scale`"),
         (["--hr-size", "60", "112"], r"`--hr-size`"),

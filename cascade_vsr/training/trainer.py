@@ -190,6 +190,11 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     set_seed(train_config.seed)
+    if accelerator.device.type == "cpu":
+        # AdaLN-zero gates and the zero-initialised output layers make the early gradients tiny: in fp32 they
+        # fall into denormal range, where x86 arithmetic is 10-20x slower (measured: 9-13 s vs 0.63 s per step
+        # of the demo model). Flushing them to zero changes no result that matters.
+        torch.set_flush_denormal(True)
 
     # Data (same-shape batches, sharded over processes by the sampler itself, so the loader is not prepared).
     dataset = PairLatentDataset(
