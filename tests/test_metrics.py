@@ -94,14 +94,14 @@ def test_warping_error_zero_for_static_video_and_exact_translation():
 
     dx, dy = 2, -1  # content moves right by 2 and up by 1 each frame: frame_t(x) = frame_{t-1}(x - d)
     moving = np.stack([np.roll(frame[0], shift=(t * dy, t * dx), axis=(0, 1)) for t in range(4)])
-    backward = np.broadcast_to(np.array([-dx, -dy], dtype=np.float64), (3, 12, 16, 2))
+    backward = np.broadcast_to(np.array([-dx, -dy], dtype=np.float64), (3, 12, 16, 2)).copy()
     assert warping_error(moving, backward) == pytest.approx(0.0, abs=1e-9)
     wrong = warping_error(moving, np.zeros_like(backward))
     assert wrong > 10  # random content: the unwarped difference is large
-    # the translation's forward flow is +d: consistent everywhere the source lies inside
+    # the translation's forward flow is +d: consistent wherever the source (x - 2, y + 1) lies inside
     forward = -backward
     mask = consistency_mask(backward, forward)
-    assert mask[:, 1:, :-2].all() and not mask[:, 0].any() and not mask[:, :, -2:].any()
+    assert mask[:, :-1, 2:].all() and not mask[:, -1].any() and not mask[:, :, :2].any()
     assert warping_error(moving, backward, mask) == pytest.approx(0.0, abs=1e-9)
 
 
