@@ -39,8 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-inference-steps", type=int, default=8)
     parser.add_argument("--noise-aug-strength", type=float, default=0.3)
     parser.add_argument(
-        "--chunk-frames", type=int, default=4,
-        help="frames per temporal chunk; chunks run as one batch (attention cost grows with the chunk squared)",
+        "--chunk-frames", type=int, default=None,
+        help="split the clip into independent temporal chunks of this many frames, run as one batch "
+        "(default: the whole clip at once)",
+    )
+    parser.add_argument(
+        "--temporal-unit", type=int, default=2,
+        help="full attention within blocks of this many frames, shifted by half a block in odd layers (SimpleGVR's "
+        "interleaving temporal units): cost linear in the clip length with no chunk seams; 0 keeps the model's own "
+        "setting",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -51,12 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     positive = ("num_frames", "num_inference_steps", "chunk_frames", "crop_size", "zoom")
     for name in positive:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int, got {getattr(args, name)}")
     if args.num_frames < 2:
         raise ValueError(f"`--num-frames` must be >= 2 (the warping error compares frame pairs), got {args.num_frames}")
     if any(s < MULTIPLE or s % MULTIPLE for s in args.hr_size):
         raise ValueError(f"`--hr-size` must be multiples of {MULTIPLE} (H W), got {tuple(args.hr_size)}")
+    if args.temporal_unit < 0:
+        raise ValueError(f"`--temporal-unit` must be >= 0 (0: the model's own setting), got {args.temporal_unit}")
     if not 0.0 <= args.noise_aug_strength <= 1.0:
         raise ValueError(f"`--noise-aug-strength` must lie in [0, 1], got {args.noise_aug_strength}")
 
@@ -112,11 +121,14 @@ def to_chunks(frames, chunk: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(path: Path, device: str):
-    """The demo pipeline on the lossless pixel-space autoencoder; a clear error when the folder is missing."""
+def load_pipeline(path: Path, device: str, temporal_unit: int = 0):
+    """The demo pipeline on the lossless pixel-space autoencoder; a clear error when the folder is missing.
+
+    `temporal_unit` > 0 overrides the transformer's attention scope (attention modes own no parameters)."""
     from pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
 
     from .space_to_depth import SpaceToDepthAutoencoder
+    from .transformer import CascadeVSRTransformer3DModel
 
     if not (path / "model_index.json").is_file():
         raise SystemExit(
@@ -124,17 +136,24 @@ def load_pipeline(path: Path, device: str):
             "demo/model/ of the repository; demo/README.md has the exact make-pairs and train commands that "
             "reproduce it. Pass another diffusers-format pipeline folder with --model PATH."
         )
-    pipe = CascadeVSRPipeline.from_pretrained(path, vae=SpaceToDepthAutoencoder(), local_files_only=True)
+    overrides = {"temporal_unit": temporal_unit} if temporal_unit else {}
+    transformer = CascadeVSRTransformer3DModel.from_pretrained(
+        path, subfolder="transformer", local_files_only=True, **overrides
+    )
+    pipe = CascadeVSRPipeline.from_pretrained(
+        path, vae=SpaceToDepthAutoencoder(), transformer=transformer, local_files_only=True
+    )
     return pipe.to(device)
 
 
 def super_resolve(pipe, lr, size: tuple[int, int], args: argparse.Namespace, desc: str):
-    """uint8 LR (T, h, w, 3) -> uint8 (T, *size, 3): all temporal chunks in one batched pipeline call."""
+    """uint8 LR (T, h, w, 3) -> uint8 (T, *size, 3): the whole clip, or all its temporal chunks, in one batched
+    pipeline call."""
     import numpy as np
     import torch
 
     pipe.set_progress_bar_config(desc=desc, leave=True)
-    video = to_chunks(lr, args.chunk_frames)
+    video = to_chunks(lr, min(args.chunk_frames or len(lr), len(lr)))
     generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
     frames = pipe(
         video=video.to(pipe.device),
@@ -271,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     start_time = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device)
+    pipe = load_pipeline(args.model, device, args.temporal_unit)
     parameters = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("upsampler", "transformer")}
     print(f"demo model {args.model}: {sum(parameters.values()):,} parameters {parameters}, on {device}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -320,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
             "num_inference_steps": args.num_inference_steps,
             "noise_aug_strength": args.noise_aug_strength,
             "chunk_frames": args.chunk_frames,
+            "temporal_unit": pipe.transformer.config.temporal_unit,
+            "attention_mode": pipe.transformer.config.attention_mode,
             "seed": args.seed,
             "device": device,
             "metrics": "PSNR on uint8 RGB and SSIM (Gaussian 11 / 1.5) on BT.601 luma, means over frames; warping "

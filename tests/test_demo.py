@@ -49,6 +49,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert set(summary) == {"settings", "model", "clips", "wall_time_seconds"}
     assert summary["model"]["parameters"]["total"] == sum(summary["model"]["parameters"][k] for k in ("upsampler", "transformer"))
     assert summary["settings"]["num_inference_steps"] == 2 and summary["settings"]["chunk_frames"] == 2
+    assert summary["settings"]["temporal_unit"] == 2  # the demo's override of the model's full attention
     assert set(summary["clips"]) == {"bigbuckbunny", "carphone"}
     bunny, carphone = summary["clips"]["bigbuckbunny"], summary["clips"]["carphone"]
     assert (bunny["frames"], bunny["hr_size"], bunny["lr_size"]) == ([100, 103], [64, 112], [32, 56])
@@ -68,6 +69,17 @@ def test_demo_runs_end_to_end(tmp_path):
         assert frames.shape[0] == 3 and frames.shape[2] == 3 * width and frames.shape[1] > height  # label strip
     sheet = cv2.imread(str(out / "crops.png"))
     assert sheet is not None and sheet.shape[1] == 3 * 24 * 4 and sheet.shape[0] > 2 * 24 * 4
+
+
+def test_whole_clip_with_the_models_own_attention(tmp_path):
+    model = export_placeholder(tmp_path / "model")
+    out = tmp_path / "out"
+    args = _args(model, out, clips=["carphone"], num_frames=3, hr_size=[48, 64], num_inference_steps=1,
+                 temporal_unit=0, crop_size=16, zoom=2)
+    assert demo.run(args) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["settings"]["temporal_unit"] is None and summary["settings"]["chunk_frames"] is None
+    assert list(summary["clips"]) == ["carphone"] and read_video(out / "carphone.mp4").shape[0] == 3
 
 
 def test_ground_truth_sizes_at_the_default_hr_size():
@@ -109,6 +121,8 @@ def test_missing_model_and_bad_arguments(tmp_path):
         demo.run(_args(tmp_path / "nowhere", tmp_path / "out"))
     with pytest.raises(ValueError, match="--hr-size"):
         demo.run(_args(tmp_path, tmp_path / "out", hr_size=[60, 112]))
+    with pytest.raises(ValueError, match="--temporal-unit"):
+        demo.run(_args(tmp_path, tmp_path / "out", temporal_unit=-1))
     with pytest.raises(ValueError, match="--num-frames"):
         demo.run(_args(tmp_path, tmp_path / "out", num_frames=1))
     assert not (tmp_path / "out").exists()
