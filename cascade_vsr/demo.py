@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--crop-size", type=int, default=48, help="side of the zoomed crops in HR pixels")
+    parser.add_argument("--crop-size", type=int, default=64, help="side of the zoomed crops in HR pixels")
     parser.add_argument("--zoom", type=int, default=4, help="nearest-neighbour enlargement of the crops")
 
 
@@ -250,14 +250,14 @@ def detailed_region(frame, size: int) -> tuple[int, int]:
     return row * stride, col * stride
 
 
-def crop_sheet(clips: dict, size: int, zoom: int):
+def crop_sheet(pictures: dict, metrics: dict, size: int, zoom: int):
     """One row per clip: the same region of the middle frame from bicubic / cascade-vsr / ground truth, enlarged
-    `zoom`x with nearest neighbour, each under a label with its clip PSNR."""
+    `zoom`x with nearest neighbour, each under a label with its clip PSNR. `pictures[clip][method]` are uint8
+    (T, H, W, 3) videos, `metrics[clip][method]` their metrics."""
     import numpy as np
 
     rows = []
-    for name, clip in clips.items():  # a handful of clips: one row of pictures each
-        frames = clip["frames"]
+    for name, frames in pictures.items():  # a handful of clips: one row of pictures each
         middle = len(frames["ground_truth"]) // 2
         side = min(size, *frames["ground_truth"].shape[1:3])
         top, left = detailed_region(frames["ground_truth"][middle], side)
@@ -265,7 +265,7 @@ def crop_sheet(clips: dict, size: int, zoom: int):
         for method in (*METHODS, "ground_truth"):
             crop = frames[method][middle, top : top + side, left : left + side]
             panels.append(crop.repeat(zoom, axis=0).repeat(zoom, axis=1)[None])
-            psnr = clip["metrics"][method].get("psnr")
+            psnr = metrics[name][method].get("psnr")
             labels.append(f"{name}: {LABELS[method]}" + (f" {psnr:.2f} dB" if psnr is not None else ""))
         rows.append(side_by_side(panels, labels)[0])
     width = max(row.shape[1] for row in rows)
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo model {args.model}: {sum(parameters.values()):,} parameters {parameters}, on {device}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    clips = {}
+    clips, pictures = {}, {}
     for name in args.clips:  # two held-out clips, each processed whole
         ground_truth, fps = load_ground_truth(name, args.num_frames, tuple(args.hr_size))
         hr_size = ground_truth.shape[1:3]
@@ -308,11 +308,10 @@ def run(args: argparse.Namespace) -> int:
         sr_seconds = time.perf_counter() - clip_start
         frames["ground_truth"] = ground_truth
         metrics = clip_metrics({method: frames[method] for method in METHODS}, ground_truth)
-        write_video(
-            args.output_dir / f"{name}.mp4",
-            side_by_side([frames[m] for m in (*METHODS, "ground_truth")], [LABELS[m] for m in (*METHODS, "ground_truth")]),
-            fps=fps,
-        )
+        order = (*METHODS, "ground_truth")
+        partial = args.output_dir / f"{name}.partial.mp4"  # renamed into place once complete
+        write_video(partial, side_by_side([frames[m] for m in order], [LABELS[m] for m in order]), fps=fps)
+        partial.replace(args.output_dir / f"{name}.mp4")
         source, first = CLIPS[name]
         clips[name] = {
             "source": source,
@@ -321,14 +320,11 @@ def run(args: argparse.Namespace) -> int:
             "lr_size": list(lr.shape[1:3]),
             "cascade_vsr_seconds": round(sr_seconds, 2),
             "metrics": metrics,
-            "pictures": frames,
         }
+        pictures[name] = frames
 
-    sheet = crop_sheet({name: {"frames": c["pictures"], "metrics": c["metrics"]} for name, c in clips.items()},
-                       args.crop_size, args.zoom)
+    sheet = crop_sheet(pictures, {name: clip["metrics"] for name, clip in clips.items()}, args.crop_size, args.zoom)
     cv2.imwrite(str(args.output_dir / "crops.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    for clip in clips.values():
-        del clip["pictures"]
     summary = {
         "settings": {
             "model": str(args.model),
@@ -354,7 +350,9 @@ def run(args: argparse.Namespace) -> int:
         "clips": clips,
         "wall_time_seconds": round(time.perf_counter() - start_time, 2),
     }
-    (args.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    partial = args.output_dir / "metrics.partial.json"
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    partial.replace(args.output_dir / "metrics.json")
     print(format_table(clips))
     print(f"wrote {args.output_dir}/ ({', '.join(f'{n}.mp4' for n in clips)}, crops.png, metrics.json) in "
           f"{summary['wall_time_seconds']:.1f} s")

@@ -67,6 +67,7 @@ def test_demo_runs_end_to_end(tmp_path):
     for name, (height, width) in (("bigbuckbunny", (64, 112)), ("carphone", (64, 112))):
         frames = read_video(out / f"{name}.mp4")
         assert frames.shape[0] == 3 and frames.shape[2] == 3 * width and frames.shape[1] > height  # label strip
+    assert not list(out.glob("*.partial.*"))
     sheet = cv2.imread(str(out / "crops.png"))
     assert sheet is not None and sheet.shape[1] == 3 * 24 * 4 and sheet.shape[0] > 2 * 24 * 4
 
