@@ -1,63 +1,359 @@
-"""`cascade-vsr demo`: run the cascade data flow on a real clip.
+"""`cascade-vsr demo` (`make demo`): the trained demo model against bicubic on held-out real video.
 
-Until a trained demo model exists this runs the stage with freshly initialised weights: the upsampler
-is then exactly a bilinear resize and the transformer an untrained velocity field, so the numbers show
-that the data flow works end to end, not super-resolution quality.
+Loads the demo pipeline (pixel space through the lossless SpaceToDepthAutoencoder), takes clips the model
+never saw (frames 100-131 of bigbuckbunny.mp4, whose frames 0-99 trained it, and carphone_pristine.mp4),
+downsamples them 2x with the area filter, super-resolves them with the multi-step sampler and with bicubic,
+and writes to --output-dir:
+
+- `<clip>.mp4`: bicubic | cascade-vsr | ground truth, side by side;
+- `crops.png`: the same detailed region of every clip from each method, enlarged;
+- `metrics.json`: PSNR, SSIM and flow warping error (temporal consistency) per clip and method, the settings,
+  the model size and the wall time.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-HELP = "Run the cascade stage on a real sample clip and write frames and numbers to --output-dir."
+HELP = "Super-resolve held-out real clips with the demo model and bicubic; write videos, crops and metrics."
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
+# clip name -> (sample video, first held-out frame)
+CLIPS = {"bigbuckbunny": ("bigbuckbunny.mp4", 100), "carphone": ("carphone_pristine.mp4", 0)}
+METHODS = ("bicubic", "cascade_vsr")
+LABELS = {"bicubic": "bicubic", "cascade_vsr": "cascade-vsr", "ground_truth": "ground truth"}
+SCALE = 2  # LR = HR downsampled 2x
+MULTIPLE = 8  # HR sizes: the LR must be a multiple of the space-to-depth factor 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="diffusers-format pipeline folder")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--num-frames", type=int, default=9)
+    parser.add_argument("--clips", nargs="+", choices=sorted(CLIPS), default=list(CLIPS))
+    parser.add_argument("--num-frames", type=int, default=32, help="frames per clip")
+    parser.add_argument(
+        "--hr-size", type=int, nargs=2, default=(352, 640), metavar=("H", "W"),
+        help="ground-truth size for clips larger than it (centre crop to the aspect, area resize)",
+    )
+    parser.add_argument("--num-inference-steps", type=int, default=8)
+    parser.add_argument("--noise-aug-strength", type=float, default=0.3)
+    parser.add_argument(
+        "--chunk-frames", type=int, default=None,
+        help="split the clip into independent temporal chunks of this many frames, run as one batch "
+        "(default: the whole clip at once)",
+    )
+    parser.add_argument(
+        "--temporal-unit", type=int, default=2,
+        help="full attention within blocks of this many frames, shifted by half a block in odd layers (SimpleGVR's "
+        "interleaving temporal units): cost linear in the clip length with no chunk seams; 0 keeps the model's own "
+        "setting",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--crop-size", type=int, default=64, help="side of the zoomed crops in HR pixels")
+    parser.add_argument("--zoom", type=int, default=4, help="nearest-neighbour enlargement of the crops")
 
 
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
+def check_args(args: argparse.Namespace) -> None:
+    positive = ("num_frames", "num_inference_steps", "chunk_frames", "crop_size", "zoom")
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int, got {getattr(args, name)}")
+    if args.num_frames < 2:
+        raise ValueError(f"`--num-frames` must be >= 2 (the warping error compares frame pairs), got {args.num_frames}")
+    if any(s < MULTIPLE or s % MULTIPLE for s in args.hr_size):
+        raise ValueError(f"`--hr-size` must be multiples of {MULTIPLE} (H W), got {tuple(args.hr_size)}")
+    if args.temporal_unit < 0:
+        raise ValueError(f"`--temporal-unit` must be >= 0 (0: the model's own setting), got {args.temporal_unit}")
+    if not 0.0 <= args.noise_aug_strength <= 1.0:
+        raise ValueError(f"`--noise-aug-strength` must lie in [0, 1], got {args.noise_aug_strength}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: ground truth, LR, bicubic
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_ground_truth(name: str, num_frames: int, hr_size: tuple[int, int]):
+    """Held-out HR frames (T, H, W, 3) uint8 and the clip's frame rate. Clips larger than `hr_size` are centre
+    cropped to its aspect and area-resized (make-pairs' resize_video); every clip is then centre cropped to
+    multiples of 8."""
+    from degradations.make_pairs import resize_video
+
+    from .video import read_video, sample_video_path, video_info
+
+    path = sample_video_path(CLIPS[name][0])
+    frames = read_video(path, start=CLIPS[name][1], num_frames=num_frames)
+    if frames.shape[1] > hr_size[0] or frames.shape[2] > hr_size[1]:
+        frames = resize_video(frames, hr_size)
+    height, width = (s // MULTIPLE * MULTIPLE for s in frames.shape[1:3])
+    top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
+    return frames[:, top : top + height, left : left + width].copy(), video_info(path)["fps"]
+
+
+def resize(frames, size: tuple[int, int], mode: str):
+    """uint8 (T, H, W, 3) -> uint8 (T, *size, 3), all frames in one batched torch resize ("area", "bicubic")."""
     import torch
     import torch.nn.functional as F
     from einops import rearrange
 
-    from .flow import noise_augment, sigma_to_timestep
+    video = rearrange(torch.from_numpy(frames).float(), "t h w c -> t c h w")
+    options = {"align_corners": False} if mode == "bicubic" else {}
+    video = F.interpolate(video, size=size, mode=mode, **options)
+    return rearrange(video.clamp(0, 255).round().to(torch.uint8), "t c h w -> t h w c").numpy()
+
+
+def to_chunks(frames, chunk: int):
+    """uint8 (T, H, W, 3) -> float (ceil(T / chunk), chunk, 3, H, W) in [0, 1]; the last chunk is padded by
+    repeating the last frame (dropped again by the caller)."""
+    import numpy as np
+    import torch
+    from einops import rearrange
+
+    pad = -len(frames) % chunk
+    frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)]) if pad else frames
+    return rearrange(torch.from_numpy(frames).float() / 255, "(n t) h w c -> n t c h w", t=chunk)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(path: Path, device: str, temporal_unit: int = 0):
+    """The demo pipeline on the lossless pixel-space autoencoder; a clear error when the folder is missing.
+
+    `temporal_unit` > 0 overrides the transformer's attention scope (attention modes own no parameters)."""
+    from pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
+
+    from .space_to_depth import SpaceToDepthAutoencoder
     from .transformer import CascadeVSRTransformer3DModel
-    from .upsampler import LatentUpsampler3D
-    from .video import read_video, sample_video_path, write_video
 
-    torch.manual_seed(args.seed)
-    frames = read_video(sample_video_path("bigbuckbunny.mp4"), start=100, num_frames=args.num_frames)
-    hr = rearrange(torch.from_numpy(frames).float() / 127.5 - 1, "t h w c -> 1 c t h w")[..., :352, :640]
-    lr = F.interpolate(rearrange(hr, "1 c t h w -> t c h w"), scale_factor=0.5, mode="area")
-    lr = rearrange(lr, "t c h w -> 1 c t h w")
-
-    upsampler = LatentUpsampler3D(latent_channels=3, hidden_channels=32, num_blocks=1)
-    transformer = CascadeVSRTransformer3DModel(
-        latent_channels=3, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32,
-        patch_size=(1, 8, 8),
+    if not (path / "model_index.json").is_file():
+        raise SystemExit(
+            f"error: no demo model at {path} (model_index.json missing). The trained demo model is committed in "
+            "demo/model/ of the repository; demo/README.md has the exact make-pairs and train commands that "
+            "reproduce it. Pass another diffusers-format pipeline folder with --model PATH."
+        )
+    overrides = {"temporal_unit": temporal_unit} if temporal_unit else {}
+    transformer = CascadeVSRTransformer3DModel.from_pretrained(
+        path, subfolder="transformer", local_files_only=True, **overrides
     )
-    with torch.no_grad():
-        up = upsampler(lr, size=hr.shape[-2:])
-        condition = noise_augment(up, 0.45)
-        noisy = torch.randn_like(up)
-        velocity = transformer(noisy, condition, sigma_to_timestep(torch.ones(1)), torch.tensor([0.45])).sample
+    pipe = CascadeVSRPipeline.from_pretrained(
+        path, vae=SpaceToDepthAutoencoder(), transformer=transformer, local_files_only=True
+    )
+    return pipe.to(device)
 
-    mse = F.mse_loss(up.clamp(-1, 1), hr).item()
-    summary = {
-        "frames": list(hr.shape),
-        "upsampler_psnr_db_vs_ground_truth": 10 * np.log10(4 / mse),
-        "velocity_shape": list(velocity.shape),
-        "note": "untrained weights: a fresh upsampler is a bilinear resize; the trained demo comes later",
+
+def super_resolve(pipe, lr, size: tuple[int, int], args: argparse.Namespace, desc: str):
+    """uint8 LR (T, h, w, 3) -> uint8 (T, *size, 3): the whole clip, or all its temporal chunks, in one batched
+    pipeline call."""
+    import numpy as np
+    import torch
+
+    pipe.set_progress_bar_config(desc=desc, leave=True)
+    video = to_chunks(lr, min(args.chunk_frames or len(lr), len(lr)))
+    generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    frames = pipe(
+        video=video.to(pipe.device),
+        height=size[0],
+        width=size[1],
+        num_inference_steps=args.num_inference_steps,
+        noise_aug_strength=args.noise_aug_strength,
+        generator=generator,
+        output_type="np",
+    ).frames  # (chunks, chunk, H, W, 3) in [0, 1]
+    frames = frames.reshape(-1, *frames.shape[2:])[: len(lr)]
+    return np.clip(np.round(frames * 255), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clip_metrics(outputs: dict, ground_truth) -> dict:
+    """PSNR / SSIM (means over frames) and the warping error against the ground truth's own DIS flow, over the
+    pixels whose forward-backward flow is consistent."""
+    from degradations.flow_based import compute_flow
+
+    from .metrics import consistency_mask, psnr, ssim, warping_error
+
+    backward = compute_flow(ground_truth, preset="medium")  # frame t -> t-1
+    forward = compute_flow(ground_truth[::-1].copy(), preset="medium")[::-1].copy()  # frame t-1 -> t
+    mask = consistency_mask(backward, forward)
+    result = {
+        name: {
+            "psnr": float(psnr(frames, ground_truth).mean()),
+            "ssim": float(ssim(frames, ground_truth).mean()),
+            "warping_error": warping_error(frames, backward, mask),
+        }
+        for name, frames in outputs.items()
     }
+    result["ground_truth"] = {"warping_error": warping_error(ground_truth, backward, mask)}
+    result["consistent_flow_fraction"] = float(mask.double().mean())
+    return result
+
+
+def format_table(clips: dict) -> str:
+    rows = [f"{'clip':<14}{'method':<14}{'PSNR (dB)':>10}{'SSIM':>8}{'warp err':>10}"]
+    for name, clip in clips.items():
+        for method in (*METHODS, "ground_truth"):
+            m = clip["metrics"][method]
+            psnr = f"{m['psnr']:10.2f}{m['ssim']:8.4f}" if "psnr" in m else f"{'':>10}{'':>8}"
+            rows.append(f"{name:<14}{LABELS[method]:<14}{psnr}{m['warping_error']:10.3f}")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures: side-by-side video, zoomed crops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def label_strip(labels: list[str], panel_width: int, height: int = 22):
+    """A dark (height, len(labels) * panel_width, 3) strip with one label centred over each panel (drawn once,
+    then stacked onto every frame)."""
+    import cv2
+    import numpy as np
+
+    strip = np.full((height, panel_width * len(labels), 3), 32, dtype=np.uint8)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.45
+    for index, label in enumerate(labels):
+        (text_w, text_h), _ = cv2.getTextSize(label, font, scale, 1)
+        origin = (index * panel_width + max((panel_width - text_w) // 2, 2), (height + text_h) // 2)
+        cv2.putText(strip, label, origin, font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return strip
+
+
+def side_by_side(panels: list, labels: list[str]):
+    """(T, H, W, 3) panels -> (T, strip + H, n W, 3): the panels next to each other under their labels."""
+    import numpy as np
+
+    video = np.concatenate(panels, axis=2)
+    strip = label_strip(labels, panels[0].shape[2])
+    return np.concatenate([np.broadcast_to(strip, (len(video), *strip.shape)), video], axis=1)
+
+
+def detailed_region(frame, size: int) -> tuple[int, int]:
+    """Top-left corner of the `size` square with the most gradient energy in a uint8 (H, W, 3) frame (windows on a
+    stride of size / 4, all scored by one pooling)."""
+    import torch.nn.functional as F
+
+    from .metrics import rgb_to_luma
+
+    luma = rgb_to_luma(frame[None])[0].float()
+    energy = (luma[1:, :-1] - luma[:-1, :-1]).square() + (luma[:-1, 1:] - luma[:-1, :-1]).square()
+    stride = max(size // 4, 1)
+    scores = F.avg_pool2d(energy[None, None], kernel_size=size - 1, stride=stride)[0, 0]
+    row, col = divmod(int(scores.argmax()), scores.shape[1])
+    return row * stride, col * stride
+
+
+def crop_sheet(pictures: dict, metrics: dict, size: int, zoom: int):
+    """One row per clip: the same region of the middle frame from bicubic / cascade-vsr / ground truth, enlarged
+    `zoom`x with nearest neighbour, each under a label with its clip PSNR. `pictures[clip][method]` are uint8
+    (T, H, W, 3) videos, `metrics[clip][method]` their metrics."""
+    import numpy as np
+
+    rows = []
+    for name, frames in pictures.items():  # a handful of clips: one row of pictures each
+        middle = len(frames["ground_truth"]) // 2
+        side = min(size, *frames["ground_truth"].shape[1:3])
+        top, left = detailed_region(frames["ground_truth"][middle], side)
+        panels, labels = [], []
+        for method in (*METHODS, "ground_truth"):
+            crop = frames[method][middle, top : top + side, left : left + side]
+            panels.append(crop.repeat(zoom, axis=0).repeat(zoom, axis=1)[None])
+            psnr = metrics[name][method].get("psnr")
+            labels.append(f"{name}: {LABELS[method]}" + (f" {psnr:.2f} dB" if psnr is not None else ""))
+        rows.append(side_by_side(panels, labels)[0])
+    width = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0))) for row in rows]
+    return np.concatenate(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main job
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import cv2
+    import torch
+
+    from .video import write_video
+
+    check_args(args)
+    start_time = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, device, args.temporal_unit)
+    parameters = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("upsampler", "transformer")}
+    print(f"demo model {args.model}: {sum(parameters.values()):,} parameters {parameters}, on {device}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = ((rearrange(up, "1 c t h w -> t h w c").clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-    write_video(args.output_dir / "upsampled.mp4", out)
-    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+
+    clips, pictures = {}, {}
+    for name in args.clips:  # two held-out clips, each processed whole
+        ground_truth, fps = load_ground_truth(name, args.num_frames, tuple(args.hr_size))
+        hr_size = ground_truth.shape[1:3]
+        lr = resize(ground_truth, (hr_size[0] // SCALE, hr_size[1] // SCALE), mode="area")
+        clip_start = time.perf_counter()
+        frames = {
+            "bicubic": resize(lr, hr_size, mode="bicubic"),
+            "cascade_vsr": super_resolve(pipe, lr, hr_size, args, desc=f"{name} {lr.shape[2]}x{lr.shape[1]} -> 2x"),
+        }
+        sr_seconds = time.perf_counter() - clip_start
+        frames["ground_truth"] = ground_truth
+        metrics = clip_metrics({method: frames[method] for method in METHODS}, ground_truth)
+        order = (*METHODS, "ground_truth")
+        partial = args.output_dir / f"{name}.partial.mp4"  # renamed into place once complete
+        write_video(partial, side_by_side([frames[m] for m in order], [LABELS[m] for m in order]), fps=fps)
+        partial.replace(args.output_dir / f"{name}.mp4")
+        source, first = CLIPS[name]
+        clips[name] = {
+            "source": source,
+            "frames": [first, first + len(ground_truth)],
+            "hr_size": list(hr_size),
+            "lr_size": list(lr.shape[1:3]),
+            "cascade_vsr_seconds": round(sr_seconds, 2),
+            "metrics": metrics,
+        }
+        pictures[name] = frames
+
+    sheet = crop_sheet(pictures, {name: clip["metrics"] for name, clip in clips.items()}, args.crop_size, args.zoom)
+    cv2.imwrite(str(args.output_dir / "crops.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    summary = {
+        "settings": {
+            "model": str(args.model),
+            "scale": SCALE,
+            "lr_downsampling": "area",
+            "num_frames": args.num_frames,
+            "hr_size": list(args.hr_size),
+            "num_inference_steps": args.num_inference_steps,
+            "noise_aug_strength": args.noise_aug_strength,
+            "chunk_frames": args.chunk_frames,
+            "temporal_unit": pipe.transformer.config.temporal_unit,
+            "attention_mode": pipe.transformer.config.attention_mode,
+            "seed": args.seed,
+            "device": device,
+            "metrics": "PSNR on uint8 RGB and SSIM (Gaussian 11 / 1.5) on BT.601 luma, means over frames; warping "
+            "error: mean |frame_t - frame_{t-1} warped by the ground truth's DIS flow| on [0, 255] over "
+            "forward-backward consistent pixels (lower is better)",
+        },
+        "model": {
+            "parameters": {**parameters, "total": sum(parameters.values())},
+            "latent_space": pipe.transformer.config.latent_space,
+        },
+        "clips": clips,
+        "wall_time_seconds": round(time.perf_counter() - start_time, 2),
+    }
+    partial = args.output_dir / "metrics.partial.json"
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    partial.replace(args.output_dir / "metrics.json")
+    print(format_table(clips))
+    print(f"wrote {args.output_dir}/ ({', '.join(f'{n}.mp4' for n in clips)}, crops.png, metrics.json) in "
+          f"{summary['wall_time_seconds']:.1f} s")
     return 0
