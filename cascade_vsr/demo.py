@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips", nargs="+", choices=sorted(CLIPS), default=list(CLIPS))
     parser.add_argument("--num-frames", type=int, default=32, help="frames per clip")
     parser.add_argument(
-        "--hr-size", type=int, nargs=2, default=(352, 640), metavar=("H", "W"),
+        "--hr-size", type=int, nargs=2, default=(176, 320), metavar=("H", "W"),
         help="ground-truth size for clips larger than it (centre crop to the aspect, area resize)",
     )
     parser.add_argument("--num-inference-steps", type=int, default=8)
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the whole clip at once)",
     )
     parser.add_argument(
-        "--temporal-unit", type=int, default=2,
+        "--temporal-unit", type=int, default=0,
         help="full attention within blocks of this many frames, shifted by half a block in odd layers (SimpleGVR's "
         "interleaving temporal units): cost linear in the clip length with no chunk seams; 0 keeps the model's own "
         "setting",

@@ -33,6 +33,7 @@ from einops import rearrange
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cascade_vsr.flow import noise_augment
+from cascade_vsr.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.upsampler import LatentUpsampler3D, resize_frames
 
@@ -139,6 +140,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
         | AutoencoderKLHunyuanVideo
         | AutoencoderKLLTXVideo
         | AutoencoderKLMochi
+        | SpaceToDepthAutoencoder
         | None = None,
         text_encoder: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
-from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
-from cascade_vsr.flow import noise_augment
+from cascade_vsr import CascadeVSRPipeline, SpaceToDepthAutoencoder
 
 from ._pairs import LATENT_CHANNELS
 
@@ -47,20 +45,23 @@ def euler_sample(
     seed: int = 0,
     velocity_sign: float = 1.0,
 ) -> torch.Tensor:
-    """Sample HR latents with diffusers' FlowMatchEulerDiscreteScheduler directly (CascadeVSRPipeline is not
-    on this branch yet): upsample, noise-augment at a fixed level, N Euler steps of the velocity.
-    `velocity_sign=-1` simulates a sign bug (for the test that the learning test can fail)."""
-    upsampler = LatentUpsampler3D.from_pretrained(export_dir, subfolder="upsampler").eval()
-    transformer = CascadeVSRTransformer3DModel.from_pretrained(export_dir, subfolder="transformer").eval()
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(export_dir, subfolder="scheduler")
-    generator = torch.Generator().manual_seed(seed)
-    condition = noise_augment(upsampler(lr_latents, size=size), noise_level, generator=generator)
-    latents = torch.randn(condition.shape, generator=generator)
-    scheduler.set_timesteps(num_steps)
-    for t in scheduler.timesteps:
-        velocity = transformer(latents, condition, timestep=t.expand(latents.shape[0]), noise_aug_level=noise_level)
-        latents = scheduler.step(velocity_sign * velocity.sample, t, latents).prev_sample
-    return latents
+    """Sample HR latents of `size` with CascadeVSRPipeline loaded from a training export (pixel-space latents:
+    the SpaceToDepthAutoencoder is the VAE): upsample, noise-augment once, N Euler steps of the velocity.
+    `velocity_sign=-1` flips the transformer's output, simulating a sign bug (the learning test must catch it)."""
+    pipe = CascadeVSRPipeline.from_pretrained(export_dir, vae=SpaceToDepthAutoencoder(), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    if velocity_sign != 1.0:
+        pipe.transformer.register_forward_hook(lambda module, args, output: (velocity_sign * output[0],))
+    factor = pipe.vae.config.factor
+    return pipe(
+        lr_latents=lr_latents,
+        height=size[0] * factor,
+        width=size[1] * factor,
+        num_inference_steps=num_steps,
+        noise_aug_strength=noise_level,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+    ).frames
 
 
 # The learning recipe (tests/test_training_learn.py, benchmarks/training.py): pairs at a 4x LR ratio, one latent

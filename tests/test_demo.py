@@ -42,14 +42,16 @@ def _args(model: Path, output_dir: Path, **overrides) -> argparse.Namespace:
 def test_demo_runs_end_to_end(tmp_path):
     model = export_placeholder(tmp_path / "model")
     out = tmp_path / "out"
-    args = _args(model, out, num_frames=3, hr_size=[64, 112], num_inference_steps=2, chunk_frames=2, crop_size=24)
+    args = _args(
+        model, out, num_frames=3, hr_size=[64, 112], num_inference_steps=2, chunk_frames=2, crop_size=24, temporal_unit=2
+    )
     assert demo.run(args) == 0
 
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary) == {"settings", "model", "clips", "wall_time_seconds"}
     assert summary["model"]["parameters"]["total"] == sum(summary["model"]["parameters"][k] for k in ("upsampler", "transformer"))
     assert summary["settings"]["num_inference_steps"] == 2 and summary["settings"]["chunk_frames"] == 2
-    assert summary["settings"]["temporal_unit"] == 2  # the demo's override of the model's full attention
+    assert summary["settings"]["temporal_unit"] == 2  # --temporal-unit overrides the model's attention scope
     assert set(summary["clips"]) == {"bigbuckbunny", "carphone"}
     bunny, carphone = summary["clips"]["bigbuckbunny"], summary["clips"]["carphone"]
     assert (bunny["frames"], bunny["hr_size"], bunny["lr_size"]) == ([100, 103], [64, 112], [32, 56])

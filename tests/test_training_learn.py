@@ -1,5 +1,6 @@
-"""It learns: a tiny model trained on CPU on pairs from the real bigbuckbunny clip lowers its loss, and Euler
-sampling of the export lands closer to the HR latents than the bilinearly upsampled LR latents."""
+"""It learns: a tiny model trained on CPU on pairs from the real bigbuckbunny clip lowers its loss, and sampling
+its export with CascadeVSRPipeline (12 Euler steps) lands closer to the HR latents than the bilinearly upsampled
+LR latents."""
 
 from __future__ import annotations
 
