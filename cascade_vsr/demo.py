@@ -33,11 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clips", nargs="+", choices=sorted(CLIPS), default=list(CLIPS))
     parser.add_argument("--num-frames", type=int, default=32, help="frames per clip")
     parser.add_argument(
-        "--hr-size", type=int, nargs=2, default=(176, 320), metavar=("H", "W"),
+        "--hr-size", type=int, nargs=2, default=(192, 320), metavar=("H", "W"),
         help="ground-truth size for clips larger than it (centre crop to the aspect, area resize)",
     )
     parser.add_argument("--num-inference-steps", type=int, default=8)
-    parser.add_argument("--noise-aug-strength", type=float, default=0.3)
+    parser.add_argument(
+        "--noise-aug-strength", type=float, default=0.1, help="condition noise level (the demo model trained on 0-0.25)"
+    )
     parser.add_argument(
         "--chunk-frames", type=int, default=None,
         help="split the clip into independent temporal chunks of this many frames, run as one batch "

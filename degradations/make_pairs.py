@@ -440,9 +440,12 @@ def load_upstream(path: str):
     return DiffusionPipeline.from_pretrained(path, local_files_only=True)
 
 
-def resize_video(frames, size: tuple[int, int]):
-    """Centre-crop uint8 (T, H, W, 3) to the aspect of `size`, then resize all frames at once (area filter to
-    shrink, bicubic to enlarge)."""
+def resize_video(frames, size: tuple[int, int], crop_to_aspect: bool = True):
+    """Resize uint8 (T, H, W, 3) to `size`, all frames at once (area filter to shrink, bicubic to enlarge).
+
+    With `crop_to_aspect`, first centre-crop to the aspect of `size` (source clip -> HR). Without it the whole
+    frame is resized (HR -> LR): LR and HR then cover exactly the same field of view even when rounding the LR
+    size to a multiple changes its aspect slightly, so every LR pixel maps to HR by a fixed per-axis scale."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -450,10 +453,10 @@ def resize_video(frames, size: tuple[int, int]):
 
     num, height, width = frames.shape[:3]
     target_h, target_w = size
-    if height * target_w > width * target_h:  # too tall
+    if crop_to_aspect and height * target_w > width * target_h:  # too tall
         crop = round(width * target_h / target_w)
         frames = frames[:, (height - crop) // 2 : (height - crop) // 2 + crop]
-    else:
+    elif crop_to_aspect:  # too wide
         crop = round(height * target_w / target_h)
         frames = frames[:, :, (width - crop) // 2 : (width - crop) // 2 + crop]
     if frames.shape[1:3] == (target_h, target_w):
@@ -506,7 +509,7 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
     names = sorted(settings.degradations)
     kind = names[rng.choice(len(names), p=[settings.degradations[n] for n in names])]
     hr = resize_video(source, settings.hr_size)
-    lr_clean = resize_video(hr, settings.lr_size)
+    lr_clean = resize_video(hr, settings.lr_size, crop_to_aspect=False)
     lr_latents = None
     if kind == "model_guided":
         degradation = state["model_guided"]

@@ -340,3 +340,20 @@ def test_model_guided_bad_input(tiny_upstream):
         degradation(frames.astype(np.float32))
     with pytest.raises(ValueError, match="`alpha`"):
         ModelGuidedDegradationConfig(alpha=(0.3, 1.2))
+
+
+def test_lr_covers_the_hr_field_of_view_when_rounding_changes_the_aspect():
+    """Regression: LR sizes round to multiples of 16 (80x160 * 0.5 -> 48x80, not 40x80). LR must still be the
+    whole HR frame resized (a fixed per-axis scale), never a centre crop of it, or LR and HR are misaligned."""
+    from degradations.make_pairs import resize_video
+
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, size=(2, 80, 160, 3), dtype=np.uint8)
+    lr = resize_video(hr, (48, 80), crop_to_aspect=False)
+    reference = torch.nn.functional.interpolate(
+        torch.from_numpy(hr).permute(0, 3, 1, 2).float(), size=(48, 80), mode="area"
+    )
+    reference = reference.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(lr, reference)
+    cropped = resize_video(hr, (48, 80))  # the source -> HR behaviour: centre crop to the aspect first
+    assert not np.array_equal(cropped, lr)
