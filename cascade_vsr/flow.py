@@ -76,3 +76,58 @@ def noise_augment(
             condition.shape, generator=generator, device=condition.device, dtype=condition.dtype
         )
     return add_noise(condition, noise, level)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Preconditioning around the condition
+# ------------------------------------------------------------------------------------------------------------------
+# In super-resolution the clean HR latent is close to the upsampled LR latent: z_0 = up + r with a small residual r.
+# A plain velocity network has to pass the condition through to its output with that precision, which a small
+# model trained briefly does not (a 1.6M-parameter pixel-space model stayed near 23 dB while the bicubic condition
+# was at 31.5 dB). With `residual_std` the velocity is instead written around the exact posterior of a Gaussian
+# model z_0 ~ N(m, p^2) built from the condition, and the network only predicts the normalized residual of z_0
+# (EDM-style preconditioning, Karras et al. 2022): an untrained network already samples around the condition.
+
+
+def condition_prior(
+    condition: torch.Tensor, noise_aug_level: torch.Tensor | float, residual_std: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian prior (mean m, std p per sample) of the clean latent given the noise-augmented condition.
+
+    With `c = (1 - a) up + a eps_c`, a unit-variance prior on `up`, and `z_0 = up + r`, r ~ N(0, residual_std^2):
+    `m = (1 - a) c / ((1 - a)^2 + a^2)` and `p^2 = residual_std^2 + a^2 / ((1 - a)^2 + a^2)`. At a = 0 this is
+    `N(c, residual_std^2)`; at a = 1 the condition carries nothing and the prior is N(0, 1 + residual_std^2).
+    """
+    level = _per_sample(noise_aug_level, condition, "noise_aug_level").float()
+    keep = (1 - level) ** 2 + level**2
+    mean = (1 - level) / keep * condition.float()
+    std = (residual_std**2 + level**2 / keep).sqrt()
+    return mean, std
+
+
+def preconditioned_velocity(
+    residual: torch.Tensor,
+    noisy: torch.Tensor,
+    sigma: torch.Tensor | float,
+    prior_mean: torch.Tensor,
+    prior_std: torch.Tensor,
+) -> torch.Tensor:
+    """Velocity whose implied clean estimate is `E[z_0 | z_t] + std(z_0 | z_t) * residual` under the prior.
+
+    With `D = (1 - sigma)^2 p^2 + sigma^2` and `u = z_t - (1 - sigma) m`, the Gaussian posterior velocity is
+    `E[eps - z_0 | z_t] = (sigma - (1 - sigma) p^2) / D * u - m`, and the residual enters scaled by `p / sqrt(D)`
+    (the posterior std of z_0 divided by sigma). Finite for every sigma in [0, 1]; fp32 throughout.
+    """
+    sigma = _per_sample(sigma, noisy, "sigma").float()
+    variance = prior_std**2
+    denominator = (1 - sigma) ** 2 * variance + sigma**2
+    gaussian = (sigma - (1 - sigma) * variance) / denominator * (noisy.float() - (1 - sigma) * prior_mean) - prior_mean
+    return gaussian - prior_std / denominator.sqrt() * residual.float()
+
+
+def preconditioned_loss_weight(sigma: torch.Tensor | float, prior_std: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight `D / p^2` that turns the velocity MSE into the MSE of the network's residual output, whose
+    target has unit variance at every sigma (the velocity error is `p / sqrt(D)` times the residual error)."""
+    sigma = _per_sample(sigma, prior_std, "sigma").float()
+    variance = prior_std.float() ** 2
+    return ((1 - sigma) ** 2 * variance + sigma**2) / variance

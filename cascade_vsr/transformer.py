@@ -26,7 +26,7 @@ from .attention import (
     check_window,
     self_attention,
 )
-from .flow import NUM_TRAIN_TIMESTEPS
+from .flow import NUM_TRAIN_TIMESTEPS, condition_prior, preconditioned_velocity, timestep_to_sigma
 from .validation import check_latents, check_per_sample
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,6 +276,11 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
             without wrap-around. `None`: all frames. `window` layers ignore it (their 3D window bounds time).
         window_size (`tuple[int, int, int]`, *optional*): (t, h, w) tokens of a `window` layer's 3D window;
             `None` uses SeedVR2's adaptive, resolution-consistent size (`adaptive_window_size`).
+        condition_residual_std (`float`, *optional*): Typical std of (HR latent - upsampled LR latent). When set,
+            the network's output is a residual around the Gaussian posterior of the clean latent given the
+            condition (`flow.preconditioned_velocity`), and the trainer weights the loss to match; a fresh model
+            then samples around the condition instead of having to learn to pass it through. `None`: the plain
+            velocity of the paper.
         window_reference (`tuple[int, int]`): (h, w) tokens of the training resolution the adaptive window is
             sized at (3 x 3 windows at that area; 45 x 80 = 720p with an 8x VAE and a 2x2 patch).
     """
@@ -305,6 +310,7 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         temporal_unit: int | None = None,
         window_size: tuple[int, int, int] | None = None,
         window_reference: tuple[int, int] = (45, 80),
+        condition_residual_std: float | None = None,
     ):
         super().__init__()
         for name, value in dict(
@@ -330,6 +336,8 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         if window_size is not None:
             check_window(window_size, 3, "window_size")
         check_window(window_reference, 2, "window_reference")
+        if condition_residual_std is not None and not condition_residual_std > 0:
+            raise ValueError(f"`condition_residual_std` must be None or > 0, got {condition_residual_std!r}")
 
         inner_dim = num_attention_heads * attention_head_dim
 
@@ -516,7 +524,11 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         output = rearrange(
             x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=p_t, ph=p_h, pw=p_w
         )
-        output = output[:, :, :num_frames, :height, :width].to(hidden_states.dtype)
+        output = output[:, :, :num_frames, :height, :width]
+        if self.config.condition_residual_std is not None:
+            prior_mean, prior_std = condition_prior(condition, noise_aug_level, self.config.condition_residual_std)
+            output = preconditioned_velocity(output, hidden_states, timestep_to_sigma(timestep), prior_mean, prior_std)
+        output = output.to(hidden_states.dtype)
 
         if not return_dict:
             return (output,)

@@ -28,7 +28,7 @@ HELP = "Synthesize (HR, degraded LR) training pairs from videos, with optional u
 
 FORMAT = "cascade-vsr-pairs"
 VERSION = 1
-DEGRADATIONS = ("flow", "classic1", "classic2", "model_guided")
+DEGRADATIONS = ("flow", "classic1", "classic2", "model_guided", "none")  # none: the clean area-resized LR
 SPACE_TO_DEPTH = "space_to_depth"  # `--upstream` value for pixel-space latents
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".y4m")
 
@@ -515,6 +515,9 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
         degradation = state["model_guided"]
         lr_latents, params = degradation.apply(lr_clean, seed)
         lr = degradation.decode(lr_latents)[: settings.num_frames]
+    elif kind == "none":  # a clean share keeps the stage faithful on inputs that are already sharp
+        lr = lr_clean
+        degradation_record = {"kind": "none", "params": {}}
         lr = resize_video(lr, settings.lr_size) if lr.shape[1:3] != tuple(settings.lr_size) else lr
         degradation_record = {"kind": "model_guided", "params": params}
     else:

@@ -4,7 +4,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from cascade_vsr.flow import (
     add_noise,
+    condition_prior,
     noise_augment,
+    preconditioned_loss_weight,
+    preconditioned_velocity,
     predict_clean,
     sigma_to_timestep,
     timestep_to_sigma,
@@ -53,3 +56,65 @@ def test_flow_bad_inputs():
         add_noise(x, x, torch.tensor([0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match="noise"):
         add_noise(x, x[:1], 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preconditioning around the condition: checked against least-squares fits on Gaussian samples
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _least_squares(target: torch.Tensor, *features: torch.Tensor) -> list[float]:
+    design = torch.stack([f.flatten().double() for f in features], dim=1)
+    return torch.linalg.lstsq(design, target.flatten().double()[:, None]).solution.flatten().tolist()
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 0.8, 1.0])
+@pytest.mark.parametrize("prior_std", [0.06, 0.5])
+def test_gaussian_part_of_the_preconditioned_velocity_is_the_least_squares_velocity(sigma, prior_std):
+    # With z_0 ~ N(m, p^2), the best velocity estimate from (z_t, m) is linear: fit it on samples, independently of
+    # the closed form, and compare both the coefficients and the residual error.
+    generator = torch.Generator().manual_seed(0)
+    n = 400_000
+    mean = torch.randn(n, generator=generator)
+    clean = mean + prior_std * torch.randn(n, generator=generator)
+    noise = torch.randn(n, generator=generator)
+    noisy = add_noise(clean, noise, sigma)
+    target = velocity_target(clean, noise)
+    std = torch.full((n,), prior_std)
+    closed_form = preconditioned_velocity(torch.zeros(n), noisy, sigma, mean, std)
+    fitted = _least_squares(target, noisy, mean)
+    torch.testing.assert_close(_least_squares(closed_form, noisy, mean), fitted, atol=0.01, rtol=0.01)
+    fitted_error = (target - fitted[0] * noisy - fitted[1] * mean).pow(2).mean()
+    assert abs((target - closed_form).pow(2).mean() - fitted_error) <= 0.01 * fitted_error
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.2, 1.0])
+def test_residual_is_the_normalized_posterior_deviation_and_the_weight_its_scale(sigma):
+    # The implied clean estimate z_t - sigma v moves by std(z_0 | z_t) * residual, with the posterior std from the
+    # textbook Gaussian conditioning formula; the loss weight turns velocity errors into residual errors.
+    prior_std = torch.tensor([0.06, 0.3]).reshape(2, 1, 1)
+    mean, noisy = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    residual = torch.randn(2, 3, 4)
+    base = preconditioned_velocity(torch.zeros_like(residual), noisy, sigma, mean, prior_std)
+    moved = preconditioned_velocity(residual, noisy, sigma, mean, prior_std)
+    variance, covariance = prior_std**2, (1 - sigma) * prior_std**2
+    posterior_std = (variance - covariance**2 / ((1 - sigma) ** 2 * variance + sigma**2)).sqrt()
+    if sigma > 0:
+        torch.testing.assert_close(-sigma * (moved - base), posterior_std * residual, atol=1e-6, rtol=1e-5)
+    else:  # z_t is the clean latent itself: the estimate stays z_t whatever the network says
+        torch.testing.assert_close(noisy - sigma * moved, noisy)
+    weight = preconditioned_loss_weight(sigma, prior_std)
+    torch.testing.assert_close(weight * (moved - base) ** 2, residual**2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.25, 1.0])
+def test_condition_prior_matches_a_regression_of_the_clean_latent_on_the_condition(level):
+    generator = torch.Generator().manual_seed(1)
+    n, residual_std = 400_000, 0.06
+    upsampled = torch.randn(n, generator=generator)
+    clean = upsampled + residual_std * torch.randn(n, generator=generator)
+    condition = noise_augment(upsampled[:, None], level, generator=generator)[:, 0]
+    mean, std = condition_prior(condition[:, None], level, residual_std)
+    (slope,) = _least_squares(clean, condition)
+    torch.testing.assert_close(mean[:, 0], slope * condition, atol=0.01, rtol=0.01)
+    torch.testing.assert_close(std.flatten()[0].item(), (clean - slope * condition).std().item(), atol=0.01, rtol=0.01)

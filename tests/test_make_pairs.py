@@ -47,7 +47,7 @@ def check_dataset(root: Path, num_clips: int) -> list[dict]:
         hr, lr = load_frames(root / record["hr"]), load_frames(root / record["lr"])
         assert hr.shape == (record["num_frames"], *record["hr_size"], 3)
         assert lr.shape == (record["num_frames"], *record["lr_size"], 3)
-        assert record["degradation"]["kind"] in ("flow", "classic", "model_guided")
+        assert record["degradation"]["kind"] in ("flow", "classic", "model_guided", "none")
         # HR is the source clip (centre crop + area resize): compare with a direct read
         source = read_video(record["source"], record["start"], (record["num_frames"] - 1) * record["stride"] + 1)
         assert len(source[:: record["stride"]]) == record["num_frames"]
@@ -257,6 +257,21 @@ def test_make_pairs_bad_settings(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         make_pairs(VIDEO, "--output-dir", tmp_path / "out", *SMALL, *extra)
     assert not (tmp_path / "out").exists()
+
+def test_make_pairs_clean_share_is_the_area_resized_hr(tmp_path):
+    """`none` pairs (the clean share of a mix) store the HR frames area-resized to the LR size, nothing else."""
+    from degradations.make_pairs import resize_video
+
+    root = tmp_path / "pairs"
+    make_pairs(
+        VIDEO, "--output-dir", root, "--num-frames", 2, "--hr-size", 64, 96, "--lr-scale", 0.5,
+        "--frame-range", 0, 2, "--degradations", "none=1", "--frames-format", "png",
+    )  # fmt: skip
+    (record,) = check_dataset(root, 1)
+    assert record["degradation"] == {"kind": "none", "params": {}}
+    hr, lr = load_frames(root / record["hr"]), load_frames(root / record["lr"])
+    np.testing.assert_array_equal(lr, resize_video(hr, (32, 48), crop_to_aspect=False))
+
 
 
 def reject_all(frames) -> float:

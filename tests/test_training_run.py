@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
 from cascade_vsr.cli import main as cli_main
+from cascade_vsr.flow import add_noise, noise_augment
 from cascade_vsr.training.config import load_config
 from cascade_vsr.training.samplers import DetailAwareTimestepSampler
-from cascade_vsr.training.trainer import export_pipeline, train
+from cascade_vsr.training.trainer import CascadeVSRTrainModule, export_pipeline, train
 
 from ._pairs import build_pairs
 from ._recipes import TINY_MODEL_ARGS as TINY_ARGS_NO_DATA
@@ -77,6 +78,55 @@ def test_stage_transition_loads_export_with_new_attention_config(pairs, tmp_path
     assert exported.keys() == set(second["model"].upsampler.state_dict())
     with pytest.raises(ValueError, match="attention_mode"):
         load_config(None, ["--data_dir", str(pairs), "--attention_mode", "sparse_nope"])
+
+
+def test_preconditioned_loss_is_the_mse_of_the_normalized_posterior_residual():
+    """With `condition_residual_std` the trainer's loss is the MSE between the network's raw output and the clean
+    latent's deviation from its Gaussian posterior mean, in posterior stds (textbook conditioning formulas)."""
+    torch.manual_seed(0)
+    preconditioned = randomize_(CascadeVSRTransformer3DModel(**TINY_TRANSFORMER, condition_residual_std=0.06))
+    raw = CascadeVSRTransformer3DModel(**TINY_TRANSFORMER)  # same weights, returns the network output itself
+    raw.load_state_dict(preconditioned.state_dict())
+    upsampler = randomize_(LatentUpsampler3D(**TINY_UPSAMPLER))
+    hr, lr = torch.randn(3, 4, 1, 4, 6), torch.randn(3, 4, 1, 2, 3)
+    noise, aug_noise = torch.randn_like(hr), torch.randn_like(hr)
+    sigma, level = torch.tensor([0.9, 0.4, 0.05]), torch.tensor([0.0, 0.1, 0.3])
+    drop = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        loss = CascadeVSRTrainModule(upsampler, preconditioned)(hr, lr, noise, sigma, aug_noise, level, drop)
+        condition = noise_augment(upsampler(lr, size=(4, 6)), level, noise=aug_noise)
+        noisy = add_noise(hr, noise, sigma)
+        output = raw(noisy, condition, timestep=sigma * 1000, noise_aug_level=level).sample
+
+    keep = ((1 - level) ** 2 + level**2).reshape(3, 1, 1, 1, 1)
+    s, a = sigma.reshape(3, 1, 1, 1, 1), level.reshape(3, 1, 1, 1, 1)
+    mean, variance = (1 - a) / keep * condition, 0.06**2 + a**2 / keep  # prior of the clean latent
+    noisy_variance, covariance = (1 - s) ** 2 * variance + s**2, (1 - s) * variance
+    posterior_mean = mean + covariance / noisy_variance * (noisy - (1 - s) * mean)
+    posterior_std = (variance - covariance**2 / noisy_variance).sqrt()
+    expected = ((output - (hr - posterior_mean) / posterior_std) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pixel_space_model_config_resizes_on_the_pixel_grid(pairs, tmp_path):
+    """`latent_space: space_to_depth` gives an upsampler that starts as a bicubic resize of the pixels, and the
+    preconditioning setting travels with the export."""
+    pixel_space = ["--data_dir", str(pairs), "--latent_space", "space_to_depth"]
+    model_config, *_ = load_config(None, [*pixel_space, "--latent_channels", "48"])
+    kwargs = model_config.upsampler_kwargs()
+    assert kwargs["space_to_depth_factor"] == 4 and kwargs["resize_mode"] == "bicubic"
+    for bad, match in [
+        (["--latent_channels", "16"], "latent_channels.*3 \\* factor"),
+        (["--latent_channels", "48", "--condition_residual_std", "-1"], "condition_residual_std"),
+        (["--latent_channels", "48", "--upsampler_resize_mode", "area"], "upsampler_resize_mode"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            load_config(None, [*pixel_space, *bad])
+    summary = train(
+        *load_config(None, tiny_args(pairs, tmp_path / "run", 2, *SMALL, "--condition_residual_std", "0.1"))
+    )
+    exported = CascadeVSRTransformer3DModel.from_pretrained(Path(summary["export_dir"]) / "transformer")
+    assert exported.config.condition_residual_std == 0.1
 
 
 DDP_SCRIPT = """

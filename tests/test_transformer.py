@@ -217,6 +217,23 @@ def test_bad_mask_and_config():
         CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "attention_mode": ["full"]})
     with pytest.raises(ValueError, match="attention_head_dim"):
         CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "attention_head_dim": 7})
+    with pytest.raises(ValueError, match="condition_residual_std"):
+        CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "condition_residual_std": 0.0})
+
+
+@pytest.mark.parametrize("level", [0.0, 0.3])
+def test_fresh_preconditioned_model_samples_around_the_condition(level):
+    """With `condition_residual_std` the zero-initialised output is the Gaussian posterior velocity: one Euler step
+    from pure noise lands exactly on the prior mean (the condition itself when it is clean), and the velocity stays
+    finite at sigma = 0. A trained model only adds its residual to this."""
+    model = CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "condition_residual_std": 0.05})
+    noise, condition = torch.randn(2, 4, 2, 4, 6), torch.randn(2, 4, 2, 4, 6)
+    with torch.no_grad():
+        velocity = model(noise, condition, timestep=1000.0, noise_aug_level=level).sample
+        at_zero = model(noise, condition, timestep=0.0, noise_aug_level=level).sample
+    keep = (1 - level) / ((1 - level) ** 2 + level**2)
+    torch.testing.assert_close(noise - velocity, keep * condition, atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(at_zero).all()
 
 
 def test_patch_padding_is_cropped_and_does_not_leak_across_the_crop(tiny_transformer):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascade_vsr import LatentUpsampler3D
+from cascade_vsr import LatentUpsampler3D, SpaceToDepthAutoencoder
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,38 @@ def test_fresh_upsampler_is_exactly_bilinear(lr_size, hr_size, num_frames):
     for t in range(num_frames):
         expected = F.interpolate(lr[:, :, t], size=hr_size, mode="bilinear", align_corners=False)
         torch.testing.assert_close(out[:, :, t], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_fresh_pixel_space_upsampler_is_exactly_a_pixel_resize(mode):
+    # Space-to-depth latents resize on the pixel grid. Independent reference: decode to pixels with the
+    # autoencoder, resize every frame with F.interpolate, encode again.
+    autoencoder = SpaceToDepthAutoencoder(factor=4)
+    upsampler = LatentUpsampler3D(
+        latent_channels=48, hidden_channels=8, num_blocks=1, resize_mode=mode, space_to_depth_factor=4
+    )
+    lr = torch.randn(2, 48, 3, 6, 10)
+    out = upsampler(lr, size=(12, 20))
+    pixels = autoencoder.decode(lr).sample
+    for t in range(3):
+        expected_pixels = F.interpolate(pixels[:, :, t], size=(48, 80), mode=mode, align_corners=False)
+        expected = autoencoder.encode(expected_pixels[:, :, None]).latent_dist.mode()[:, :, 0]
+        torch.testing.assert_close(out[:, :, t], expected, rtol=0, atol=1e-6)
+
+
+def test_pixel_grid_resize_reconstructs_a_smooth_picture_that_latent_bilinear_scrambles():
+    # A smooth ramp survives a 2x pixel-grid resize almost exactly; interpolating the pixel phases channel by
+    # channel (bilinear in latent space) mixes phases of neighbouring 4x4 blocks and breaks it.
+    autoencoder = SpaceToDepthAutoencoder(factor=4)
+    ramp = torch.linspace(-1, 1, 160).expand(1, 3, 1, 96, 160)
+    small = F.interpolate(ramp[:, :, 0], size=(48, 80), mode="area")[:, :, None]
+    lr = autoencoder.encode(small).latent_dist.mode()
+    pixel_grid = LatentUpsampler3D(48, 8, 1, space_to_depth_factor=4)(lr, size=(24, 40))
+    latent_grid = LatentUpsampler3D(48, 8, 1)(lr, size=(24, 40))
+    interior = (slice(None), slice(None), slice(None), slice(8, -8), slice(8, -8))
+    pixel_error = (autoencoder.decode(pixel_grid).sample - ramp)[interior].abs().max()
+    latent_error = (autoencoder.decode(latent_grid).sample - ramp)[interior].abs().max()
+    assert pixel_error < 1e-5 and latent_error > 20 * pixel_error + 1e-3
 
 
 def test_trained_upsampler_keeps_frames_and_depends_on_neighbours(tiny_upsampler):
@@ -44,5 +76,9 @@ def test_upsampler_bad_inputs():
         upsampler(torch.randn(1, 4, 2, 4, 4), size=(8, 0))
     with pytest.raises(ValueError, match="size"):
         upsampler(torch.randn(1, 4, 2, 4, 4), size=(8.5, 8))
+    with pytest.raises(ValueError, match="resize_mode"):
+        LatentUpsampler3D(latent_channels=4, hidden_channels=8, resize_mode="nearest")
+    with pytest.raises(ValueError, match="space_to_depth_factor"):
+        LatentUpsampler3D(latent_channels=4, hidden_channels=8, space_to_depth_factor=4)
     with pytest.raises(ValueError, match="num_groups"):
         LatentUpsampler3D(hidden_channels=12, num_groups=8)

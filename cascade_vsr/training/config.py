@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,8 +38,19 @@ class ModelConfig:
     )
     sparse_topk: int | None = field(default=None, metadata={"help": "sparse_topk: other units each unit attends."})
     window_size: list[int] | None = field(default=None, metadata={"help": "window mode: (t, h, w) window size."})
+    condition_residual_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "Precondition the transformer around the condition with this std of (HR - upsampled LR) "
+            "latents (small models; see flow.preconditioned_velocity). Default: the paper's plain velocity."
+        },
+    )
     upsampler_hidden_channels: int = 128
     upsampler_num_blocks: int = 2
+    upsampler_resize_mode: str | None = field(
+        default=None,
+        metadata={"help": "Base resize of the upsampler: bilinear or bicubic (default: bicubic for space_to_depth)."},
+    )
 
     def attention_config(self) -> dict:
         """Attention fields, passed as overrides to `from_pretrained` so stage n+1 may change them."""
@@ -61,14 +73,28 @@ class ModelConfig:
             patch_size=tuple(self.patch_size),
             freq_dim=self.freq_dim,
             latent_space=self.latent_space,
+            condition_residual_std=self.condition_residual_std,
             **self.attention_config(),
         )
 
     def upsampler_kwargs(self) -> dict:
+        """Pixel-space (space_to_depth) latents resize on the pixel grid, bicubically by default: the
+        condition then starts as the bicubic upsampling that the stage has to beat."""
+        pixel_space = self.latent_space == "space_to_depth"
+        factor = 1
+        if pixel_space:
+            factor = math.isqrt(self.latent_channels // 3)
+            if 3 * factor**2 != self.latent_channels:
+                raise ValueError(
+                    f"`latent_channels` of space_to_depth latents must be 3 * factor**2 (48 for factor 4), "
+                    f"got {self.latent_channels}"
+                )
         return dict(
             latent_channels=self.latent_channels,
             hidden_channels=self.upsampler_hidden_channels,
             num_blocks=self.upsampler_num_blocks,
+            resize_mode=self.upsampler_resize_mode or ("bicubic" if pixel_space else "bilinear"),
+            space_to_depth_factor=factor,
         )
 
 
@@ -133,6 +159,11 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         raise ValueError(f"`temporal_unit` must be a positive number of latent frames, got {model.temporal_unit}")
     if len(model.patch_size) != 3:
         raise ValueError(f"`patch_size` must be three ints (t h w), got {model.patch_size}")
+    if model.condition_residual_std is not None and not model.condition_residual_std > 0:
+        raise ValueError(f"`condition_residual_std` must be > 0 when set, got {model.condition_residual_std}")
+    if model.upsampler_resize_mode not in (None, "bilinear", "bicubic"):
+        raise ValueError(f"`upsampler_resize_mode` must be bilinear or bicubic, got {model.upsampler_resize_mode!r}")
+    model.upsampler_kwargs()  # space_to_depth latents: latent_channels must be 3 * factor**2
     if not data.data_dir:
         raise ValueError("`data_dir` must name a pair dataset (cascade-vsr make-pairs output)")
     if not (0 <= train.noise_aug_min <= train.noise_aug_max <= 1):

@@ -6,6 +6,7 @@ One optimizer step, per (micro-)batch (SimpleGVR sections 4.1 and 4.3):
     c  = (1 - s) * up + s * eps_c,   s ~ U[noise_aug_min, noise_aug_max], own noise eps_c
     z  = (1 - t) * hr + t * eps,     t ~ timestep sampler (uniform / logit-normal / detail-aware)
     loss = || transformer(z, c, 1000 t, s, text) - (eps - hr) ||^2
+           (weighted per sample to the residual output's scale for a model with `condition_residual_std`)
     text -> null embedding with probability text_dropout (always when the clip has no prompt)
 
 Every random draw of a step comes from a generator seeded by (seed, rank, step, micro-batch), and the data
@@ -26,9 +27,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from cascade_vsr.flow import add_noise, noise_augment, sigma_to_timestep, velocity_target
+from cascade_vsr.flow import (
+    add_noise,
+    condition_prior,
+    noise_augment,
+    preconditioned_loss_weight,
+    sigma_to_timestep,
+    velocity_target,
+)
 from cascade_vsr.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.upsampler import LatentUpsampler3D
 
@@ -83,7 +90,13 @@ class CascadeVSRTrainModule(nn.Module):
             encoder_hidden_states=text,
             encoder_attention_mask=mask,
         ).sample
-        return F.mse_loss(velocity.float(), velocity_target(hr_latents, noise).float())
+        squared_error = (velocity.float() - velocity_target(hr_latents, noise).float()) ** 2
+        residual_std = self.transformer.config.condition_residual_std
+        if residual_std is None:
+            return squared_error.mean()
+        # A preconditioned model: the MSE of its residual output (unit-variance target at every sigma).
+        _, prior_std = condition_prior(condition, aug_level, residual_std)
+        return (squared_error * preconditioned_loss_weight(sigma, prior_std)).mean()
 
 
 class TrainState:
