@@ -105,6 +105,21 @@ def condition_prior(
     return mean, std
 
 
+def preconditioned_input(
+    noisy: torch.Tensor, sigma: torch.Tensor | float, prior_mean: torch.Tensor, prior_std: torch.Tensor
+) -> torch.Tensor:
+    """What a preconditioned network sees instead of z_t: `(E[z_0 | z_t] - m) / p` under the Gaussian prior.
+
+    An invertible function of z_t for sigma < 1 (no information is lost), with variance in [0, 1] under the prior;
+    at sigma = 1, where z_t says nothing about z_0, it is exactly zero. Fed raw z_t, a small model let the pure noise
+    of the first step leak into its prediction, and identical input frames came out different (flicker).
+    """
+    sigma = _per_sample(sigma, noisy, "sigma").float()
+    variance = prior_std**2
+    denominator = (1 - sigma) ** 2 * variance + sigma**2
+    return (1 - sigma) * prior_std / denominator * (noisy.float() - (1 - sigma) * prior_mean)
+
+
 def preconditioned_velocity(
     residual: torch.Tensor,
     noisy: torch.Tensor,

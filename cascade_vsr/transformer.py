@@ -26,7 +26,13 @@ from .attention import (
     check_window,
     self_attention,
 )
-from .flow import NUM_TRAIN_TIMESTEPS, condition_prior, preconditioned_velocity, timestep_to_sigma
+from .flow import (
+    NUM_TRAIN_TIMESTEPS,
+    condition_prior,
+    preconditioned_input,
+    preconditioned_velocity,
+    timestep_to_sigma,
+)
 from .validation import check_latents, check_per_sample
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,9 +283,10 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         window_size (`tuple[int, int, int]`, *optional*): (t, h, w) tokens of a `window` layer's 3D window;
             `None` uses SeedVR2's adaptive, resolution-consistent size (`adaptive_window_size`).
         condition_residual_std (`float`, *optional*): Typical std of (HR latent - upsampled LR latent). When set,
-            the network's output is a residual around the Gaussian posterior of the clean latent given the
-            condition (`flow.preconditioned_velocity`), and the trainer weights the loss to match; a fresh model
-            then samples around the condition instead of having to learn to pass it through. `None`: the plain
+            the network sees the Gaussian posterior estimate of the clean latent instead of z_t
+            (`flow.preconditioned_input`: zero at sigma = 1), its output is a residual around that posterior
+            (`flow.preconditioned_velocity`), and the trainer weights the loss to match; a fresh model then
+            samples around the condition instead of having to learn to pass it through. `None`: the plain
             velocity of the paper.
         window_reference (`tuple[int, int]`): (h, w) tokens of the training resolution the adaptive window is
             sized at (3 x 3 windows at that area; 45 x 80 = 720p with an 8x VAE and a 2x2 patch).
@@ -485,7 +492,12 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         # 1. Patchify, padding sizes that the patch does not divide.
         p_t, p_h, p_w = self.config.patch_size
         pad_t, pad_h, pad_w = (-num_frames) % p_t, (-height) % p_h, (-width) % p_w
-        x = torch.cat([hidden_states, condition.to(hidden_states.dtype)], dim=1)
+        network_input = hidden_states
+        if self.config.condition_residual_std is not None:
+            sigma = timestep_to_sigma(timestep)
+            prior_mean, prior_std = condition_prior(condition, noise_aug_level, self.config.condition_residual_std)
+            network_input = preconditioned_input(hidden_states, sigma, prior_mean, prior_std).to(hidden_states.dtype)
+        x = torch.cat([network_input, condition.to(hidden_states.dtype)], dim=1)
         x = F.pad(x, (0, pad_w, 0, pad_h, 0, pad_t))
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = tuple(x.shape[2:])
@@ -526,8 +538,7 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         )
         output = output[:, :, :num_frames, :height, :width]
         if self.config.condition_residual_std is not None:
-            prior_mean, prior_std = condition_prior(condition, noise_aug_level, self.config.condition_residual_std)
-            output = preconditioned_velocity(output, hidden_states, timestep_to_sigma(timestep), prior_mean, prior_std)
+            output = preconditioned_velocity(output, hidden_states, sigma, prior_mean, prior_std)
         output = output.to(hidden_states.dtype)
 
         if not return_dict:

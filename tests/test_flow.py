@@ -6,6 +6,7 @@ from cascade_vsr.flow import (
     add_noise,
     condition_prior,
     noise_augment,
+    preconditioned_input,
     preconditioned_loss_weight,
     preconditioned_velocity,
     predict_clean,
@@ -105,6 +106,22 @@ def test_residual_is_the_normalized_posterior_deviation_and_the_weight_its_scale
         torch.testing.assert_close(noisy - sigma * moved, noisy)
     weight = preconditioned_loss_weight(sigma, prior_std)
     torch.testing.assert_close(weight * (moved - base) ** 2, residual**2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.3, 1.0])
+def test_preconditioned_input_is_the_standardized_posterior_mean(sigma):
+    # (E[z_0 | z_t] - m) / p with the posterior mean fitted by least squares on Gaussian samples; zero at sigma = 1.
+    generator = torch.Generator().manual_seed(2)
+    n, prior_std = 400_000, 0.2
+    mean = torch.randn(n, generator=generator)
+    clean = mean + prior_std * torch.randn(n, generator=generator)
+    noisy = add_noise(clean, torch.randn(n, generator=generator), sigma)
+    network_input = preconditioned_input(noisy, sigma, mean, torch.full((n,), prior_std))
+    if sigma == 1.0:
+        assert torch.equal(network_input, torch.zeros(n))
+        return
+    a, b = _least_squares(clean, noisy, mean)
+    torch.testing.assert_close(network_input, (a * noisy + b * mean - mean) / prior_std, atol=0.02, rtol=0.02)
 
 
 @pytest.mark.parametrize("level", [0.0, 0.25, 1.0])

@@ -236,6 +236,20 @@ def test_fresh_preconditioned_model_samples_around_the_condition(level):
     assert torch.isfinite(at_zero).all()
 
 
+def test_preconditioned_model_ignores_the_pure_noise_of_the_first_step():
+    """At sigma = 1, z_t carries no information: a (trained, here randomized) preconditioned model predicts the same
+    clean latent whatever the noise, so identical input frames cannot come out different."""
+    model = randomize_(CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "condition_residual_std": 0.05}))
+    condition = torch.randn(1, 4, 3, 4, 6)
+    with torch.no_grad():
+        first, second = (
+            noise - model(noise, condition, timestep=1000.0, noise_aug_level=0.1).sample
+            for noise in (torch.randn_like(condition), torch.randn_like(condition))
+        )
+    torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first, condition * 0.9 / 0.82, atol=1e-3)  # the prior mean plus a real residual
+
+
 def test_patch_padding_is_cropped_and_does_not_leak_across_the_crop(tiny_transformer):
     """Odd sizes are padded inside; the output has exactly the input size and is finite."""
     inputs = _inputs(batch=1, frames=3, height=7, width=9)
