@@ -13,6 +13,7 @@ Noise augmentation of the upsampled LR condition uses the same interpolation wit
 from __future__ import annotations
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -78,8 +79,30 @@ def noise_augment(
     return add_noise(condition, noise, level)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Preconditioning around the condition
+
+def frame_correlated_noise(
+    shape: tuple[int, ...],
+    correlation: float,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Unit-variance Gaussian noise of (B, C, T, H, W) whose frames have correlation `correlation` with each other:
+    `sqrt(r) eps_shared + sqrt(1 - r) eps_t` (the mixed noise prior of PYoCo, Ge et al. 2023).
+
+    r = 0 is plain i.i.d. noise (drawn exactly as `randn_tensor(shape)`); r = 1 is one noise image for every frame.
+    Independent noise per frame makes whatever detail a sampler generates differ from frame to frame (flicker in
+    static regions); shared noise keeps it in place.
+    """
+    if len(shape) != 5:
+        raise ValueError(f"`shape` must be (B, C, T, H, W), got {tuple(shape)}")
+    if not 0.0 <= correlation <= 1.0:
+        raise ValueError(f"`correlation` must lie in [0, 1], got {correlation}")
+    device = torch.device(device or "cpu")
+    independent = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    if correlation == 0.0:
+        return independent
+    shared = randn_tensor((*shape[:2], 1, *shape[3:]), generator=generator, device=device, dtype=torch.float32)
+    return correlation**0.5 * shared + (1 - correlation) ** 0.5 * independent
 # ------------------------------------------------------------------------------------------------------------------
 # In super-resolution the clean HR latent is close to the upsampled LR latent: z_0 = up + r with a small residual r.
 # A plain velocity network has to pass the condition through to its output with that precision, which a small

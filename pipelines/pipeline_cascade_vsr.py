@@ -32,7 +32,7 @@ from diffusers.video_processor import VideoProcessor
 from einops import rearrange
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cascade_vsr.flow import noise_augment
+from cascade_vsr.flow import frame_correlated_noise, noise_augment
 from cascade_vsr.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.upsampler import LatentUpsampler3D, resize_frames
@@ -287,6 +287,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
         sigmas: list[float] | None,
         guidance_scale: float,
         noise_aug_strength: float,
+        noise_frame_correlation: float,
         num_videos_per_prompt: int,
         output_type: str,
         color_fix: str | None,
@@ -316,6 +317,8 @@ class CascadeVSRPipeline(DiffusionPipeline):
             raise ValueError(f"`num_videos_per_prompt` must be a positive int, got {num_videos_per_prompt!r}")
         if not 0.0 <= float(noise_aug_strength) <= 1.0:
             raise ValueError(f"`noise_aug_strength` must lie in [0, 1], got {noise_aug_strength}")
+        if not 0.0 <= float(noise_frame_correlation) <= 1.0:
+            raise ValueError(f"`noise_frame_correlation` must lie in [0, 1], got {noise_frame_correlation}")
         if guidance_scale < 1.0:
             raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale}")
         if sigmas is not None:
@@ -501,6 +504,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
         sigmas: list[float] | None = None,
         guidance_scale: float = 1.0,
         noise_aug_strength: float = 0.45,
+        noise_frame_correlation: float = 0.0,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -538,6 +542,10 @@ class CascadeVSRPipeline(DiffusionPipeline):
             guidance_scale (`float`): Classifier-free guidance; > 1 runs the conditional and unconditional
                 (negative prompt, or the model's null text embedding) branches in one batched forward.
             noise_aug_strength (`float`): Noise level s of the upsampled condition, fixed through denoising.
+            noise_frame_correlation (`float`): Correlation of the initial noise between frames, in [0, 1]. 0 (the
+                default) draws every frame's noise independently; higher values share one noise image across
+                frames, so the detail that sampling generates stays in place instead of flickering
+                (`flow.frame_correlated_noise`).
             generator, latents: Randomness: the condition's noise is drawn first, then the initial noise
                 (or pass `latents`, (B, C, T, H/s, W/s)).
             output_type (`str`): "latent" (model-space HR latents), "np", "pt" or "pil".
@@ -556,7 +564,8 @@ class CascadeVSRPipeline(DiffusionPipeline):
         adapter, lr, grid, (height, width) = self.check_inputs(
             lr_latents, video, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
             prompt_attention_mask, negative_prompt_attention_mask, height, width, scale, num_inference_steps,
-            sigmas, guidance_scale, noise_aug_strength, num_videos_per_prompt, output_type, color_fix,
+            sigmas, guidance_scale, noise_aug_strength, noise_frame_correlation, num_videos_per_prompt, output_type,
+            color_fix,
             callback_on_step_end_tensor_inputs, decode_chunk_size, upstream_shape,
         )
         sc = adapter.spatial_compression
@@ -597,7 +606,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         if latents is None:
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            noise = frame_correlated_noise(shape, noise_frame_correlation, generator=generator, device=device)
             sigma_start = float(self.scheduler.sigmas[0])
             latents = noise if sigma_start == 1.0 else (1 - sigma_start) * upsampled + sigma_start * noise
         latents = latents.to(device, torch.float32)

@@ -5,6 +5,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from cascade_vsr.flow import (
     add_noise,
     condition_prior,
+    frame_correlated_noise,
     noise_augment,
     preconditioned_input,
     preconditioned_loss_weight,
@@ -135,3 +136,19 @@ def test_condition_prior_matches_a_regression_of_the_clean_latent_on_the_conditi
     (slope,) = _least_squares(clean, condition)
     torch.testing.assert_close(mean[:, 0], slope * condition, atol=0.01, rtol=0.01)
     torch.testing.assert_close(std.flatten()[0].item(), (clean - slope * condition).std().item(), atol=0.01, rtol=0.01)
+
+
+@pytest.mark.parametrize("correlation", [0.0, 0.5, 0.9, 1.0])
+def test_frame_correlated_noise_has_unit_variance_and_the_asked_correlation(correlation):
+    noise = frame_correlated_noise((2, 8, 3, 64, 64), correlation, generator=torch.Generator().manual_seed(0))
+    frames = noise.transpose(0, 2).reshape(3, -1)  # one row per frame
+    torch.testing.assert_close(frames.var(dim=1), torch.ones(3), atol=0.03, rtol=0)
+    assert abs(float(torch.corrcoef(frames)[0, 1]) - correlation) < 0.02
+    if correlation == 0.0:  # drawn exactly as plain noise: the default sampler is unchanged
+        torch.testing.assert_close(noise, torch.randn(2, 8, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    if correlation == 1.0:
+        assert torch.equal(noise[:, :, 0], noise[:, :, 2])
+    with pytest.raises(ValueError, match="correlation"):
+        frame_correlated_noise((1, 1, 2, 2, 2), 1.5)
+    with pytest.raises(ValueError, match="shape"):
+        frame_correlated_noise((1, 2, 2, 2), 0.5)

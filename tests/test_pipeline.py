@@ -114,6 +114,23 @@ def test_same_generator_same_output(wan):
     assert not torch.equal(first, _run(pipe, lr, generator=_gen(1)))
 
 
+def test_noise_frame_correlation_shares_the_initial_noise_across_frames(wan):
+    _, pipe, lr = wan
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        default = _run(pipe, lr, num_inference_steps=1)
+        _run(pipe, lr, num_inference_steps=1, noise_frame_correlation=1.0)
+    finally:
+        hook.remove()
+    independent, shared = seen
+    assert not torch.equal(independent[:, :, 0], independent[:, :, 1])
+    assert all(torch.equal(shared[:, :, 0], shared[:, :, t]) for t in range(shared.shape[2]))
+    assert torch.equal(default, _run(pipe, lr, num_inference_steps=1, noise_frame_correlation=0.0))
+
+
 def test_callback_once_per_step_and_can_replace_latents(wan):
     _, pipe, lr = wan
     calls = []
@@ -219,6 +236,7 @@ def _bad_inputs(lr):
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(sigmas=[0.5, 1.0]), "sigmas"),
         (dict(noise_aug_strength=1.5), "noise_aug_strength"),
+        (dict(noise_frame_correlation=-0.1), "noise_frame_correlation"),
         (dict(callback_on_step_end_tensor_inputs=["velocity"]), "callback_on_step_end_tensor_inputs"),
         (dict(latents=torch.zeros(1, 16, 2, 2, 2)), "latents"),
         (dict(decode_chunk_size=0), "decode_chunk_size"),
