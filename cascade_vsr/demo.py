@@ -36,9 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hr-size", type=int, nargs=2, default=(192, 320), metavar=("H", "W"),
         help="ground-truth size for clips larger than it (centre crop to the aspect, area resize)",
     )
-    parser.add_argument("--num-inference-steps", type=int, default=8)
     parser.add_argument(
-        "--noise-aug-strength", type=float, default=0.1, help="condition noise level (the demo model trained on 0-0.25)"
+        "--num-inference-steps", type=int, default=2,
+        help="Euler steps; with this small model more steps generate more detail of their own and score lower "
+        "(demo/README.md has the sweep)",
+    )
+    parser.add_argument(
+        "--noise-aug-strength", type=float, default=0.0,
+        help="condition noise level (the demo model trained on 0-0.1; its inputs are clean)",
+    )
+    parser.add_argument(
+        "--noise-frame-correlation", type=float, default=1.0,
+        help="correlation of the initial noise between frames (1: shared, so sampled detail does not flicker)",
     )
     parser.add_argument(
         "--chunk-frames", type=int, default=None,
@@ -70,6 +79,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--temporal-unit` must be >= 0 (0: the model's own setting), got {args.temporal_unit}")
     if not 0.0 <= args.noise_aug_strength <= 1.0:
         raise ValueError(f"`--noise-aug-strength` must lie in [0, 1], got {args.noise_aug_strength}")
+    if not 0.0 <= args.noise_frame_correlation <= 1.0:
+        raise ValueError(f"`--noise-frame-correlation` must lie in [0, 1], got {args.noise_frame_correlation}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,6 +174,7 @@ def super_resolve(pipe, lr, size: tuple[int, int], args: argparse.Namespace, des
         width=size[1],
         num_inference_steps=args.num_inference_steps,
         noise_aug_strength=args.noise_aug_strength,
+        noise_frame_correlation=args.noise_frame_correlation,
         generator=generator,
         output_type="np",
     ).frames  # (chunks, chunk, H, W, 3) in [0, 1]
@@ -336,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
             "hr_size": list(args.hr_size),
             "num_inference_steps": args.num_inference_steps,
             "noise_aug_strength": args.noise_aug_strength,
+            "noise_frame_correlation": args.noise_frame_correlation,
             "chunk_frames": args.chunk_frames,
             "temporal_unit": pipe.transformer.config.temporal_unit,
             "attention_mode": pipe.transformer.config.attention_mode,

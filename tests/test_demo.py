@@ -128,4 +128,6 @@ def test_missing_model_and_bad_arguments(tmp_path):
         demo.run(_args(tmp_path, tmp_path / "out", temporal_unit=-1))
     with pytest.raises(ValueError, match="--num-frames"):
         demo.run(_args(tmp_path, tmp_path / "out", num_frames=1))
+    with pytest.raises(ValueError, match="--noise-frame-correlation"):
+        demo.run(_args(tmp_path, tmp_path / "out", noise_frame_correlation=2.0))
     assert not (tmp_path / "out").exists()
