@@ -60,7 +60,7 @@ def test_demo_runs_end_to_end(tmp_path):
     for clip in (bunny, carphone):
         for method in demo.METHODS:
             m = clip["metrics"][method]
-            assert set(m) == {"psnr", "ssim", "warping_error"}
+            assert set(m) == {"psnr", "ssim", "warping_error", "relative_warping_error"}
             assert all(np.isfinite(v) for v in m.values()) and -1 <= m["ssim"] <= 1 and m["warping_error"] >= 0
         assert 0 < clip["metrics"]["consistent_flow_fraction"] <= 1
     # bicubic of an area-downsampled real clip is a sane baseline

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_vsr.metrics import consistency_mask, psnr, rgb_to_luma, ssim, ssim_map, warp, warping_error
+from cascade_vsr.metrics import (
+    consistency_mask,
+    psnr,
+    relative_warping_error,
+    rgb_to_luma,
+    ssim,
+    ssim_map,
+    warp,
+    warping_error,
+)
 
 
 def _video(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -118,6 +127,23 @@ def test_warping_error_by_hand_and_occlusion_mask():
     assert consistency_mask(backward, -backward + 0.3)[0, :7, :7].all()
 
 
+def test_relative_warping_error_by_hand_and_its_reference_points():
+    frames, truth = _video(3, 4, 5, seed=8), _video(3, 4, 5, seed=9)
+    flow = np.zeros((2, 4, 5, 2))
+    mask = np.ones((2, 4, 5), dtype=bool)
+    mask[1, :2] = False
+    error = frames.astype(float) - truth
+    expected = np.concatenate(
+        [np.abs(error[1] - error[0]).mean(-1).ravel(), np.abs(error[2] - error[1]).mean(-1)[2:].ravel()]
+    ).mean()
+    assert relative_warping_error(frames, truth, flow, mask) == pytest.approx(expected, rel=1e-12)
+    assert relative_warping_error(truth, truth, flow) == 0.0  # the ground truth itself
+    # a constant offset from the ground truth does not flicker; per-frame noise does
+    steady = np.minimum(truth, 250)
+    assert relative_warping_error(steady + 3, steady, flow) == 0.0
+    assert relative_warping_error(frames, truth, flow) > 10
+
+
 def test_bad_inputs_name_the_argument():
     video = _video(2, 12, 12)
     with pytest.raises(ValueError, match="`pred`"):
@@ -130,3 +156,5 @@ def test_bad_inputs_name_the_argument():
         warping_error(video, np.zeros((2, 12, 12, 2)))
     with pytest.raises(ValueError, match="`mask`"):
         warping_error(video, np.zeros((1, 12, 12, 2)), np.ones((1, 12, 11), dtype=bool))
+    with pytest.raises(ValueError, match="same shape"):
+        relative_warping_error(video, video[:, :8], np.zeros((1, 12, 12, 2)))
