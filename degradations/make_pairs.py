@@ -515,11 +515,11 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
         degradation = state["model_guided"]
         lr_latents, params = degradation.apply(lr_clean, seed)
         lr = degradation.decode(lr_latents)[: settings.num_frames]
+        lr = resize_video(lr, settings.lr_size) if lr.shape[1:3] != tuple(settings.lr_size) else lr
+        degradation_record = {"kind": "model_guided", "params": params}
     elif kind == "none":  # a clean share keeps the stage faithful on inputs that are already sharp
         lr = lr_clean
         degradation_record = {"kind": "none", "params": {}}
-        lr = resize_video(lr, settings.lr_size) if lr.shape[1:3] != tuple(settings.lr_size) else lr
-        degradation_record = {"kind": "model_guided", "params": params}
     else:
         lr, params = state[kind].apply(lr_clean, seed)
         degradation_record = {"kind": "flow" if kind == "flow" else "classic", "params": {"name": kind, **params}}

@@ -81,8 +81,9 @@ def test_stage_transition_loads_export_with_new_attention_config(pairs, tmp_path
 
 
 def test_preconditioned_loss_is_the_mse_of_the_normalized_posterior_residual():
-    """With `condition_residual_std` the trainer's loss is the MSE between the network's raw output and the clean
-    latent's deviation from its Gaussian posterior mean, in posterior stds (textbook conditioning formulas)."""
+    """With `condition_residual_std` the network sees the standardized Gaussian posterior mean of the clean latent,
+    and the trainer's loss is the MSE between its raw output and the clean latent's deviation from that posterior
+    mean in posterior stds (both from the textbook conditioning formulas)."""
     torch.manual_seed(0)
     preconditioned = randomize_(CascadeVSRTransformer3DModel(**TINY_TRANSFORMER, condition_residual_std=0.06))
     raw = CascadeVSRTransformer3DModel(**TINY_TRANSFORMER)  # same weights, returns the network output itself
@@ -95,8 +96,7 @@ def test_preconditioned_loss_is_the_mse_of_the_normalized_posterior_residual():
     with torch.no_grad():
         loss = CascadeVSRTrainModule(upsampler, preconditioned)(hr, lr, noise, sigma, aug_noise, level, drop)
         condition = noise_augment(upsampler(lr, size=(4, 6)), level, noise=aug_noise)
-        noisy = add_noise(hr, noise, sigma)
-        output = raw(noisy, condition, timestep=sigma * 1000, noise_aug_level=level).sample
+    noisy = add_noise(hr, noise, sigma)
 
     keep = ((1 - level) ** 2 + level**2).reshape(3, 1, 1, 1, 1)
     s, a = sigma.reshape(3, 1, 1, 1, 1), level.reshape(3, 1, 1, 1, 1)
@@ -104,6 +104,9 @@ def test_preconditioned_loss_is_the_mse_of_the_normalized_posterior_residual():
     noisy_variance, covariance = (1 - s) ** 2 * variance + s**2, (1 - s) * variance
     posterior_mean = mean + covariance / noisy_variance * (noisy - (1 - s) * mean)
     posterior_std = (variance - covariance**2 / noisy_variance).sqrt()
+    with torch.no_grad():
+        network_input = (posterior_mean - mean) / variance.sqrt()
+        output = raw(network_input, condition, timestep=sigma * 1000, noise_aug_level=level).sample
     expected = ((output - (hr - posterior_mean) / posterior_std) ** 2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
 
