@@ -70,20 +70,24 @@ def _least_squares(target: torch.Tensor, *features: torch.Tensor) -> list[float]
     return torch.linalg.lstsq(design, target.flatten().double()[:, None]).solution.flatten().tolist()
 
 
+def _gaussian_samples(prior_std: float, sigma: float, seed: int, n: int = 400_000) -> dict[str, torch.Tensor]:
+    """Samples of z_0 ~ N(m, prior_std^2) around random prior means m, and z_t at `sigma`."""
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, generator=generator)
+    clean = mean + prior_std * torch.randn(n, generator=generator)
+    noise = torch.randn(n, generator=generator)
+    return {"mean": mean, "clean": clean, "noise": noise, "noisy": add_noise(clean, noise, sigma)}
+
+
 @pytest.mark.parametrize("sigma", [0.05, 0.3, 0.8, 1.0])
 @pytest.mark.parametrize("prior_std", [0.06, 0.5])
 def test_gaussian_part_of_the_preconditioned_velocity_is_the_least_squares_velocity(sigma, prior_std):
     # With z_0 ~ N(m, p^2), the best velocity estimate from (z_t, m) is linear: fit it on samples, independently of
     # the closed form, and compare both the coefficients and the residual error.
-    generator = torch.Generator().manual_seed(0)
-    n = 400_000
-    mean = torch.randn(n, generator=generator)
-    clean = mean + prior_std * torch.randn(n, generator=generator)
-    noise = torch.randn(n, generator=generator)
-    noisy = add_noise(clean, noise, sigma)
-    target = velocity_target(clean, noise)
-    std = torch.full((n,), prior_std)
-    closed_form = preconditioned_velocity(torch.zeros(n), noisy, sigma, mean, std)
+    samples = _gaussian_samples(prior_std, sigma, seed=0)
+    mean, noisy = samples["mean"], samples["noisy"]
+    target = velocity_target(samples["clean"], samples["noise"])
+    closed_form = preconditioned_velocity(torch.zeros_like(mean), noisy, sigma, mean, torch.full_like(mean, prior_std))
     fitted = _least_squares(target, noisy, mean)
     torch.testing.assert_close(_least_squares(closed_form, noisy, mean), fitted, atol=0.01, rtol=0.01)
     fitted_error = (target - fitted[0] * noisy - fitted[1] * mean).pow(2).mean()
@@ -112,16 +116,14 @@ def test_residual_is_the_normalized_posterior_deviation_and_the_weight_its_scale
 @pytest.mark.parametrize("sigma", [0.0, 0.3, 1.0])
 def test_preconditioned_input_is_the_standardized_posterior_mean(sigma):
     # (E[z_0 | z_t] - m) / p with the posterior mean fitted by least squares on Gaussian samples; zero at sigma = 1.
-    generator = torch.Generator().manual_seed(2)
-    n, prior_std = 400_000, 0.2
-    mean = torch.randn(n, generator=generator)
-    clean = mean + prior_std * torch.randn(n, generator=generator)
-    noisy = add_noise(clean, torch.randn(n, generator=generator), sigma)
-    network_input = preconditioned_input(noisy, sigma, mean, torch.full((n,), prior_std))
+    prior_std = 0.2
+    samples = _gaussian_samples(prior_std, sigma, seed=2)
+    mean, noisy = samples["mean"], samples["noisy"]
+    network_input = preconditioned_input(noisy, sigma, mean, torch.full_like(mean, prior_std))
     if sigma == 1.0:
-        assert torch.equal(network_input, torch.zeros(n))
+        assert torch.equal(network_input, torch.zeros_like(mean))
         return
-    a, b = _least_squares(clean, noisy, mean)
+    a, b = _least_squares(samples["clean"], noisy, mean)
     torch.testing.assert_close(network_input, (a * noisy + b * mean - mean) / prior_std, atol=0.02, rtol=0.02)
 
 
