@@ -1,8 +1,9 @@
 """Sampler settings of the demo model on the held-out clips -> benchmarks/results/demo_sampler.json.
 
-For each (Euler steps, noise correlation between frames) setting: PSNR, SSIM, warping error and relative warping
-error against bicubic and the ground truth, on the same frames, LR and metrics as `make demo` (clean condition,
-seed 0). Shows why the demo samples with 2 steps and shared noise.
+For each (Euler steps, noise correlation between frames, temporal attention window) setting: PSNR, SSIM, warping
+error and relative warping error against bicubic and the ground truth, on the same frames, LR and metrics as
+`make demo` (clean condition, seed 0). Shows why the demo samples with 2 steps and shared noise, and why its
+attention windows span the whole clip.
 
     .venv/bin/python benchmarks/demo_sampler.py [--model demo/model] [--num-frames 32]
 """
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cascade_vsr import demo  # noqa: E402
 
-SETTINGS = [(1, 0.0), (2, 0.0), (2, 1.0), (4, 1.0), (8, 0.0), (8, 1.0)]  # (steps, noise_frame_correlation)
+# (steps, noise_frame_correlation, latent frames per attention window; 0: the model's own, the whole clip)
+SETTINGS = [(1, 0.0, 0), (2, 0.0, 0), (2, 1.0, 0), (2, 1.0, 5), (4, 1.0, 0), (8, 0.0, 0), (8, 1.0, 0)]
 COLUMNS = ("psnr", "ssim", "warping_error", "relative_warping_error")
 
 
@@ -34,8 +36,9 @@ def main() -> None:
     args = argparse.ArgumentParser()
     demo.add_arguments(args)
     args = args.parse_args(["--model", str(options.model), "--num-frames", str(options.num_frames)])
-    pipe = demo.load_pipeline(args.model, "cpu")
-    pipe.set_progress_bar_config(disable=True)
+    pipes = {window: demo.load_pipeline(args.model, "cpu", temporal_window=window) for window in {s[2] for s in SETTINGS}}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
 
     results = {}
     for clip in demo.CLIPS:
@@ -43,17 +46,18 @@ def main() -> None:
         size = ground_truth.shape[1:3]
         lr = demo.resize(ground_truth, (size[0] // demo.SCALE, size[1] // demo.SCALE), mode="area")
         outputs = {"bicubic": demo.resize(lr, size, mode="bicubic")}
-        for steps, correlation in SETTINGS:
+        for steps, correlation, window in SETTINGS:
             args.num_inference_steps, args.noise_frame_correlation = steps, correlation
-            outputs[f"{steps} steps, correlation {correlation:g}"] = demo.super_resolve(pipe, lr, size, args, clip)
+            name = f"{steps} steps, correlation {correlation:g}" + (f", window {window}" if window else "")
+            outputs[name] = demo.super_resolve(pipes[window], lr, size, args, clip)
         results[clip] = demo.clip_metrics(outputs, ground_truth)
 
-    print(f"{'clip':<14}{'method':<28}{'PSNR':>8}{'SSIM':>8}{'warp':>8}{'rel. warp':>11}")
+    print(f"{'clip':<14}{'method':<38}{'PSNR':>8}{'SSIM':>8}{'warp':>8}{'rel. warp':>11}")
     for clip, metrics in results.items():
         for method in (*[m for m in metrics if m not in ("ground_truth", "consistent_flow_fraction")], "ground_truth"):
             m = metrics[method]
             quality = f"{m['psnr']:8.2f}{m['ssim']:8.4f}" if "psnr" in m else f"{'':>16}"
-            print(f"{clip:<14}{method:<28}{quality}{m['warping_error']:8.3f}{m['relative_warping_error']:11.3f}")
+            print(f"{clip:<14}{method:<38}{quality}{m['warping_error']:8.3f}{m['relative_warping_error']:11.3f}")
     options.output.parent.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(options.model), "num_frames": args.num_frames, "hr_size": list(args.hr_size),
                 "noise_aug_strength": args.noise_aug_strength, "seed": args.seed}

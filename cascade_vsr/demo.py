@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "interleaving temporal units): cost linear in the clip length with no chunk seams; 0 keeps the model's own "
         "setting",
     )
+    parser.add_argument(
+        "--temporal-window", type=int, default=0,
+        help="latent frames per window of a window-attention model (0 keeps the model's own; the demo model's "
+        "windows span the whole clip, as in training: shorter windows leave seams between frames that flicker)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--crop-size", type=int, default=64, help="side of the zoomed crops in HR pixels")
@@ -75,8 +80,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--num-frames` must be >= 2 (the warping error compares frame pairs), got {args.num_frames}")
     if any(s < MULTIPLE or s % MULTIPLE for s in args.hr_size):
         raise ValueError(f"`--hr-size` must be multiples of {MULTIPLE} (H W), got {tuple(args.hr_size)}")
-    if args.temporal_unit < 0:
-        raise ValueError(f"`--temporal-unit` must be >= 0 (0: the model's own setting), got {args.temporal_unit}")
+    for flag in ("temporal_unit", "temporal_window"):
+        if getattr(args, flag) < 0:
+            name = "--" + flag.replace("_", "-")
+            raise ValueError(f"`{name}` must be >= 0 (0: the model's own setting), got {getattr(args, flag)}")
     if not 0.0 <= args.noise_aug_strength <= 1.0:
         raise ValueError(f"`--noise-aug-strength` must lie in [0, 1], got {args.noise_aug_strength}")
     if not 0.0 <= args.noise_frame_correlation <= 1.0:
@@ -134,10 +141,11 @@ def to_chunks(frames, chunk: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(path: Path, device: str, temporal_unit: int = 0):
+def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_window: int = 0):
     """The demo pipeline on the lossless pixel-space autoencoder; a clear error when the folder is missing.
 
-    `temporal_unit` > 0 overrides the transformer's attention scope (attention modes own no parameters)."""
+    `temporal_unit` > 0 overrides the transformer's attention scope and `temporal_window` > 0 the frames of its
+    attention windows (attention modes own no parameters)."""
     from pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
 
     from .space_to_depth import SpaceToDepthAutoencoder
@@ -150,6 +158,14 @@ def load_pipeline(path: Path, device: str, temporal_unit: int = 0):
             "reproduce it. Pass another diffusers-format pipeline folder with --model PATH."
         )
     overrides = {"temporal_unit": temporal_unit} if temporal_unit else {}
+    if temporal_window:
+        config = CascadeVSRTransformer3DModel.load_config(path, subfolder="transformer", local_files_only=True)
+        if config.get("attention_mode") != "window" or config.get("window_size") is None:
+            raise ValueError(
+                "`--temporal-window` needs a model with window attention of a fixed window_size, got "
+                f"attention_mode={config.get('attention_mode')!r}, window_size={config.get('window_size')!r}"
+            )
+        overrides["window_size"] = (temporal_window, *config["window_size"][1:])
     transformer = CascadeVSRTransformer3DModel.from_pretrained(
         path, subfolder="transformer", local_files_only=True, **overrides
     )
@@ -308,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     start_time = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device, args.temporal_unit)
+    pipe = load_pipeline(args.model, device, args.temporal_unit, args.temporal_window)
     parameters = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("upsampler", "transformer")}
     print(f"demo model {args.model}: {sum(parameters.values()):,} parameters {parameters}, on {device}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -355,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
             "noise_frame_correlation": args.noise_frame_correlation,
             "chunk_frames": args.chunk_frames,
             "temporal_unit": pipe.transformer.config.temporal_unit,
+            "window_size": pipe.transformer.config.window_size,
             "attention_mode": pipe.transformer.config.attention_mode,
             "seed": args.seed,
             "device": device,

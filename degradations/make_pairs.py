@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -682,5 +683,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_workers < 0:
         raise ValueError(f"`--num-workers` must be >= 0, got {args.num_workers}")
     counts = build_dataset(args.inputs, args.output_dir, settings, args.num_workers, args.preview)
-    print(json.dumps(counts))
+    # One write per line: under `accelerate launch` (unbuffered stdout) print's separate "\n" write let the
+    # processes' lines interleave.
+    sys.stdout.write(json.dumps(counts) + "\n")
+    sys.stdout.flush()
     return 0

@@ -85,6 +85,15 @@ def test_whole_clip_with_the_models_own_attention(tmp_path):
     assert list(summary["clips"]) == ["carphone"] and read_video(out / "carphone.mp4").shape[0] == 3
 
 
+def test_temporal_window_overrides_the_models_window(tmp_path):
+    windowed = export_placeholder(tmp_path / "windowed", attention_mode="window", window_size=(5, 4, 4))
+    pipe = demo.load_pipeline(windowed, "cpu", temporal_window=2)
+    assert tuple(pipe.transformer.config.window_size) == (2, 4, 4)
+    assert tuple(demo.load_pipeline(windowed, "cpu").transformer.config.window_size) == (5, 4, 4)
+    with pytest.raises(ValueError, match="--temporal-window.*attention_mode='full'"):
+        demo.load_pipeline(export_placeholder(tmp_path / "full"), "cpu", temporal_window=2)
+
+
 def test_ground_truth_sizes_at_the_default_hr_size():
     bunny, fps = demo.load_ground_truth("bigbuckbunny", 2, (352, 640))
     assert bunny.shape == (2, 352, 640, 3) and fps == 25
@@ -126,6 +135,8 @@ def test_missing_model_and_bad_arguments(tmp_path):
         demo.run(_args(tmp_path, tmp_path / "out", hr_size=[60, 112]))
     with pytest.raises(ValueError, match="--temporal-unit"):
         demo.run(_args(tmp_path, tmp_path / "out", temporal_unit=-1))
+    with pytest.raises(ValueError, match="--temporal-window"):
+        demo.run(_args(tmp_path, tmp_path / "out", temporal_window=-1))
     with pytest.raises(ValueError, match="--num-frames"):
         demo.run(_args(tmp_path, tmp_path / "out", num_frames=1))
     with pytest.raises(ValueError, match="--noise-frame-correlation"):

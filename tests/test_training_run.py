@@ -19,7 +19,7 @@ from cascade_vsr.cli import main as cli_main
 from cascade_vsr.flow import add_noise, noise_augment
 from cascade_vsr.training.config import load_config
 from cascade_vsr.training.samplers import DetailAwareTimestepSampler
-from cascade_vsr.training.trainer import CascadeVSRTrainModule, export_pipeline, train
+from cascade_vsr.training.trainer import CascadeVSRTrainModule, clip_squared_error, export_pipeline, train
 
 from ._pairs import build_pairs
 from ._recipes import TINY_MODEL_ARGS as TINY_ARGS_NO_DATA
@@ -109,6 +109,37 @@ def test_preconditioned_loss_is_the_mse_of_the_normalized_posterior_residual():
         output = raw(network_input, condition, timestep=sigma * 1000, noise_aug_level=level).sample
     expected = ((output - (hr - posterior_mean) / posterior_std) ** 2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_temporal_loss_adds_the_squared_frame_to_frame_change_of_the_error(pairs):
+    """`temporal_loss_weight` adds w * sum_f (e_f - e_{f-1})^2 over latent frames f >= 1 to the squared velocity
+    error e of each clip, checked against a loop over frames of the raw model output."""
+    torch.manual_seed(0)
+    transformer = randomize_(CascadeVSRTransformer3DModel(**TINY_TRANSFORMER))
+    upsampler = randomize_(LatentUpsampler3D(**TINY_UPSAMPLER))
+    hr, lr = torch.randn(2, 4, 3, 4, 6), torch.randn(2, 4, 3, 2, 3)
+    noise, aug_noise = torch.randn_like(hr), torch.randn_like(hr)
+    sigma, level, drop = torch.tensor([0.7, 0.2]), torch.tensor([0.0, 0.2]), torch.ones(2, dtype=torch.bool)
+    inputs = (hr, lr, noise, sigma, aug_noise, level, drop)
+    with torch.no_grad():
+        plain = CascadeVSRTrainModule(upsampler, transformer)(*inputs)
+        temporal = CascadeVSRTrainModule(upsampler, transformer, temporal_loss_weight=0.5)(*inputs)
+        condition = noise_augment(upsampler(lr, size=(4, 6)), level, noise=aug_noise)
+        velocity = transformer(add_noise(hr, noise, sigma), condition, timestep=sigma * 1000, noise_aug_level=level)
+    error = velocity.sample - (noise - hr)
+    squared, change = 0.0, 0.0
+    for frame in range(error.shape[2]):
+        squared += error[:, :, frame].square().sum()
+        if frame > 0:
+            change += (error[:, :, frame] - error[:, :, frame - 1]).square().sum()
+    torch.testing.assert_close(plain, squared / error.numel())
+    torch.testing.assert_close(temporal, (squared + 0.5 * change) / error.numel())
+    assert temporal > plain
+    # a still clip whose error is the same in every frame costs nothing extra
+    still = clip_squared_error(error[:, :, :1].expand_as(error), temporal_loss_weight=3.0)
+    torch.testing.assert_close(still, error[:, :, :1].expand_as(error).square())
+    with pytest.raises(ValueError, match="temporal_loss_weight"):
+        load_config(None, ["--data_dir", str(pairs), "--temporal_loss_weight", "-1"])
 
 
 def test_pixel_space_model_config_resizes_on_the_pixel_grid(pairs, tmp_path):

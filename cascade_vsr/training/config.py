@@ -132,6 +132,13 @@ class TrainConfig:
     noise_aug_max: float = 0.6
     text_dropout: float = 0.1
     timestep_sampler: str = "detail_aware"
+    temporal_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the squared frame-to-frame change of the prediction error, next to its squared error "
+            "(against flicker; the optimum is unchanged). Default: the paper's plain loss."
+        },
+    )
     logit_mean: float = 0.0
     logit_std: float = 1.0
     timestep_curve: str | None = field(
@@ -173,6 +180,8 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         )
     if not 0 <= train.text_dropout <= 1:
         raise ValueError(f"`text_dropout` must lie in [0, 1], got {train.text_dropout}")
+    if not train.temporal_loss_weight >= 0:
+        raise ValueError(f"`temporal_loss_weight` must be >= 0, got {train.temporal_loss_weight}")
     if train.timestep_sampler not in TIMESTEP_SAMPLERS:
         raise ValueError(f"`timestep_sampler` must be one of {TIMESTEP_SAMPLERS}, got {train.timestep_sampler!r}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):

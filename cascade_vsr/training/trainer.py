@@ -5,7 +5,8 @@ One optimizer step, per (micro-)batch (SimpleGVR sections 4.1 and 4.3):
     up = upsampler(lr, size of hr)                        # trained jointly with the DiT
     c  = (1 - s) * up + s * eps_c,   s ~ U[noise_aug_min, noise_aug_max], own noise eps_c
     z  = (1 - t) * hr + t * eps,     t ~ timestep sampler (uniform / logit-normal / detail-aware)
-    loss = || transformer(z, c, 1000 t, s, text) - (eps - hr) ||^2
+    e    = transformer(z, c, 1000 t, s, text) - (eps - hr)
+    loss = ||e||^2 + temporal_loss_weight * ||e_f - e_{f-1}||^2    (f: latent frames)
            (weighted per sample to the residual output's scale for a model with `condition_residual_std`)
     text -> null embedding with probability text_dropout (always when the clip has no prompt)
 
@@ -52,9 +53,12 @@ class CascadeVSRTrainModule(nn.Module):
     """The upsampler and the transformer as one module whose forward returns the loss, so that DDP / FSDP wrap
     (and synchronize) both, and mixed-precision autocast covers the whole forward."""
 
-    def __init__(self, upsampler: LatentUpsampler3D, transformer: CascadeVSRTransformer3DModel):
+    def __init__(
+        self, upsampler: LatentUpsampler3D, transformer: CascadeVSRTransformer3DModel, temporal_loss_weight: float = 0.0
+    ):
         super().__init__()
         self.upsampler, self.transformer = upsampler, transformer
+        self.temporal_loss_weight = temporal_loss_weight
 
     def forward(
         self,
@@ -90,13 +94,30 @@ class CascadeVSRTrainModule(nn.Module):
             encoder_hidden_states=text,
             encoder_attention_mask=mask,
         ).sample
-        squared_error = (velocity.float() - velocity_target(hr_latents, noise).float()) ** 2
+        error = velocity.float() - velocity_target(hr_latents, noise).float()
+        squared_error = clip_squared_error(error, self.temporal_loss_weight)
         residual_std = self.transformer.config.condition_residual_std
         if residual_std is None:
             return squared_error.mean()
         # A preconditioned model: the MSE of its residual output (unit-variance target at every sigma).
         _, prior_std = condition_prior(condition, aug_level, residual_std)
         return (squared_error * preconditioned_loss_weight(sigma, prior_std)).mean()
+
+
+def clip_squared_error(error: torch.Tensor, temporal_loss_weight: float = 0.0) -> torch.Tensor:
+    """Squared error of a (B, C, F, H, W) velocity error, plus `temporal_loss_weight` times the squared change of
+    the error from each latent frame to the next (zero at the first frame), elementwise.
+
+    The clean-latent error of a prediction is the velocity error times sigma, so the second term penalises error
+    that flickers from frame to frame more than error that persists (moves with the content in static regions).
+    Both terms are one positive definite quadratic form of the clip's error, so the minimiser is still the
+    posterior mean of the velocity: the term only changes which mistakes an imperfect model prefers to make.
+    """
+    squared_error = error.square()
+    if temporal_loss_weight and error.shape[2] > 1:
+        change = torch.diff(error, dim=2, prepend=error[:, :, :1]).square()
+        squared_error = squared_error + temporal_loss_weight * change
+    return squared_error
 
 
 class TrainState:
@@ -239,7 +260,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     if train_config.gradient_checkpointing:
         upsampler.enable_gradient_checkpointing()
         transformer.enable_gradient_checkpointing()
-    module = CascadeVSRTrainModule(upsampler, transformer)
+    module = CascadeVSRTrainModule(upsampler, transformer, train_config.temporal_loss_weight)
     module.train()
     optimizer = torch.optim.AdamW(
         module.parameters(),
