@@ -115,9 +115,13 @@ class LatentUpsampler3D(ModelMixin, ConfigMixin):
         self.hr_norm = FrameGroupNorm(num_groups, hidden_channels)
         self.hr_conv = nn.Conv3d(hidden_channels, hidden_channels, kernel_size=3, padding=1)
         self.conv_out = nn.Conv3d(hidden_channels, latent_channels, kernel_size=3, padding=1)
+        self.reset_residual()
+        self.gradient_checkpointing = False
+
+    def reset_residual(self) -> None:
+        """Zero the residual branch's last convolution: the upsampler becomes exactly its base resize again."""
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-        self.gradient_checkpointing = False
 
     def forward(self, lr_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Upsample (B, C, T, h, w) latents to (B, C, T, *size)."""

@@ -80,6 +80,33 @@ def test_stage_transition_loads_export_with_new_attention_config(pairs, tmp_path
         load_config(None, ["--data_dir", str(pairs), "--attention_mode", "sparse_nope"])
 
 
+def test_upsampler_training_modes_keep_the_loaded_upsampler(pairs, tmp_path):
+    """`frozen` exports the loaded upsampler unchanged; `resize` exports it with a zero residual (exactly the base
+    resize) and otherwise unchanged; the transformer trains in both."""
+    fast = ["--learning_rate", "1e-2", "--use_ema", "false"]  # export the raw weights
+    start = train(*load_config(None, tiny_args(pairs, tmp_path / "start", 3, *SMALL, *fast)))
+    loaded = load_file(Path(start["export_dir"]) / "upsampler/diffusion_pytorch_model.safetensors")
+    assert loaded["conv_out.weight"].abs().sum() > 0  # joint training moved the residual off zero
+    for mode in ("frozen", "resize"):
+        summary = train(
+            *load_config(
+                None,
+                tiny_args(pairs, tmp_path / mode, 3, *SMALL, *fast, "--upsampler_training", mode,
+                          "--pretrained_model_name_or_path", start["export_dir"]),
+            )
+        )
+        export = Path(summary["export_dir"])
+        upsampler = load_file(export / "upsampler/diffusion_pytorch_model.safetensors")
+        for name, value in upsampler.items():
+            expected = torch.zeros_like(value) if mode == "resize" and name.startswith("conv_out") else loaded[name]
+            torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=f"{mode}: {name}")
+        transformer = load_file(export / "transformer/diffusion_pytorch_model.safetensors")
+        before = load_file(Path(start["export_dir"]) / "transformer/diffusion_pytorch_model.safetensors")
+        assert not torch.equal(transformer["proj_out.weight"], before["proj_out.weight"])
+    with pytest.raises(ValueError, match="upsampler_training"):
+        load_config(None, ["--data_dir", str(pairs), "--upsampler_training", "detached"])
+
+
 def test_preconditioned_loss_is_the_mse_of_the_normalized_posterior_residual():
     """With `condition_residual_std` the network sees the standardized Gaussian posterior mean of the clean latent,
     and the trainer's loss is the MSE between its raw output and the clean latent's deviation from that posterior

@@ -132,6 +132,13 @@ class TrainConfig:
     noise_aug_max: float = 0.6
     text_dropout: float = 0.1
     timestep_sampler: str = "detail_aware"
+    upsampler_training: str = field(
+        default="joint",
+        metadata={
+            "help": "joint: trained with the transformer (the paper); frozen: kept as loaded; resize: its learned "
+            "residual zeroed and frozen, so the condition is exactly the base resize (bicubic for space_to_depth)."
+        },
+    )
     temporal_loss_weight: float = field(
         default=0.0,
         metadata={
@@ -155,6 +162,7 @@ class TrainConfig:
 
 
 CONFIG_CLASSES = (ModelConfig, DataConfig, TrainConfig)
+UPSAMPLER_TRAINING = ("joint", "frozen", "resize")
 
 
 def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
@@ -180,6 +188,8 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         )
     if not 0 <= train.text_dropout <= 1:
         raise ValueError(f"`text_dropout` must lie in [0, 1], got {train.text_dropout}")
+    if train.upsampler_training not in UPSAMPLER_TRAINING:
+        raise ValueError(f"`upsampler_training` must be one of {UPSAMPLER_TRAINING}, got {train.upsampler_training!r}")
     if not train.temporal_loss_weight >= 0:
         raise ValueError(f"`temporal_loss_weight` must be >= 0, got {train.temporal_loss_weight}")
     if train.timestep_sampler not in TIMESTEP_SAMPLERS:

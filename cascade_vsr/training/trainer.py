@@ -257,13 +257,17 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             f"upsampler latent_channels {upsampler.config.latent_channels} != transformer latent_channels "
             f"{transformer.config.latent_channels}"
         )
+    if train_config.upsampler_training == "resize":
+        upsampler.reset_residual()
+    if train_config.upsampler_training != "joint":
+        upsampler.requires_grad_(False)
     if train_config.gradient_checkpointing:
         upsampler.enable_gradient_checkpointing()
         transformer.enable_gradient_checkpointing()
     module = CascadeVSRTrainModule(upsampler, transformer, train_config.temporal_loss_weight)
     module.train()
     optimizer = torch.optim.AdamW(
-        module.parameters(),
+        [p for p in module.parameters() if p.requires_grad],
         lr=train_config.learning_rate,
         betas=(train_config.adam_beta1, train_config.adam_beta2),
         weight_decay=train_config.adam_weight_decay,
