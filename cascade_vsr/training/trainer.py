@@ -2,7 +2,7 @@
 
 One optimizer step, per (micro-)batch (SimpleGVR sections 4.1 and 4.3):
 
-    up = upsampler(lr, size of hr)                        # trained jointly with the DiT
+    up = upsampler(lr, size of hr)                        # trained jointly with the DiT (upsampler_training)
     c  = (1 - s) * up + s * eps_c,   s ~ U[noise_aug_min, noise_aug_max], own noise eps_c
     z  = (1 - t) * hr + t * eps,     t ~ timestep sampler (uniform / logit-normal / detail-aware)
     e    = transformer(z, c, 1000 t, s, text) - (eps - hr)
@@ -108,8 +108,8 @@ def clip_squared_error(error: torch.Tensor, temporal_loss_weight: float = 0.0) -
     """Squared error of a (B, C, F, H, W) velocity error, plus `temporal_loss_weight` times the squared change of
     the error from each latent frame to the next (zero at the first frame), elementwise.
 
-    The clean-latent error of a prediction is the velocity error times sigma, so the second term penalises error
-    that flickers from frame to frame more than error that persists (moves with the content in static regions).
+    The clean-latent error of a prediction is the velocity error times sigma, so the second term makes error that
+    changes from frame to frame (in static regions: flicker) cost more than error that stays the same.
     Both terms are one positive definite quadratic form of the clip's error, so the minimiser is still the
     posterior mean of the velocity: the term only changes which mistakes an imperfect model prefers to make.
     """
