@@ -79,7 +79,6 @@ def noise_augment(
     return add_noise(condition, noise, level)
 
 
-
 def frame_correlated_noise(
     shape: tuple[int, ...],
     correlation: float,
@@ -103,6 +102,8 @@ def frame_correlated_noise(
         return independent
     shared = randn_tensor((*shape[:2], 1, *shape[3:]), generator=generator, device=device, dtype=torch.float32)
     return correlation**0.5 * shared + (1 - correlation) ** 0.5 * independent
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # In super-resolution the clean HR latent is close to the upsampled LR latent: z_0 = up + r with a small residual r.
 # A plain velocity network has to pass the condition through to its output with that precision, which a small
@@ -122,10 +123,21 @@ def condition_prior(
     `N(c, residual_std^2)`; at a = 1 the condition carries nothing and the prior is N(0, 1 + residual_std^2).
     """
     level = _per_sample(noise_aug_level, condition, "noise_aug_level").float()
-    keep = (1 - level) ** 2 + level**2
-    mean = (1 - level) / keep * condition.float()
-    std = (residual_std**2 + level**2 / keep).sqrt()
-    return mean, std
+    mean = (1 - level) / ((1 - level) ** 2 + level**2) * condition.float()
+    return mean, condition_prior_std(noise_aug_level, residual_std, condition)
+
+
+def condition_prior_std(
+    noise_aug_level: torch.Tensor | float, residual_std: float, condition: torch.Tensor
+) -> torch.Tensor:
+    """The per-sample std `p` of `condition_prior` alone (B, 1, ..., 1): the trainer's loss weight needs no mean."""
+    level = _per_sample(noise_aug_level, condition, "noise_aug_level").float()
+    return (residual_std**2 + level**2 / ((1 - level) ** 2 + level**2)).sqrt()
+
+
+def _noisy_variance(sigma: torch.Tensor, prior_variance: torch.Tensor) -> torch.Tensor:
+    """`D = Var(z_t) / Var(eps) = (1 - sigma)^2 p^2 + sigma^2` under the prior: the one term all three share."""
+    return (1 - sigma) ** 2 * prior_variance + sigma**2
 
 
 def preconditioned_input(
@@ -138,8 +150,7 @@ def preconditioned_input(
     of the first step leak into its prediction, and identical input frames came out different (flicker).
     """
     sigma = _per_sample(sigma, noisy, "sigma").float()
-    variance = prior_std**2
-    denominator = (1 - sigma) ** 2 * variance + sigma**2
+    denominator = _noisy_variance(sigma, prior_std**2)
     return (1 - sigma) * prior_std / denominator * (noisy.float() - (1 - sigma) * prior_mean)
 
 
@@ -158,7 +169,7 @@ def preconditioned_velocity(
     """
     sigma = _per_sample(sigma, noisy, "sigma").float()
     variance = prior_std**2
-    denominator = (1 - sigma) ** 2 * variance + sigma**2
+    denominator = _noisy_variance(sigma, variance)
     gaussian = (sigma - (1 - sigma) * variance) / denominator * (noisy.float() - (1 - sigma) * prior_mean) - prior_mean
     return gaussian - prior_std / denominator.sqrt() * residual.float()
 
@@ -168,4 +179,4 @@ def preconditioned_loss_weight(sigma: torch.Tensor | float, prior_std: torch.Ten
     target has unit variance at every sigma (the velocity error is `p / sqrt(D)` times the residual error)."""
     sigma = _per_sample(sigma, prior_std, "sigma").float()
     variance = prior_std.float() ** 2
-    return ((1 - sigma) ** 2 * variance + sigma**2) / variance
+    return _noisy_variance(sigma, variance) / variance

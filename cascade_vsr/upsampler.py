@@ -65,7 +65,7 @@ class ResBlock3D(nn.Module):
 
 class LatentUpsampler3D(ModelMixin, ConfigMixin):
     r"""
-    Upsamples base-model latents to any target latent size: 3D convs at LR, a bilinear resize, 3D convs at HR.
+    Upsamples base-model latents to any target latent size: 3D convs at LR, a base resize, 3D convs at HR.
 
     The output is `resize(x) + residual(x)`, where the residual branch ends in a zero-initialised
     convolution. A freshly initialised upsampler is therefore exactly a plain resize (bilinear in latent

@@ -258,6 +258,7 @@ def test_make_pairs_bad_settings(tmp_path, extra, match):
         make_pairs(VIDEO, "--output-dir", tmp_path / "out", *SMALL, *extra)
     assert not (tmp_path / "out").exists()
 
+
 def test_make_pairs_clean_share_is_the_area_resized_hr(tmp_path):
     """`none` pairs (the clean share of a mix) store the HR frames area-resized to the LR size, nothing else."""
     from degradations.make_pairs import resize_video
@@ -271,7 +272,6 @@ def test_make_pairs_clean_share_is_the_area_resized_hr(tmp_path):
     assert record["degradation"] == {"kind": "none", "params": {}}
     hr, lr = load_frames(root / record["hr"]), load_frames(root / record["lr"])
     np.testing.assert_array_equal(lr, resize_video(hr, (32, 48), crop_to_aspect=False))
-
 
 
 def reject_all(frames) -> float:

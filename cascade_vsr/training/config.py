@@ -168,6 +168,7 @@ UPSAMPLER_TRAINING = ("joint", "frozen", "resize")
 def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     """Cheap checks with messages that name the field; the models and the dataset check the rest."""
     from cascade_vsr.attention import check_attention_mode
+    from cascade_vsr.upsampler import RESIZE_MODES
 
     check_attention_mode(model.attention_mode, "attention_mode")
     if model.temporal_unit is not None and model.temporal_unit <= 0:
@@ -176,8 +177,8 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         raise ValueError(f"`patch_size` must be three ints (t h w), got {model.patch_size}")
     if model.condition_residual_std is not None and not model.condition_residual_std > 0:
         raise ValueError(f"`condition_residual_std` must be > 0 when set, got {model.condition_residual_std}")
-    if model.upsampler_resize_mode not in (None, "bilinear", "bicubic"):
-        raise ValueError(f"`upsampler_resize_mode` must be bilinear or bicubic, got {model.upsampler_resize_mode!r}")
+    if model.upsampler_resize_mode not in (None, *RESIZE_MODES):
+        raise ValueError(f"`upsampler_resize_mode` must be one of {RESIZE_MODES}, got {model.upsampler_resize_mode!r}")
     model.upsampler_kwargs()  # space_to_depth latents: latent_channels must be 3 * factor**2
     if not data.data_dir:
         raise ValueError("`data_dir` must name a pair dataset (cascade-vsr make-pairs output)")

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from cascade_vsr.flow import (
     add_noise,
-    condition_prior,
+    condition_prior_std,
     noise_augment,
     preconditioned_loss_weight,
     sigma_to_timestep,
@@ -100,7 +100,7 @@ class CascadeVSRTrainModule(nn.Module):
         if residual_std is None:
             return squared_error.mean()
         # A preconditioned model: the MSE of its residual output (unit-variance target at every sigma).
-        _, prior_std = condition_prior(condition, aug_level, residual_std)
+        prior_std = condition_prior_std(aug_level, residual_std, condition)
         return (squared_error * preconditioned_loss_weight(sigma, prior_std)).mean()
 
 
