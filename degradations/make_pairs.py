@@ -72,6 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='JSON object of ClassicDegradationConfig overrides, e.g. \'{"gaussian_sigma": [0, 3]}\' for milder pairs',
     )
+    parser.add_argument(
+        "--still-fraction",
+        type=float,
+        default=0.0,
+        help="share of clips made a still shot of their middle frame with per-frame noise (degradations/still.py)",
+    )
+    parser.add_argument(
+        "--still-noise", type=float, default=0.25, help="std of each half (white, low-pass) of a still shot's noise"
+    )
     parser.add_argument("--dis-preset", default="fast", choices=("ultrafast", "fast", "medium"))
     parser.add_argument("--alpha", type=float, nargs=2, default=(0.3, 0.4), help="model-guided noise level range")
     parser.add_argument("--sdedit-steps", type=int, default=20)
@@ -114,6 +123,8 @@ class PairSettings:
     lr_size: tuple[int, int] = (544, 960)
     degradations: dict = field(default_factory=lambda: {"flow": 0.5, "classic1": 0.25, "classic2": 0.25})
     classic_options: dict | None = None
+    still_fraction: float = 0.0
+    still_noise: float = 0.25
     dis_preset: str = "fast"
     alpha: tuple[float, float] = (0.3, 0.4)
     sdedit_steps: int = 20
@@ -179,6 +190,10 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         if not isinstance(args.classic_options, dict):
             raise ValueError(f"`--classic-options` must be a JSON object, got {args.classic_options!r}")
         classic_config(args.classic_options, order=1)
+    if not 0 <= args.still_fraction <= 1:
+        raise ValueError(f"`--still-fraction` must lie in [0, 1], got {args.still_fraction}")
+    if not 0 <= args.still_noise < float("inf"):
+        raise ValueError(f"`--still-noise` must be a finite number >= 0 (grey levels), got {args.still_noise}")
     mix = parse_mix(args.degradations)
     if args.quality_score is not None:
         load_callable(args.quality_score)
@@ -204,6 +219,8 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         lr_size=(round16(hr_size[0] * args.lr_scale), round16(hr_size[1] * args.lr_scale)),
         degradations=mix,
         classic_options=args.classic_options,
+        still_fraction=args.still_fraction,
+        still_noise=args.still_noise,
         dis_preset=args.dis_preset,
         alpha=tuple(args.alpha),
         sdedit_steps=args.sdedit_steps,
@@ -510,6 +527,14 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
     names = sorted(settings.degradations)
     kind = names[rng.choice(len(names), p=[settings.degradations[n] for n in names])]
     hr = resize_video(source, settings.hr_size)
+    still = None
+    still_rng = np.random.default_rng([seed, 1])  # its own stream: the other clips stay as without stills
+    if still_rng.random() < settings.still_fraction:
+        from .still import still_clip
+
+        middle = settings.num_frames // 2
+        hr = still_clip(hr[middle], settings.num_frames, settings.still_noise, still_rng)
+        still = {"frame": middle, "noise_std": settings.still_noise}
     lr_clean = resize_video(hr, settings.lr_size, crop_to_aspect=False)
     lr_latents = None
     if kind == "model_guided":
@@ -561,6 +586,7 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
         "hr_size": list(settings.hr_size),
         "lr_size": list(settings.lr_size),
         "degradation": json.loads(json.dumps(degradation_record, default=float)),
+        "still": still,
         "seed": seed,
         "hr": f"clips/{cid}/{hr_name}",
         "lr": f"clips/{cid}/{lr_name}",

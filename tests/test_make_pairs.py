@@ -251,6 +251,9 @@ def test_make_pairs_space_to_depth_latents_are_the_pixels(tmp_path):
         (["--lr-scale", "1.5"], r"`--lr-scale`"),
         (["--hr-size", "60", "112"], r"`--hr-size`"),
         (["--quality-score", "no_such_module:score"], r"`--quality-score`"),
+        (["--still-fraction", "1.5"], r"`--still-fraction`"),
+        (["--still-noise", "-1"], r"`--still-noise`"),
+        (["--still-noise", "inf"], r"`--still-noise`"),
     ],
 )
 def test_make_pairs_bad_settings(tmp_path, extra, match):
@@ -272,6 +275,31 @@ def test_make_pairs_clean_share_is_the_area_resized_hr(tmp_path):
     assert record["degradation"] == {"kind": "none", "params": {}}
     hr, lr = load_frames(root / record["hr"]), load_frames(root / record["lr"])
     np.testing.assert_array_equal(lr, resize_video(hr, (32, 48), crop_to_aspect=False))
+
+
+def test_make_pairs_still_shots(tmp_path):
+    """`--still-fraction 1`: every HR clip is its middle frame held still with per-frame noise, recorded in the
+    manifest; the LR is still made from that HR clip; fraction 0 leaves the clips as they were."""
+    from degradations.make_pairs import resize_video
+
+    common = [
+        VIDEO, *SMALL, "--max-clips-per-video", 2, "--degradations", "none=1", "--frames-format", "png",
+        "--no-quality-filter",
+    ]  # fmt: skip
+    make_pairs(*common, "--output-dir", tmp_path / "still", "--still-fraction", 1, "--still-noise", 2)
+    make_pairs(*common, "--output-dir", tmp_path / "moving")
+    for still, moving in zip(check_dataset(tmp_path / "still", 2), check_dataset(tmp_path / "moving", 2)):
+        assert still["id"] == moving["id"] and moving["still"] is None
+        assert still["still"] == {"frame": 2, "noise_std": 2.0}
+        hr = load_frames(tmp_path / "still" / still["hr"]).astype(np.float64)
+        source = load_frames(tmp_path / "moving" / moving["hr"]).astype(np.float64)
+        noise = hr - source[2]  # every frame is the middle one plus fresh noise of std sqrt(2) * 2
+        np.testing.assert_allclose(noise.std(axis=(1, 2, 3)), 2 * np.sqrt(2), rtol=0.15)
+        assert np.abs(noise.mean(axis=(1, 2, 3))).max() < 0.5
+        assert (np.abs(np.diff(hr, axis=0)).mean(axis=(1, 2, 3)) > 1).all()
+        lr = load_frames(tmp_path / "still" / still["lr"])
+        expected = resize_video(hr.astype(np.uint8), tuple(still["lr_size"]), crop_to_aspect=False)
+        np.testing.assert_array_equal(lr, expected)
 
 
 def reject_all(frames) -> float:
