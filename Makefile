@@ -25,8 +25,9 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
+# glibc would return every large freed tensor to the OS and page-fault it back in (README, attention modes)
 demo: $(STAMP)
-	$(PY) -m cascade_vsr.cli demo --output-dir outputs/demo
+	MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 $(PY) -m cascade_vsr.cli demo --output-dir outputs/demo
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

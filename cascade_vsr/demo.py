@@ -25,6 +25,7 @@ METHODS = ("bicubic", "cascade_vsr")
 LABELS = {"bicubic": "bicubic", "cascade_vsr": "cascade-vsr", "ground_truth": "ground truth"}
 SCALE = 2  # LR = HR downsampled 2x
 MULTIPLE = 8  # HR sizes: the LR must be a multiple of the space-to-depth factor 4
+SELF_ENSEMBLE_SIZES = (1, 2, 4, 6, 8)  # the first N of the 8 flips / transposes (`dihedral`)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="latent frames per window of a window-attention model (0 keeps the model's own; the demo model's "
         "windows span the whole clip, as in training: shorter windows leave seams between frames that flicker)",
     )
+    parser.add_argument(
+        "--self-ensemble", type=int, default=8, choices=SELF_ENSEMBLE_SIZES,
+        help="average this many runs of the stage on flips / transposes of the input, each with its own noise (EDSR's "
+        "geometric self-ensemble): 2 adds the left-right flip, 4 the upside-down ones, 6 and 8 the transposes; N "
+        "times the compute",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--crop-size", type=int, default=64, help="side of the zoomed crops in HR pixels")
@@ -84,6 +91,8 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 0:
             name = "--" + flag.replace("_", "-")
             raise ValueError(f"`{name}` must be >= 0 (0: the model's own setting), got {getattr(args, flag)}")
+    if getattr(args, "self_ensemble", 1) not in SELF_ENSEMBLE_SIZES:
+        raise ValueError(f"`--self-ensemble` must be one of {SELF_ENSEMBLE_SIZES}, got {args.self_ensemble}")
     if not 0.0 <= args.noise_aug_strength <= 1.0:
         raise ValueError(f"`--noise-aug-strength` must lie in [0, 1], got {args.noise_aug_strength}")
     if not 0.0 <= args.noise_frame_correlation <= 1.0:
@@ -175,27 +184,54 @@ def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_wind
     return pipe.to(device)
 
 
+def dihedral(frames, index: int, inverse: bool = False):
+    """The `index`-th (0-7) of the 8 flips / transposes of (T, H, W, C) frames, or its inverse.
+
+    Bit 1 flips left-right, bit 2 upside down, bit 4 swaps H and W (after the flips). Each step is its own
+    inverse, so the inverse applies them in reverse order. Index 0 is the identity."""
+    if not 0 <= index < 8:
+        raise ValueError(f"`index` must be in [0, 8), got {index}")
+    steps = []
+    if index & 1:
+        steps.append(lambda x: x[:, :, ::-1])
+    if index & 2:
+        steps.append(lambda x: x[:, ::-1])
+    if index & 4:
+        steps.append(lambda x: x.transpose(0, 2, 1, 3))
+    for step in reversed(steps) if inverse else steps:
+        frames = step(frames)
+    return frames
+
+
 def super_resolve(pipe, lr, size: tuple[int, int], args: argparse.Namespace, desc: str):
     """uint8 LR (T, h, w, 3) -> uint8 (T, *size, 3): the whole clip, or all its temporal chunks, in one batched
-    pipeline call."""
+    pipeline call. With `args.self_ensemble` N > 1: the mean of N runs, run k on the k-th `dihedral` transform
+    of the input with its own noise (seed + k), its output transformed back. One run at a time: a batch of runs
+    is slower on CPU and needs N times the memory."""
     import numpy as np
     import torch
 
-    pipe.set_progress_bar_config(desc=desc, leave=True)
-    video = to_chunks(lr, min(args.chunk_frames or len(lr), len(lr)))
-    generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
-    frames = pipe(
-        video=video.to(pipe.device),
-        height=size[0],
-        width=size[1],
-        num_inference_steps=args.num_inference_steps,
-        noise_aug_strength=args.noise_aug_strength,
-        noise_frame_correlation=args.noise_frame_correlation,
-        generator=generator,
-        output_type="np",
-    ).frames  # (chunks, chunk, H, W, 3) in [0, 1]
-    frames = frames.reshape(-1, *frames.shape[2:])[: len(lr)]
-    return np.clip(np.round(frames * 255), 0, 255).astype(np.uint8)
+    runs = getattr(args, "self_ensemble", 1)
+    total = np.zeros((len(lr), *size, 3))
+    for index in range(runs):
+        video = np.ascontiguousarray(dihedral(lr, index))
+        height, width = (size[1], size[0]) if index & 4 else size
+        pipe.set_progress_bar_config(desc=desc if runs == 1 else f"{desc} ({index + 1}/{runs})", leave=True)
+        chunks = to_chunks(video, min(args.chunk_frames or len(lr), len(lr)))
+        generator = torch.Generator(device=pipe.device).manual_seed(args.seed + index)
+        frames = pipe(
+            video=chunks.to(pipe.device),
+            height=height,
+            width=width,
+            num_inference_steps=args.num_inference_steps,
+            noise_aug_strength=args.noise_aug_strength,
+            noise_frame_correlation=args.noise_frame_correlation,
+            generator=generator,
+            output_type="np",
+        ).frames  # (chunks, chunk, H, W, 3) in [0, 1]
+        frames = frames.reshape(-1, *frames.shape[2:])[: len(lr)]
+        total += dihedral(frames.astype(np.float64) * 255, index, inverse=True)
+    return np.clip(np.rint(total / runs), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
             "num_inference_steps": args.num_inference_steps,
             "noise_aug_strength": args.noise_aug_strength,
             "noise_frame_correlation": args.noise_frame_correlation,
+            "self_ensemble": args.self_ensemble,
             "chunk_frames": args.chunk_frames,
             "temporal_unit": pipe.transformer.config.temporal_unit,
             "window_size": pipe.transformer.config.window_size,

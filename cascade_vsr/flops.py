@@ -4,10 +4,11 @@ Convention (the one of `torch.utils.flop_counter.FlopCounterMode`): a matmul of 
 2*m*k*n FLOPs; biases, norms, softmax, RoPE, activations, gathers and top-k sorting are not matmuls and are
 not counted. Attention costs 4 * queries * keys * head_dim per head (scores and values).
 
-Attention is counted as executed by `cascade_vsr.attention`, i.e. over padded tiles: a ragged window or unit
-is padded to the full tile and the padding is masked, not skipped, so its FLOPs are spent. For `sparse_topk`
-every unit attends to (1 + k) units of `window` tokens, and the top-k scoring is one (U x D) @ (D x U) unit
-score matmul per head over all U units of the video (temporal units only mask it).
+Attention is counted as executed by `cascade_vsr.attention`. Windows and temporal units are exact: each ragged
+edge window costs its own size squared (the SDPA backend runs equally shaped windows together, unpadded). For
+`sparse_topk` a ragged unit is padded to the full tile and the padding is masked, not skipped, so its FLOPs are
+spent: every unit attends to (1 + k) units of `window` tokens, and the top-k scoring is one (U x D) @ (D x U)
+unit score matmul per head over all U units of the video (temporal units only mask it).
 """
 
 from __future__ import annotations
@@ -28,10 +29,21 @@ def token_grid(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[
     return tuple(-(-size // patch) for size, patch in zip(latent_shape[2:], patch_size))
 
 
+def window_lengths(size: int, window: int, shift: bool = False) -> list[int]:
+    """Tokens of each window along one axis of `size` tokens, ragged edge windows included."""
+    window, front, count = partition_axis(size, window, shift)
+    return [min((k + 1) * window - front, size) - max(k * window - front, 0) for k in range(count)]
+
+
+def _window_pairs(grid: Sequence[int], window: Sequence[int], shift: bool) -> int:
+    """Query-key pairs of exact 3D window attention: sum over windows of size^2, a product over the axes."""
+    return math.prod(sum(n * n for n in window_lengths(size, w, shift)) for size, w in zip(grid, window))
+
+
 def attention_pairs(grid: Sequence[int], mode: str, shift: bool, config: Mapping[str, Any]) -> tuple[int, int]:
     """(query-key pairs computed by one head's self-attention, unit-score pairs of the top-k selection).
 
-    Counts padded tiles as executed (see the module docstring).
+    Exact windows, padded sparse units (see the module docstring).
     """
     frames, height, width = grid
     num_tokens = frames * height * width
@@ -39,17 +51,12 @@ def attention_pairs(grid: Sequence[int], mode: str, shift: bool, config: Mapping
     if mode == "full":
         if temporal_unit is None or temporal_unit >= frames:
             return num_tokens * num_tokens, 0
-        _, _, blocks = partition_axis(frames, temporal_unit, shift)
-        tile = temporal_unit * height * width
-        return blocks * tile * tile, 0
+        return _window_pairs(grid, (temporal_unit, height, width), shift), 0
     if mode == "window":
         window = config.get("window_size")
         if window is None:
             window = adaptive_window_size(tuple(grid), tuple(config.get("window_reference", (45, 80))))
-        parts = [partition_axis(size, w, shift) for size, w in zip(grid, window)]
-        tiles = math.prod(count for _, _, count in parts)
-        tile = math.prod(w for w, _, _ in parts)
-        return tiles * tile * tile, 0
+        return _window_pairs(grid, window, shift), 0
     wh, ww = config.get("sparse_window", (12, 9))
     (wh, _, nh), (ww, _, nw) = partition_axis(height, wh), partition_axis(width, ww)
     units_per_frame = nh * nw

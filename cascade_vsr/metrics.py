@@ -173,13 +173,15 @@ def relative_warping_error(
     return _mean_warp_residual(pred - target, backward_flow, mask, name="frames")
 
 
-def _mean_warp_residual(
+def warp_residual(
     video: torch.Tensor,
     backward_flow: np.ndarray | torch.Tensor,
-    mask: np.ndarray | torch.Tensor | None,
+    mask: np.ndarray | torch.Tensor | None = None,
     name: str = "frames",
-) -> float:
-    """Mean |v_t - warp(v_{t-1})| over channels and the valid pixels of float (T, H, W, C) `video`."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel |v_t - warp(v_{t-1})|, averaged over channels, of float (T, H, W, C) `video`: the (T-1, H, W)
+    residual and the bool mask of the pixels it is valid at (source inside the frame and `mask`). The warping
+    errors are its mean over the valid pixels; breakdowns (e.g. by motion) average it over subsets."""
     if video.shape[0] < 2:
         raise ValueError(f"`{name}` must have at least 2 frames, got {video.shape[0]}")
     flow = _check_flow(backward_flow, "backward_flow", (video.shape[0] - 1, *video.shape[1:3], 2))
@@ -190,7 +192,17 @@ def _mean_warp_residual(
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(valid.shape):
             raise ValueError(f"`mask` must be bool of shape {tuple(valid.shape)}, got {mask.dtype} {tuple(mask.shape)}")
         valid = valid & mask
+    return (video[1:] - warped).abs().mean(dim=1), valid
+
+
+def _mean_warp_residual(
+    video: torch.Tensor,
+    backward_flow: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None,
+    name: str = "frames",
+) -> float:
+    """Mean of `warp_residual` over its valid pixels."""
+    error, valid = warp_residual(video, backward_flow, mask, name)
     if not valid.any():
         raise ValueError("no valid pixel: the flow maps every pixel outside the frame or `mask` is all false")
-    error = (video[1:] - warped).abs().mean(dim=1)
     return float(error[valid].mean())

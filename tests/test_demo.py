@@ -141,4 +141,68 @@ def test_missing_model_and_bad_arguments(tmp_path):
         demo.run(_args(tmp_path, tmp_path / "out", num_frames=1))
     with pytest.raises(ValueError, match="--noise-frame-correlation"):
         demo.run(_args(tmp_path, tmp_path / "out", noise_frame_correlation=2.0))
+    with pytest.raises(ValueError, match=r"--self-ensemble.*\(1, 2, 4, 6, 8\)"):
+        demo.run(_args(tmp_path, tmp_path / "out", self_ensemble=3))
     assert not (tmp_path / "out").exists()
+
+
+def test_dihedral_is_the_group_of_flips_and_rotations_and_inverts():
+    frames = np.random.default_rng(2).integers(0, 256, size=(2, 3, 5, 3), dtype=np.uint8)
+    # independent reference: the 8 symmetries of a rectangle as rotations, with and without a mirror
+    reference = [np.rot90(m, r, axes=(1, 2)) for m in (frames, frames[:, :, ::-1]) for r in range(4)]
+    transformed = [demo.dihedral(frames, index) for index in range(8)]
+    assert demo.dihedral(frames, 0) is frames
+    for index, result in enumerate(transformed):
+        assert any(result.shape == r.shape and np.array_equal(result, r) for r in reference), index
+        assert result.shape[1:3] == ((5, 3) if index & 4 else (3, 5))
+        np.testing.assert_array_equal(demo.dihedral(result, index, inverse=True), frames)
+    assert len({r.tobytes() + bytes(r.shape) for r in transformed}) == 8
+    with pytest.raises(ValueError, match="`index`"):
+        demo.dihedral(frames, 8)
+
+
+class _NotEquivariantPipe:
+    """Stands in for the pipeline: 2x nearest upsampling plus a ramp along W, so each transform gives another
+    answer. Records the batch and the seed of every call."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.batches, self.seeds = [], []
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, video, height, width, generator, output_type, **kwargs):
+        self.batches.append(video.shape[0])
+        self.seeds.append(generator.initial_seed() if generator is not None else None)
+        up = video.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[..., :height, :width]
+        ramp = torch.linspace(0, 0.2, width)
+        frames = (up * 0.8 + ramp).permute(0, 1, 3, 4, 2).numpy()  # (B, T, H, W, 3)
+        return argparse.Namespace(frames=frames)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 6, 8])
+def test_self_ensemble_averages_the_transformed_runs(size):
+    lr = np.random.default_rng(3).integers(0, 256, size=(3, 4, 6, 3), dtype=np.uint8)
+    args = argparse.Namespace(
+        self_ensemble=size, chunk_frames=2, num_inference_steps=1, noise_aug_strength=0.0,
+        noise_frame_correlation=1.0, seed=0,
+    )
+    pipe = _NotEquivariantPipe()
+    result = demo.super_resolve(pipe, lr, (8, 12), args, "test")
+    assert result.shape == (3, 8, 12, 3) and result.dtype == np.uint8
+    # reference: one call per transform, chunks padded and dropped by hand, outputs transformed back
+    expected = np.zeros((3, 8, 12, 3))
+    for index in range(size):
+        x = np.ascontiguousarray(demo.dihedral(lr, index))
+        padded = np.concatenate([x, x[-1:]])  # chunks of 2 frames
+        video = torch.from_numpy(padded).float().div(255).permute(0, 3, 1, 2).reshape(2, 2, 3, *x.shape[1:3])
+        out = _NotEquivariantPipe()(video, 2 * x.shape[1], 2 * x.shape[2], None, "np").frames
+        expected += demo.dihedral(out.reshape(4, *out.shape[2:])[:3].astype(np.float64) * 255, index, inverse=True)
+    np.testing.assert_array_equal(result, np.clip(np.rint(expected / size), 0, 255).astype(np.uint8))
+    assert pipe.batches == [2] * size  # one run per transform, its 2 chunks batched
+    assert pipe.seeds == list(range(size))  # each run its own noise
+    if size > 1:
+        assert not np.array_equal(result, demo.super_resolve(_NotEquivariantPipe(), lr, (8, 12), argparse.Namespace(
+            **{**vars(args), "self_ensemble": 1}), "test"))

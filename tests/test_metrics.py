@@ -16,6 +16,7 @@ from cascade_vsr.metrics import (
     ssim,
     ssim_map,
     warp,
+    warp_residual,
     warping_error,
 )
 
@@ -142,6 +143,22 @@ def test_relative_warping_error_by_hand_and_its_reference_points():
     steady = np.minimum(truth, 250)
     assert relative_warping_error(steady + 3, steady, flow) == 0.0
     assert relative_warping_error(frames, truth, flow) > 10
+
+
+def test_warp_residual_is_the_per_pixel_map_the_warping_errors_average():
+    frames = _video(3, 6, 7, seed=10)
+    flow = np.zeros((2, 6, 7, 2))
+    flow[1, :, :, 0] = -1.0  # frame 2 comes from one pixel to the left: column 0 has no source
+    mask = np.ones((2, 6, 7), dtype=bool)
+    mask[0, :3] = False
+    video = torch.from_numpy(frames.astype(np.float64))
+    residual, valid = warp_residual(video, torch.from_numpy(flow), mask)
+    expected = np.stack([np.abs(frames[1].astype(float) - frames[0]), np.zeros((6, 7, 3))]).mean(-1)
+    expected[1, :, 1:] = np.abs(frames[2, :, 1:].astype(float) - frames[1, :, :-1]).mean(-1)
+    assert valid.shape == (2, 6, 7) and not valid[0, :3].any() and not valid[1, :, 0].any()
+    assert valid[0, 3:].all() and valid[1, :, 1:].all()
+    np.testing.assert_allclose(residual.numpy()[valid.numpy()], expected[valid.numpy()], rtol=1e-12)
+    assert float(residual[valid].mean()) == pytest.approx(warping_error(frames, flow, mask), rel=1e-12)
 
 
 def test_bad_inputs_name_the_argument():
