@@ -33,19 +33,19 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/demo_sampler.json"))
     options = parser.parse_args()
 
-    args = argparse.ArgumentParser()
-    demo.add_arguments(args)
-    args = args.parse_args(["--model", str(options.model), "--num-frames", str(options.num_frames)])
+    # single runs: the sweep / breakdown is of one sampler run (make demo averages 8, `--self-ensemble`)
+    args = demo.parse_args(
+        ["--model", str(options.model), "--num-frames", str(options.num_frames), "--self-ensemble", "1"]
+    )
     pipes = {window: demo.load_pipeline(args.model, "cpu", temporal_window=window) for window in {s[2] for s in SETTINGS}}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
 
     results = {}
     for clip in demo.CLIPS:
-        ground_truth, _ = demo.load_ground_truth(clip, args.num_frames, tuple(args.hr_size))
+        ground_truth, _, lr, bicubic = demo.held_out_clip(clip, args.num_frames, tuple(args.hr_size))
         size = ground_truth.shape[1:3]
-        lr = demo.resize(ground_truth, (size[0] // demo.SCALE, size[1] // demo.SCALE), mode="area")
-        outputs = {"bicubic": demo.resize(lr, size, mode="bicubic")}
+        outputs = {"bicubic": bicubic}
         for steps, correlation, window in SETTINGS:
             args.num_inference_steps, args.noise_frame_correlation = steps, correlation
             name = f"{steps} steps, correlation {correlation:g}" + (f", window {window}" if window else "")

@@ -67,18 +67,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/demo_temporal.json"))
     options = parser.parse_args()
 
-    args = argparse.ArgumentParser()
-    demo.add_arguments(args)
-    args = args.parse_args(["--model", str(options.model), "--num-frames", str(options.num_frames)])
+    # single runs: the sweep / breakdown is of one sampler run (make demo averages 8, `--self-ensemble`)
+    args = demo.parse_args(
+        ["--model", str(options.model), "--num-frames", str(options.num_frames), "--self-ensemble", "1"]
+    )
     pipe = demo.load_pipeline(args.model, "cpu")
     pipe.set_progress_bar_config(disable=True)
 
     results = {}
     for clip in demo.CLIPS:
-        ground_truth, _ = demo.load_ground_truth(clip, args.num_frames, tuple(args.hr_size))
+        ground_truth, _, lr, bicubic = demo.held_out_clip(clip, args.num_frames, tuple(args.hr_size))
         size = ground_truth.shape[1:3]
-        lr = demo.resize(ground_truth, (size[0] // demo.SCALE, size[1] // demo.SCALE), mode="area")
-        bicubic = demo.resize(lr, size, mode="bicubic")
         output = demo.super_resolve(pipe, lr, size, args, clip)
         held, still_share = detail_held_where_still(output, bicubic, lr)
 

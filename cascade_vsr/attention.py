@@ -128,6 +128,11 @@ def _axis_segments(size: int, part: tuple[int, int, int]) -> list[tuple[int, int
     return [run for run in runs if run[1] and run[4]]
 
 
+def window_lengths(size: int, part: tuple[int, int, int]) -> list[int]:
+    """Tokens of each window along an axis of `size` tokens cut by `partition_axis`, ragged edges included."""
+    return [length for _, count, _, _, length in _axis_segments(size, part) for _ in range(count)]
+
+
 def _regions(grid, parts):
     """The at most 3 x 3 x 3 regions of the token grid in which all windows have the same shape: one run per
     axis (`_axis_segments`)."""

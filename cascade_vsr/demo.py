@@ -78,6 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom", type=int, default=4, help="nearest-neighbour enlargement of the crops")
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The demo's settings from command-line words: its defaults for everything not given (benchmarks, tests)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
 def check_args(args: argparse.Namespace) -> None:
     positive = ("num_frames", "num_inference_steps", "chunk_frames", "crop_size", "zoom")
     for name in positive:
@@ -119,6 +126,15 @@ def load_ground_truth(name: str, num_frames: int, hr_size: tuple[int, int]):
     height, width = (s // MULTIPLE * MULTIPLE for s in frames.shape[1:3])
     top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
     return frames[:, top : top + height, left : left + width].copy(), video_info(path)["fps"]
+
+
+def held_out_clip(name: str, num_frames: int, hr_size: tuple[int, int]):
+    """(ground truth, fps, LR, bicubic) of a held-out clip: the LR is the ground truth area-downsampled `SCALE`x,
+    bicubic its plain upsampling back, all uint8 (T, H, W, 3)."""
+    ground_truth, fps = load_ground_truth(name, num_frames, hr_size)
+    size = ground_truth.shape[1:3]
+    lr = resize(ground_truth, (size[0] // SCALE, size[1] // SCALE), mode="area")
+    return ground_truth, fps, lr, resize(lr, size, mode="bicubic")
 
 
 def resize(frames, size: tuple[int, int], mode: str):
@@ -367,12 +383,11 @@ def run(args: argparse.Namespace) -> int:
 
     clips, pictures = {}, {}
     for name in args.clips:  # two held-out clips, each processed whole
-        ground_truth, fps = load_ground_truth(name, args.num_frames, tuple(args.hr_size))
+        ground_truth, fps, lr, bicubic = held_out_clip(name, args.num_frames, tuple(args.hr_size))
         hr_size = ground_truth.shape[1:3]
-        lr = resize(ground_truth, (hr_size[0] // SCALE, hr_size[1] // SCALE), mode="area")
         clip_start = time.perf_counter()
         frames = {
-            "bicubic": resize(lr, hr_size, mode="bicubic"),
+            "bicubic": bicubic,
             "cascade_vsr": super_resolve(pipe, lr, hr_size, args, desc=f"{name} {lr.shape[2]}x{lr.shape[1]} -> 2x"),
         }
         sr_seconds = time.perf_counter() - clip_start

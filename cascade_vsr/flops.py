@@ -17,7 +17,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .attention import adaptive_window_size, check_attention_mode, partition_axis, temporal_block_ids
+from .attention import (
+    adaptive_window_size,
+    check_attention_mode,
+    partition_axis,
+    temporal_block_ids,
+    window_lengths,
+)
 
 
 def _matmul(m: int, k: int, n: int) -> int:
@@ -29,15 +35,11 @@ def token_grid(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[
     return tuple(-(-size // patch) for size, patch in zip(latent_shape[2:], patch_size))
 
 
-def window_lengths(size: int, window: int, shift: bool = False) -> list[int]:
-    """Tokens of each window along one axis of `size` tokens, ragged edge windows included."""
-    window, front, count = partition_axis(size, window, shift)
-    return [min((k + 1) * window - front, size) - max(k * window - front, 0) for k in range(count)]
-
-
 def _window_pairs(grid: Sequence[int], window: Sequence[int], shift: bool) -> int:
     """Query-key pairs of exact 3D window attention: sum over windows of size^2, a product over the axes."""
-    return math.prod(sum(n * n for n in window_lengths(size, w, shift)) for size, w in zip(grid, window))
+    return math.prod(
+        sum(n * n for n in window_lengths(size, partition_axis(size, w, shift))) for size, w in zip(grid, window)
+    )
 
 
 def attention_pairs(grid: Sequence[int], mode: str, shift: bool, config: Mapping[str, Any]) -> tuple[int, int]:

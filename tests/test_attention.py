@@ -12,11 +12,13 @@ import torch
 from cascade_vsr.attention import (
     adaptive_window_size,
     full_attention,
+    partition_axis,
     select_units,
     self_attention,
     sparse_topk_attention,
     temporal_block_ids,
     window_attention,
+    window_lengths,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,6 +242,16 @@ def test_window_attention_matches_dense_reference(grid, window, shift):
     ref_grads = torch.autograd.grad((expected * weight).sum(), (q, k, v))
     for grad, ref in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("size, window", [(48, 12), (80, 12), (7, 3), (5, 9), (1, 4), (13, 2)])
+@pytest.mark.parametrize("shift", [False, True])
+def test_window_lengths_count_the_tokens_of_each_window(size, window, shift):
+    """Reference: label every token with its window, (index + front) // window, and count the labels."""
+    part = partition_axis(size, window, shift)
+    labels = (torch.arange(size) + part[1]) // part[0]
+    assert window_lengths(size, part) == labels.bincount().tolist()
+    assert len(window_lengths(size, part)) == part[2]
 
 
 def test_adaptive_window_size_follows_seedvr2_equations():

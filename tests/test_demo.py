@@ -33,9 +33,7 @@ def export_placeholder(path: Path, **transformer_config) -> Path:
 
 
 def _args(model: Path, output_dir: Path, **overrides) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    args = parser.parse_args(["--model", str(model), "--output-dir", str(output_dir)])
+    args = demo.parse_args(["--model", str(model), "--output-dir", str(output_dir)])
     return argparse.Namespace(**{**vars(args), **overrides})
 
 

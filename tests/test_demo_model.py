@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from cascade_vsr import demo
@@ -12,17 +10,14 @@ from cascade_vsr.metrics import psnr, ssim
 
 @pytest.mark.parametrize("clip", ["bigbuckbunny", "carphone"])
 def test_demo_model_beats_bicubic_on_held_out_frames(clip):
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    args = parser.parse_args(["--num-frames", "5"])  # the demo's own defaults otherwise (steps, noise level, seed)
+    args = demo.parse_args(["--num-frames", "5"])  # the demo's own defaults otherwise (steps, ensemble, seed)
     pipe = demo.load_pipeline(args.model, "cpu")
     pipe.set_progress_bar_config(disable=True)
 
-    ground_truth, _ = demo.load_ground_truth(clip, args.num_frames, tuple(args.hr_size))  # frames the model never saw
-    size = ground_truth.shape[1:3]
-    lr = demo.resize(ground_truth, (size[0] // 2, size[1] // 2), "area")
-    cascade = demo.super_resolve(pipe, lr, size, args, desc=clip)
-    bicubic = demo.resize(lr, size, "bicubic")
+    # frames the model never saw, area-downsampled 2x
+    ground_truth, _, lr, bicubic = demo.held_out_clip(clip, args.num_frames, tuple(args.hr_size))
+    assert lr.shape[1:3] == (ground_truth.shape[1] // 2, ground_truth.shape[2] // 2)
+    cascade = demo.super_resolve(pipe, lr, ground_truth.shape[1:3], args, desc=clip)
 
     cascade_psnr, bicubic_psnr = float(psnr(cascade, ground_truth).mean()), float(psnr(bicubic, ground_truth).mean())
     cascade_ssim, bicubic_ssim = float(ssim(cascade, ground_truth).mean()), float(ssim(bicubic, ground_truth).mean())
