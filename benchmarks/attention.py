@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_vsr import CascadeVSRTransformer3DModel
-from cascade_vsr.attention import (
+from cascade_vsr.models.attention import (
     adaptive_window_size,
     full_attention,
     partition_axis,
@@ -45,7 +45,7 @@ from cascade_vsr.attention import (
     window_attention,
     window_token_mask,
 )
-from cascade_vsr.flops import transformer_flops
+from cascade_vsr.models.flops import transformer_flops
 
 HEADS, HEAD_DIM = 8, 64
 SPARSE_WINDOW, TOPK = (12, 9), 1
@@ -95,7 +95,9 @@ def time_ops(grid, repeats, temporal_unit=None, with_window=True):
     fv = torch.randn(1, HEADS * units, keys, HEAD_DIM, generator=g)
 
     # The same tiles with the op's key-padding mask (ragged edge units): how much of the overhead is the mask.
-    valid = window_token_mask(grid, [(1, 0, grid[0]), *(partition_axis(n, w) for n, w in zip(grid[1:], SPARSE_WINDOW))])
+    valid = window_token_mask(
+        grid, [(1, 0, grid[0]), *(partition_axis(n, w) for n, w in zip(grid[1:], SPARSE_WINDOW))]
+    )
     other = torch.randperm(units, generator=g)
     floor_mask = torch.cat([valid, valid[other]], dim=-1).repeat(HEADS, 1)[None, :, None, :]
 
@@ -218,13 +220,17 @@ def main():
         if name in long["seconds"]:
             row += f"{long['seconds'][name]:>16.4f}{long['speedup_vs_full'][name]:>9.1f}"
         print(row)
-    print(f"sparse_topk overhead vs floor: {short['sparse_overhead_vs_floor']:.2f}x (5x34x60), "
-          f"{long['sparse_overhead_vs_floor']:.2f}x (20x34x60)")
+    print(
+        f"sparse_topk overhead vs floor: {short['sparse_overhead_vs_floor']:.2f}x (5x34x60), "
+        f"{long['sparse_overhead_vs_floor']:.2f}x (20x34x60)"
+    )
     for label, timing in (("5x34x60", short), ("20x34x60 tu5", long)):
         kept = timing["retained_allocator"]
-        print(f"retained allocator {label}: sparse {kept['seconds']['sparse_topk']:.4f}s, floor "
-              f"{kept['seconds']['floor_sdpa']:.4f}s, overhead {kept['sparse_overhead_vs_floor']:.2f}x, "
-              f"speedup vs full {kept['sparse_speedup_vs_full']:.1f}x")
+        print(
+            f"retained allocator {label}: sparse {kept['seconds']['sparse_topk']:.4f}s, floor "
+            f"{kept['seconds']['floor_sdpa']:.4f}s, overhead {kept['sparse_overhead_vs_floor']:.2f}x, "
+            f"speedup vs full {kept['sparse_speedup_vs_full']:.1f}x"
+        )
     print(f"\n{'mode':<13}{'GFLOPs':>10}{'/full':>7}{'attn %':>8}{'paper':>9}{'/full':>7}")
     for mode, row in flops["modes"].items():
         print(

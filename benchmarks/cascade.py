@@ -22,7 +22,7 @@ from diffusers import AutoencoderKLWan
 from einops import rearrange
 
 from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
-from pipelines.adapters import get_adapter
+from cascade_vsr.pipelines.adapters import get_adapter
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "cascade.json"
 
@@ -66,12 +66,15 @@ def main() -> None:
     grid = (2, 16, 16)  # latent (T, h, w): 512 tokens after the (1, 2, 2) patch
     x = torch.randn(1, 16, *grid, device=device)
     text = torch.randn(1, 32, 4096, device=device)
-    step_s = timed(lambda: transformer(x, x, timestep=torch.tensor([500.0]), noise_aug_level=0.45,
-                                       encoder_hidden_states=text), repeats=1)
+    step_s = timed(
+        lambda: transformer(x, x, timestep=torch.tensor([500.0]), noise_aug_level=0.45, encoder_hidden_states=text),
+        repeats=1,
+    )
 
     result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'}, "
-        f"{torch.get_num_threads()} threads, shared with other jobs)",
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu ({platform.processor() or 'unknown'}, {torch.get_num_threads()} threads, shared with other jobs)",
         "torch": torch.__version__,
         "num_frames": num_frames,
         "lr_size": list(lr_size),

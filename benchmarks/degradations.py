@@ -13,21 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
-
-# this script's own name would shadow the `degradations` package: import from the repository root instead
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cascade_vsr.video import read_video, sample_video_path  # noqa: E402
-from degradations.classic import ClassicDegradation  # noqa: E402
-from degradations.flow_based import FlowBasedDegradation, FlowDegradationConfig, compute_flow  # noqa: E402
+from cascade_vsr.core.optical_flow import compute_flow
+from cascade_vsr.core.video import read_video, sample_video_path  # noqa: E402
+from cascade_vsr.degradations.classic import ClassicDegradation  # noqa: E402
+from cascade_vsr.degradations.flow_based import FlowBasedDegradation, FlowDegradationConfig  # noqa: E402
 
 SIZE = (512, 896)
 

@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-# benchmarks/degradations.py would shadow the `degradations` package: import from the repository root instead
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cascade_vsr import demo  # noqa: E402
+from cascade_vsr.commands import demo  # noqa: E402
 
 # (steps, noise_frame_correlation, latent frames per attention window; 0: the model's own, the whole clip)
 SETTINGS = [(1, 0.0, 0), (2, 0.0, 0), (2, 1.0, 0), (2, 1.0, 5), (4, 1.0, 0), (8, 0.0, 0), (8, 1.0, 0)]
@@ -37,7 +32,9 @@ def main() -> None:
     args = demo.parse_args(
         ["--model", str(options.model), "--num-frames", str(options.num_frames), "--self-ensemble", "1"]
     )
-    pipes = {window: demo.load_pipeline(args.model, "cpu", temporal_window=window) for window in {s[2] for s in SETTINGS}}
+    pipes = {
+        window: demo.load_pipeline(args.model, "cpu", temporal_window=window) for window in {s[2] for s in SETTINGS}
+    }
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
 
@@ -59,8 +56,13 @@ def main() -> None:
             quality = f"{m['psnr']:8.2f}{m['ssim']:8.4f}" if "psnr" in m else f"{'':>16}"
             print(f"{clip:<14}{method:<38}{quality}{m['warping_error']:8.3f}{m['relative_warping_error']:11.3f}")
     options.output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"model": str(options.model), "num_frames": args.num_frames, "hr_size": list(args.hr_size),
-                "noise_aug_strength": args.noise_aug_strength, "seed": args.seed}
+    settings = {
+        "model": str(options.model),
+        "num_frames": args.num_frames,
+        "hr_size": list(args.hr_size),
+        "noise_aug_strength": args.noise_aug_strength,
+        "seed": args.seed,
+    }
     options.output.write_text(json.dumps({"settings": settings, "clips": results}, indent=2))
     print(f"wrote {options.output}")
 

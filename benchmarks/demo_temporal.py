@@ -15,31 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-# benchmarks/degradations.py would shadow the `degradations` package: import from the repository root instead
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from cascade_vsr import demo  # noqa: E402
-from cascade_vsr.metrics import consistency_mask, warp_residual  # noqa: E402
-from degradations.flow_based import compute_flow  # noqa: E402
+from cascade_vsr.commands import demo  # noqa: E402
+from cascade_vsr.core.metrics import consistency_mask, warp_residual  # noqa: E402
+from cascade_vsr.core.optical_flow import bidirectional_flow, compute_flow  # noqa: E402
 
 MOTION_BINS = ((0.0, 0.25), (0.25, 1.0), (1.0, 3.0), (3.0, float("inf")))  # ground-truth motion, HR pixels
 STILL = 0.25  # px
-
-
-def both_flows(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """DIS flows frame t -> t-1 and frame t-1 -> t, as `make demo` computes them."""
-    backward = compute_flow(frames, preset="medium")
-    forward = compute_flow(frames[::-1].copy(), preset="medium")[::-1].copy()
-    return backward, forward
 
 
 def error_residual(frames: np.ndarray, ground_truth: np.ndarray, backward, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +69,13 @@ def main() -> None:
         output = demo.super_resolve(pipe, lr, size, args, clip)
         held, still_share = detail_held_where_still(output, bicubic, lr)
 
-        backward, forward = both_flows(ground_truth)
+        backward, forward = bidirectional_flow(ground_truth)
         mask = consistency_mask(backward, forward)
         motion = torch.from_numpy(backward).double().norm(dim=-1)
-        residuals = {name: error_residual(frames, ground_truth, backward, mask) for name, frames in
-                     (("bicubic", bicubic), ("cascade_vsr", output), ("detail held where still", held))}
+        residuals = {
+            name: error_residual(frames, ground_truth, backward, mask)
+            for name, frames in (("bicubic", bicubic), ("cascade_vsr", output), ("detail held where still", held))
+        }
         valid = residuals["bicubic"][1]
         bins = []
         for low, high in MOTION_BINS:
@@ -113,8 +103,13 @@ def main() -> None:
             print(f"  {name:<34}{value:.3f}")
         print(f"  (pixels still through the clip by the LR flow: {result['lr_still_share']:.3f})")
     options.output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {"model": str(options.model), "num_frames": args.num_frames, "num_inference_steps":
-                args.num_inference_steps, "noise_frame_correlation": args.noise_frame_correlation, "seed": args.seed}
+    settings = {
+        "model": str(options.model),
+        "num_frames": args.num_frames,
+        "num_inference_steps": args.num_inference_steps,
+        "noise_frame_correlation": args.noise_frame_correlation,
+        "seed": args.seed,
+    }
     options.output.write_text(json.dumps({"settings": settings, "clips": results}, indent=2))
     print(f"wrote {options.output}")
 

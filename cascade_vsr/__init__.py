@@ -1,24 +1,17 @@
 """cascade-vsr: latent-cascaded video super-resolution (SimpleGVR) for text-to-video pipelines.
 
 The public API is imported lazily, so `import cascade_vsr` stays cheap (no torch / diffusers import
-until a name is used).
+until a name is used). The code lies in floors, each importing only the floors below it:
+`core` <- `models` <- `pipelines` <- `degradations`, `pair_dataset`, `training` <- `commands` (CLI, demo).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._lazy import lazy_exports
 
-# public name -> module that defines it
-_LAZY_IMPORTS = {
-    "LatentUpsampler3D": "cascade_vsr.upsampler",
-    "CascadeVSRTransformer3DModel": "cascade_vsr.transformer",
-    "CascadeVSRPipeline": "pipelines.pipeline_cascade_vsr",
-    "CascadeVSRPipelineOutput": "pipelines.pipeline_cascade_vsr",
-    "SpaceToDepthAutoencoder": "cascade_vsr.space_to_depth",
-}
+__version__ = "0.1.0"
 
 __all__ = [
     "CascadeVSRPipeline",
@@ -28,21 +21,19 @@ __all__ = [
     "SpaceToDepthAutoencoder",
 ]
 
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "LatentUpsampler3D": "cascade_vsr.models.upsampler",
+        "CascadeVSRTransformer3DModel": "cascade_vsr.models.transformer",
+        "SpaceToDepthAutoencoder": "cascade_vsr.models.space_to_depth",
+        "CascadeVSRPipeline": "cascade_vsr.pipelines.pipeline_cascade_vsr",
+        "CascadeVSRPipelineOutput": "cascade_vsr.pipelines.pipeline_cascade_vsr",
+    },
+)
+
 if TYPE_CHECKING:
-    from pipelines.pipeline_cascade_vsr import CascadeVSRPipeline, CascadeVSRPipelineOutput
-
-    from .space_to_depth import SpaceToDepthAutoencoder
-    from .transformer import CascadeVSRTransformer3DModel
-    from .upsampler import LatentUpsampler3D
-
-
-def __getattr__(name: str):
-    if name in _LAZY_IMPORTS:
-        value = getattr(importlib.import_module(_LAZY_IMPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'cascade_vsr' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+    from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
+    from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
+    from cascade_vsr.models.upsampler import LatentUpsampler3D
+    from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline, CascadeVSRPipelineOutput

@@ -12,10 +12,10 @@ import sys
 
 # sub-command -> module implementing it
 COMMANDS = {
-    "demo": "cascade_vsr.demo",
-    "make-pairs": "degradations.make_pairs",
-    "train": "cascade_vsr.training.cmd_train",
-    "calibrate-sampler": "cascade_vsr.training.cmd_calibrate",
+    "demo": "cascade_vsr.commands.demo",
+    "make-pairs": "cascade_vsr.degradations.make_pairs",
+    "train": "cascade_vsr.commands.train",
+    "calibrate-sampler": "cascade_vsr.commands.calibrate_sampler",
 }
 
 

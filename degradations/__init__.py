@@ -1,29 +1,22 @@
 """Training-pair synthesis for cascade-vsr: flow-based, model-guided and classic degradations, quality filters
-and the pair-dataset builder (`cascade-vsr make-pairs`)."""
+and the pair-dataset builder (`cascade-vsr make-pairs`).
+
+Installed as `cascade_vsr.degradations`; names are imported lazily (the model-guided part pulls in diffusers).
+"""
 
 from __future__ import annotations
 
-import importlib
+from cascade_vsr._lazy import lazy_exports
 
-# public name -> module that defines it (imported lazily: the model-guided part pulls in diffusers)
-_LAZY_IMPORTS = {
-    "FlowBasedDegradation": "degradations.flow_based",
-    "FlowDegradationConfig": "degradations.flow_based",
-    "compute_flow": "degradations.flow_based",
-    "ClassicDegradation": "degradations.classic",
-    "ClassicDegradationConfig": "degradations.classic",
-    "ModelGuidedDegradation": "degradations.model_guided",
-    "ModelGuidedDegradationConfig": "degradations.model_guided",
-    "QualityFilter": "degradations.quality",
-    "QualityFilterConfig": "degradations.quality",
+_EXPORTS = {
+    "FlowBasedDegradation": "cascade_vsr.degradations.flow_based",
+    "FlowDegradationConfig": "cascade_vsr.degradations.flow_based",
+    "ClassicDegradation": "cascade_vsr.degradations.classic",
+    "ClassicDegradationConfig": "cascade_vsr.degradations.classic",
+    "ModelGuidedDegradation": "cascade_vsr.degradations.model_guided",
+    "ModelGuidedDegradationConfig": "cascade_vsr.degradations.model_guided",
+    "QualityFilter": "cascade_vsr.degradations.quality",
+    "QualityFilterConfig": "cascade_vsr.degradations.quality",
 }
-
-__all__ = sorted(_LAZY_IMPORTS)
-
-
-def __getattr__(name: str):
-    if name in _LAZY_IMPORTS:
-        value = getattr(importlib.import_module(_LAZY_IMPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'degradations' has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

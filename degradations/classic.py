@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .common import check_range, check_video, uniform
+from cascade_vsr.core.video import check_video, resize_video
+from cascade_vsr.degradations.common import check_range, uniform
 
 KERNEL_TYPES = ("iso", "aniso", "generalized", "plateau", "sinc")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
@@ -279,13 +280,9 @@ def filter_frames(video: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 
 
 def resize(video: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Batched resize of (T, C, H, W) in [0, 1] with an area, bilinear or bicubic filter (area enlarges like
-    nearest neighbour, so enlarging with it uses bilinear instead)."""
-    if mode == "area" and size[0] * size[1] > video.shape[-2] * video.shape[-1]:
-        mode = "bilinear"
-    if mode == "area":
-        return F.interpolate(video, size=size, mode="area")
-    return F.interpolate(video, size=size, mode=mode, align_corners=False).clamp(0, 1)
+    """`resize_video` of (T, C, H, W) in [0, 1], clamped back into [0, 1] where the filter can overshoot."""
+    resized = resize_video(video, size, mode)
+    return resized if mode == "area" else resized.clamp(0, 1)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

@@ -14,13 +14,9 @@ import cv2
 import numpy as np
 from einops import rearrange
 
-from .common import check_range, check_video, uniform
-
-DIS_PRESETS = {
-    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
-    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
-    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
-}
+from cascade_vsr.core.optical_flow import DIS_PRESETS, compute_flow
+from cascade_vsr.core.video import check_video
+from cascade_vsr.degradations.common import check_range, uniform
 
 
 @dataclass
@@ -76,25 +72,6 @@ def line_kernel(length: int, angle: float) -> np.ndarray:
 def kernel_bank(num_directions: int, lengths: tuple[int, ...]) -> list[np.ndarray]:
     """Kernels indexed by direction * len(lengths) + length index."""
     return [line_kernel(length, d * np.pi / num_directions) for d in range(num_directions) for length in lengths]
-
-
-def compute_flow(frames: np.ndarray, preset: str = "fast", scale: float = 1.0) -> np.ndarray:
-    """DIS flow (T-1, H, W, 2) mapping each pixel of frame t to its position in frame t-1."""
-    check_video(frames, "frames", min_frames=2)
-    if preset not in DIS_PRESETS:
-        raise ValueError(f"`preset` must be one of {sorted(DIS_PRESETS)}, got {preset!r}")
-    height, width = frames.shape[1:3]
-    gray = np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames])
-    if scale < 1:
-        size = (max(8, round(width * scale)), max(8, round(height * scale)))
-        gray = np.stack([cv2.resize(g, size, interpolation=cv2.INTER_AREA) for g in gray])
-    dis = cv2.DISOpticalFlow_create(DIS_PRESETS[preset])
-    # one DIS call per frame pair: the per-frame loop is the flow itself
-    flow = np.stack([dis.calc(gray[t], gray[t - 1], None) for t in range(1, len(gray))])
-    if scale < 1:
-        factors = np.array([width / gray.shape[2], height / gray.shape[1]], dtype=np.float32)
-        flow = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_LINEAR) for f in flow]) * factors
-    return flow
 
 
 def pool(flow: np.ndarray, step: int) -> np.ndarray:

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--classic-options",
         type=json.loads,
         default=None,
-        help='JSON object of ClassicDegradationConfig overrides, e.g. \'{"gaussian_sigma": [0, 3]}\' for milder pairs',
+        help="JSON object of ClassicDegradationConfig overrides, e.g. '{\"gaussian_sigma\": [0, 3]}' for milder pairs",
     )
     parser.add_argument(
         "--still-fraction",
@@ -224,9 +224,7 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         dis_preset=args.dis_preset,
         alpha=tuple(args.alpha),
         sdedit_steps=args.sdedit_steps,
-        upstream=(
-            args.upstream if args.upstream in (None, SPACE_TO_DEPTH) else str(Path(args.upstream).resolve())
-        ),
+        upstream=(args.upstream if args.upstream in (None, SPACE_TO_DEPTH) else str(Path(args.upstream).resolve())),
         prompt=args.prompt,
         text_embeds=bool(args.text_embeds),
         frames_format=args.frames_format,
@@ -272,7 +270,7 @@ def clip_seed(seed: int, cid: str) -> int:
 
 def plan_clips(videos: list[Path], settings: PairSettings) -> list[dict]:
     """Every clip of every video: {"id", "source", "start"}; ValueError naming an unreadable or short video."""
-    from cascade_vsr.video import video_info
+    from cascade_vsr.core.video import video_info
 
     span = (settings.num_frames - 1) * settings.stride + 1
     step = settings.clip_step or settings.num_frames * settings.stride
@@ -384,9 +382,9 @@ def _worker_state(settings: PairSettings) -> dict:
     """Degradations, quality filter and the upstream pipeline, built once per process."""
     key = json.dumps(settings.dataset_config(), sort_keys=True)
     if _STATE.get("key") != key:
-        from .classic import ClassicDegradation
-        from .flow_based import FlowBasedDegradation, FlowDegradationConfig
-        from .quality import QualityFilter, QualityFilterConfig
+        from cascade_vsr.degradations.classic import ClassicDegradation
+        from cascade_vsr.degradations.flow_based import FlowBasedDegradation, FlowDegradationConfig
+        from cascade_vsr.degradations.quality import QualityFilter, QualityFilterConfig
 
         state = {
             "key": key,
@@ -399,13 +397,13 @@ def _worker_state(settings: PairSettings) -> dict:
             ),
         }
         if settings.upstream:
-            from pipelines.adapters import get_adapter
+            from cascade_vsr.pipelines.adapters import get_adapter
 
             upstream = load_upstream(settings.upstream)
             state["adapter"] = get_adapter(upstream)
             state["vae"] = getattr(upstream, "vae", upstream)  # a pipeline's VAE, or the VAE itself
             if settings.upstream != SPACE_TO_DEPTH:
-                from .model_guided import ModelGuidedDegradation, ModelGuidedDegradationConfig
+                from cascade_vsr.degradations.model_guided import ModelGuidedDegradation, ModelGuidedDegradationConfig
 
                 state["model_guided"] = ModelGuidedDegradation(
                     upstream,
@@ -420,7 +418,7 @@ def _worker_state(settings: PairSettings) -> dict:
 
 def classic_config(options: dict | None, order: int):
     """ClassicDegradationConfig with `--classic-options` overrides; ValueError naming the option otherwise."""
-    from .classic import ClassicDegradationConfig
+    from cascade_vsr.degradations.classic import ClassicDegradationConfig
 
     options = dict(options or {})
     unknown = set(options) - set(ClassicDegradationConfig.__dataclass_fields__)
@@ -450,7 +448,7 @@ def load_upstream(path: str):
     """A diffusers pipeline saved with save_pretrained, loaded offline (nothing is downloaded), or the
     space-to-depth autoencoder for `space_to_depth`."""
     if path == SPACE_TO_DEPTH:
-        from cascade_vsr.space_to_depth import SpaceToDepthAutoencoder
+        from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 
         return SpaceToDepthAutoencoder()
     from diffusers import DiffusionPipeline
@@ -458,39 +456,10 @@ def load_upstream(path: str):
     return DiffusionPipeline.from_pretrained(path, local_files_only=True)
 
 
-def resize_video(frames, size: tuple[int, int], crop_to_aspect: bool = True):
-    """Resize uint8 (T, H, W, 3) to `size`, all frames at once (area filter to shrink, bicubic to enlarge).
-
-    With `crop_to_aspect`, first centre-crop to the aspect of `size` (source clip -> HR). Without it the whole
-    frame is resized (HR -> LR): LR and HR then cover exactly the same field of view even when rounding the LR
-    size to a multiple changes its aspect slightly, so every LR pixel maps to HR by a fixed per-axis scale."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from einops import rearrange
-
-    num, height, width = frames.shape[:3]
-    target_h, target_w = size
-    if crop_to_aspect and height * target_w > width * target_h:  # too tall
-        crop = round(width * target_h / target_w)
-        frames = frames[:, (height - crop) // 2 : (height - crop) // 2 + crop]
-    elif crop_to_aspect:  # too wide
-        crop = round(height * target_w / target_h)
-        frames = frames[:, :, (width - crop) // 2 : (width - crop) // 2 + crop]
-    if frames.shape[1:3] == (target_h, target_w):
-        return np.ascontiguousarray(frames)
-    video = rearrange(torch.from_numpy(np.ascontiguousarray(frames)).float(), "t h w c -> t c h w")
-    if frames.shape[1] >= target_h:
-        video = F.interpolate(video, size=(target_h, target_w), mode="area")
-    else:
-        video = F.interpolate(video, size=(target_h, target_w), mode="bicubic", align_corners=False)
-    return rearrange(video.clamp(0, 255).round().to(torch.uint8), "t c h w -> t h w c").numpy()
-
-
 def write_frames(folder: Path, name: str, frames, settings: PairSettings) -> str:
     import cv2
 
-    from cascade_vsr.video import write_video
+    from cascade_vsr.core.video import write_video
 
     if settings.frames_format == "mp4":
         write_video(folder / f"{name}.mp4", frames, fps=24.0, codec="libx264", crf=settings.crf)
@@ -508,7 +477,7 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from cascade_vsr.video import read_video
+    from cascade_vsr.core.video import frames_to_tensor, read_video, resize_frames
 
     clip, settings, root = task
     root = Path(root)
@@ -526,22 +495,26 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
     rng = np.random.default_rng(seed)
     names = sorted(settings.degradations)
     kind = names[rng.choice(len(names), p=[settings.degradations[n] for n in names])]
-    hr = resize_video(source, settings.hr_size)
+    hr = resize_frames(source, settings.hr_size, crop_to_aspect=True)
     still = None
     still_rng = np.random.default_rng([seed, 1])  # its own stream: the other clips stay as without stills
     if still_rng.random() < settings.still_fraction:
-        from .still import still_clip
+        from cascade_vsr.degradations.still import still_clip
 
         middle = settings.num_frames // 2
         hr = still_clip(hr[middle], settings.num_frames, settings.still_noise, still_rng)
         still = {"frame": middle, "noise_std": settings.still_noise}
-    lr_clean = resize_video(hr, settings.lr_size, crop_to_aspect=False)
+    lr_clean = resize_frames(hr, settings.lr_size)
     lr_latents = None
     if kind == "model_guided":
         degradation = state["model_guided"]
         lr_latents, params = degradation.apply(lr_clean, seed)
         lr = degradation.decode(lr_latents)[: settings.num_frames]
-        lr = resize_video(lr, settings.lr_size) if lr.shape[1:3] != tuple(settings.lr_size) else lr
+        lr = (
+            resize_frames(lr, settings.lr_size, crop_to_aspect=True)
+            if lr.shape[1:3] != tuple(settings.lr_size)
+            else lr
+        )
         degradation_record = {"kind": "model_guided", "params": params}
     elif kind == "none":  # a clean share keeps the stage faithful on inputs that are already sharp
         lr = lr_clean
@@ -557,13 +530,11 @@ def process_clip(task: tuple[dict, PairSettings, str]) -> dict:
     lr_name = write_frames(tmp, "lr", lr, settings)
     latents_name = None
     if settings.upstream:
-        from .model_guided import frames_to_video
-
         adapter, vae = state["adapter"], state["vae"]
         with torch.no_grad():
-            tensors = {"hr_latents": adapter.encode(vae, frames_to_video(hr).to(vae.dtype))[0]}
+            tensors = {"hr_latents": adapter.encode(vae, frames_to_tensor(hr).to(vae.dtype))[0]}
             if lr_latents is None:
-                lr_latents = adapter.encode(vae, frames_to_video(lr).to(vae.dtype))
+                lr_latents = adapter.encode(vae, frames_to_tensor(lr).to(vae.dtype))
         tensors["lr_latents"] = lr_latents[0]
         if settings.text_embeds:
             embeds, mask = state["model_guided"].encode_prompt(settings.prompt)
@@ -609,9 +580,8 @@ def build_dataset(
     root = Path(root)
     videos = find_videos(inputs)
     if settings.upstream:
-        from pipelines.adapters import get_adapter
-
-        from .model_guided import ModelGuidedDegradation  # noqa: F401  (fails early when diffusers is broken)
+        from cascade_vsr.degradations.model_guided import ModelGuidedDegradation  # noqa: F401  (fails early when diffusers is broken)
+        from cascade_vsr.pipelines.adapters import get_adapter
 
         adapter = get_adapter(load_upstream(settings.upstream))
         adapter.check_num_frames(settings.num_frames, "--num-frames")
@@ -667,7 +637,7 @@ def write_preview(root: Path, count: int, settings: PairSettings) -> Path:
     import cv2
     import numpy as np
 
-    from .flow_based import compute_flow
+    from cascade_vsr.core.optical_flow import compute_flow
 
     records = sorted(read_manifest(root).values(), key=lambda r: r["id"])[:count]
     rows = []
@@ -696,7 +666,7 @@ def load_frames(path: Path):
     import cv2
     import numpy as np
 
-    from cascade_vsr.video import read_video
+    from cascade_vsr.core.video import read_video
 
     path = Path(path)
     if path.is_dir():

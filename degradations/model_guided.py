@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
-from .common import check_range, check_video, uniform
+from cascade_vsr.core.video import check_video, frames_to_tensor, tensor_to_frames
+from cascade_vsr.degradations.common import check_range, uniform
 
 SUPPORTED_FAMILIES = ("wan", "cogvideox")
 
@@ -40,20 +39,6 @@ class ModelGuidedDegradationConfig:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {self.num_inference_steps}")
 
 
-def frames_to_video(frames: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> (1, 3, T, h, w) float in [-1, 1], area-downsampled to `size` when given."""
-    video = rearrange(torch.from_numpy(np.ascontiguousarray(frames)).float(), "t h w c -> t c h w") / 127.5 - 1
-    if size is not None and tuple(size) != tuple(video.shape[-2:]):
-        video = F.interpolate(video, size=tuple(size), mode="area")
-    return rearrange(video, "t c h w -> 1 c t h w")
-
-
-def video_to_frames(video: torch.Tensor) -> np.ndarray:
-    """(1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
-    video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return rearrange(video, "c t h w -> t h w c").cpu().numpy()
-
-
 class ModelGuidedDegradation:
     """`ModelGuidedDegradation(pipeline, config)(frames, seed) -> c^0` latents (1, C, T', h, w) in the model's
     latent space (`adapter.name`). `frames` is the uint8 video; `size` downsamples it first (the LR size).
@@ -64,7 +49,7 @@ class ModelGuidedDegradation:
     kind = "model_guided"
 
     def __init__(self, pipeline, config: ModelGuidedDegradationConfig | None = None):
-        from pipelines.adapters import get_adapter
+        from cascade_vsr.pipelines.adapters import get_adapter
 
         self.config = config or ModelGuidedDegradationConfig()
         self.pipeline = pipeline
@@ -107,7 +92,7 @@ class ModelGuidedDegradation:
     def encode(self, frames: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
         """c0: the model-space latent (1, C, T', h, w) of the (downsampled) uint8 video."""
         check_video(frames, "frames")
-        video = frames_to_video(frames, size)
+        video = frames_to_tensor(frames, size)
         self.adapter.check_num_frames(video.shape[2], "frames")
         vae = self.pipeline.vae
         return self.adapter.encode(vae, video.to(vae.device, vae.dtype), sample=self.config.sample_posterior).float()
@@ -218,4 +203,4 @@ class ModelGuidedDegradation:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Model-space latents (1, C, T', h, w) -> uint8 frames (T, H, W, 3) through the upstream VAE."""
         vae = self.pipeline.vae
-        return video_to_frames(self.adapter.decode(vae, latents.to(vae.device, vae.dtype)))
+        return tensor_to_frames(self.adapter.decode(vae, latents.to(vae.device, vae.dtype)))

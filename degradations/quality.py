@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .common import check_video
+from cascade_vsr.core.video import check_video
 
 
 @dataclass

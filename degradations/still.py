@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import check_video
+from cascade_vsr.core.video import check_video
 
 LOWPASS_SIGMA = 1.5  # px: the scale of the low-frequency half of the per-frame variation
 

@@ -1,1 +1,2 @@
-"""diffusers integration of cascade-vsr: the pipeline stage and the upstream latent-format adapters."""
+"""diffusers integration of cascade-vsr, installed as `cascade_vsr.pipelines`: the pipeline stage and the
+upstream latent-format adapters."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from cascade_vsr.validation import check_latents
+from cascade_vsr.core.validation import check_latents
 
 # Upstream text-to-video families; `space_to_depth` (pixel space, see SpaceToDepthAdapter) is a latent space too.
 FAMILIES = ("wan", "cogvideox", "hunyuan_video", "ltx_video", "mochi")
@@ -30,8 +30,13 @@ _VAE_FAMILIES = {
     "SpaceToDepthAutoencoder": "space_to_depth",
 }
 # Pipeline class name prefix -> family, for pipelines loaded without a VAE.
-_PIPELINE_PREFIXES = {"Wan": "wan", "CogVideoX": "cogvideox", "HunyuanVideo": "hunyuan_video", "LTX": "ltx_video",
-                      "Mochi": "mochi"}
+_PIPELINE_PREFIXES = {
+    "Wan": "wan",
+    "CogVideoX": "cogvideox",
+    "HunyuanVideo": "hunyuan_video",
+    "LTX": "ltx_video",
+    "Mochi": "mochi",
+}
 
 
 def _retrieve_latents(encoder_output: Any, generator: torch.Generator | None, sample: bool) -> torch.Tensor:
@@ -241,13 +246,21 @@ class MochiAdapter(LatentAdapter):
 
     name = "mochi"
 
-    def __init__(self, latent_channels: int = 12, temporal_compression: int = 6, spatial_compression: int = 8,
-                 name: str | None = None):
+    def __init__(
+        self,
+        latent_channels: int = 12,
+        temporal_compression: int = 6,
+        spatial_compression: int = 8,
+        name: str | None = None,
+    ):
         super().__init__(latent_channels, temporal_compression, spatial_compression, name)
 
     @staticmethod
     def _has_stats(vae: Any) -> bool:
-        return getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None
+        return (
+            getattr(vae.config, "latents_mean", None) is not None
+            and getattr(vae.config, "latents_std", None) is not None
+        )
 
     def to_vae(self, latents: torch.Tensor, vae: Any) -> torch.Tensor:
         # pipeline_mochi.py: latents * latents_std / scaling_factor + latents_mean (or / scaling_factor only)
@@ -276,8 +289,15 @@ class LTXVideoAdapter(LatentAdapter):
 
     name = "ltx_video"
 
-    def __init__(self, latent_channels: int = 128, temporal_compression: int = 8, spatial_compression: int = 32,
-                 name: str | None = None, patch_size: int = 1, patch_size_t: int = 1):
+    def __init__(
+        self,
+        latent_channels: int = 128,
+        temporal_compression: int = 8,
+        spatial_compression: int = 32,
+        name: str | None = None,
+        patch_size: int = 1,
+        patch_size_t: int = 1,
+    ):
         super().__init__(latent_channels, temporal_compression, spatial_compression, name)
         self.patch_size, self.patch_size_t = patch_size, patch_size_t
 
@@ -309,8 +329,14 @@ class LTXVideoAdapter(LatentAdapter):
             )
         # pipeline_ltx.py _unpack_latents: (B, S, D) -> (B, C, F, H, W), D = (C, p_t, p, p)
         return rearrange(
-            latents, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
-            t=num_frames // pt, h=height // p, w=width // p, pt=pt, ph=p, pw=p,
+            latents,
+            "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+            t=num_frames // pt,
+            h=height // p,
+            w=width // p,
+            pt=pt,
+            ph=p,
+            pw=p,
         )
 
     def from_model(self, latents: torch.Tensor, vae: Any = None) -> torch.Tensor:
@@ -347,8 +373,13 @@ class SpaceToDepthAdapter(LatentAdapter):
 
     name = "space_to_depth"
 
-    def __init__(self, latent_channels: int = 48, temporal_compression: int = 1, spatial_compression: int = 4,
-                 name: str | None = None):
+    def __init__(
+        self,
+        latent_channels: int = 48,
+        temporal_compression: int = 1,
+        spatial_compression: int = 4,
+        name: str | None = None,
+    ):
         super().__init__(latent_channels, temporal_compression, spatial_compression, name)
 
     @classmethod
@@ -398,8 +429,9 @@ def get_adapter(upstream: Any) -> LatentAdapter:
     """The adapter of an upstream latent format: a family name (also "wan_z48" for Wan 2.2 TI2V's 48-channel
     space), a diffusers pipeline instance, or a VAE instance (whose config then sets the geometry)."""
     if isinstance(upstream, str) and upstream.startswith("wan_z") and upstream[5:].isdigit():
-        return WanAdapter(latent_channels=int(upstream[5:]), spatial_compression=16 if upstream == "wan_z48" else 8,
-                          name=upstream)
+        return WanAdapter(
+            latent_channels=int(upstream[5:]), spatial_compression=16 if upstream == "wan_z48" else 8, name=upstream
+        )
     family, vae = _family_of(upstream)
     if family not in _ADAPTERS:
         raise ValueError(f"`upstream` must be one of {tuple(_ADAPTERS)}, got {family!r}")

@@ -1,7 +1,7 @@
 """CascadeVSRPipeline: the latent super-resolution stage that chains after a text-to-video pipeline.
 
-    upstream pipeline (output_type="latent") -> adapter.to_model -> LatentUpsampler3D -> noise augmentation
-    -> N flow-matching steps of CascadeVSRTransformer3DModel -> the upstream VAE decodes (model space -> pixels)
+upstream pipeline (output_type="latent") -> adapter.to_model -> LatentUpsampler3D -> noise augmentation
+-> N flow-matching steps of CascadeVSRTransformer3DModel -> the upstream VAE decodes (model space -> pixels)
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from diffusers.video_processor import VideoProcessor
 from einops import rearrange
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cascade_vsr.flow import frame_correlated_noise, noise_augment
-from cascade_vsr.space_to_depth import SpaceToDepthAutoencoder
-from cascade_vsr.transformer import CascadeVSRTransformer3DModel
-from cascade_vsr.upsampler import LatentUpsampler3D, resize_frames
-
-from .adapters import LatentAdapter, get_adapter
+from cascade_vsr.core.flow import frame_correlated_noise, noise_augment
+from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
+from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
+from cascade_vsr.models.upsampler import LatentUpsampler3D, resize_frames
+from cascade_vsr.pipelines.adapters import LatentAdapter, get_adapter
 
 OUTPUT_TYPES = ("latent", "np", "pt", "pil")
 COLOR_FIXES = ("wavelet", "adain")
@@ -323,9 +322,13 @@ class CascadeVSRPipeline(DiffusionPipeline):
             raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale}")
         if sigmas is not None:
             values = np.asarray(sigmas, dtype=np.float64)
-            if values.ndim != 1 or len(values) == 0 or (values <= 0).any() or (values > 1).any() or (
-                np.diff(values) >= 0
-            ).any():
+            if (
+                values.ndim != 1
+                or len(values) == 0
+                or (values <= 0).any()
+                or (values > 1).any()
+                or (np.diff(values) >= 0).any()
+            ):
                 raise ValueError(f"`sigmas` must be a non-empty, strictly decreasing list in (0, 1], got {sigmas}")
         if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int) or decode_chunk_size < 1):
             raise ValueError(f"`decode_chunk_size` must be a positive int (latent frames), got {decode_chunk_size!r}")
@@ -401,7 +404,9 @@ class CascadeVSRPipeline(DiffusionPipeline):
             if isinstance(text, list) and len(text) not in (1, batch):
                 raise ValueError(f"`{name}` must have 1 or {batch} (batch of the latents) entries, got {len(text)}")
             if self.text_encoder is None or self.tokenizer is None:
-                raise ValueError(f"`{name}` needs the upstream's `text_encoder` and `tokenizer`; or pass `{name}_embeds`")
+                raise ValueError(
+                    f"`{name}` needs the upstream's `text_encoder` and `tokenizer`; or pass `{name}_embeds`"
+                )
         self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt", batch)
         self._check_embeds(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt", batch)
         return adapter, lr, grid, target
@@ -410,8 +415,16 @@ class CascadeVSRPipeline(DiffusionPipeline):
 
     def _text_conditioning(
         self,
-        prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, prompt_attention_mask,
-        negative_prompt_attention_mask, batch: int, do_cfg: bool, max_sequence_length: int, device: torch.device,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_attention_mask,
+        batch: int,
+        do_cfg: bool,
+        max_sequence_length: int,
+        device: torch.device,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(B or 2B, L, D) embeddings and mask; with CFG the unconditional half comes first."""
         if prompt is not None:
@@ -562,11 +575,28 @@ class CascadeVSRPipeline(DiffusionPipeline):
 
         # 1. Check every input (cheap) before any heavy compute.
         adapter, lr, grid, (height, width) = self.check_inputs(
-            lr_latents, video, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            prompt_attention_mask, negative_prompt_attention_mask, height, width, scale, num_inference_steps,
-            sigmas, guidance_scale, noise_aug_strength, noise_frame_correlation, num_videos_per_prompt, output_type,
+            lr_latents,
+            video,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+            height,
+            width,
+            scale,
+            num_inference_steps,
+            sigmas,
+            guidance_scale,
+            noise_aug_strength,
+            noise_frame_correlation,
+            num_videos_per_prompt,
+            output_type,
             color_fix,
-            callback_on_step_end_tensor_inputs, decode_chunk_size, upstream_shape,
+            callback_on_step_end_tensor_inputs,
+            decode_chunk_size,
+            upstream_shape,
         )
         sc = adapter.spatial_compression
         latent_size = (math.ceil(height / sc), math.ceil(width / sc))
@@ -592,8 +622,16 @@ class CascadeVSRPipeline(DiffusionPipeline):
         # 3. Text conditioning (CFG halves batched: unconditional first).
         text_batch = batch
         prompt_embeds, prompt_attention_mask = self._text_conditioning(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, prompt_attention_mask,
-            negative_prompt_attention_mask, text_batch, do_cfg, max_sequence_length, device,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+            text_batch,
+            do_cfg,
+            max_sequence_length,
+            device,
         )
 
         # 4. Upsample once and noise-augment once: the condition is fixed through denoising.

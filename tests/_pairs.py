@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import save_file
 
-from cascade_vsr.video import read_video, sample_video_path, write_video
+from cascade_vsr.core.video import read_video, sample_video_path, write_video
 
 SPACE_TO_DEPTH = 4
 LATENT_CHANNELS = 3 * SPACE_TO_DEPTH**2

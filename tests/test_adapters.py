@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import CogVideoXPipeline, LTXPipeline
 
-from pipelines import testing_utils as tu
-from pipelines.adapters import FAMILIES, get_adapter
+from cascade_vsr import testing as tu
+from cascade_vsr.pipelines.adapters import FAMILIES, get_adapter
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,10 @@ def _model_latents(adapter, frames=3, height=4, width=6, seed=0):
 
 def test_get_adapter_by_name_pipeline_and_vae(vaes):
     expected = {  # name: (channels, temporal, spatial) of the released models
-        "wan": (16, 4, 8), "cogvideox": (16, 4, 8), "hunyuan_video": (16, 4, 8), "ltx_video": (128, 8, 32),
+        "wan": (16, 4, 8),
+        "cogvideox": (16, 4, 8),
+        "hunyuan_video": (16, 4, 8),
+        "ltx_video": (128, 8, 32),
         "mochi": (12, 6, 8),
     }
     for name in FAMILIES:
@@ -41,7 +44,10 @@ def test_get_adapter_by_name_pipeline_and_vae(vaes):
     assert get_adapter("wan_z48").latent_channels == 48 and get_adapter("wan_z48").spatial_compression == 16
     # From a VAE, the geometry comes from its config (the tiny test VAEs differ from the released ones).
     assert get_adapter(vaes["cogvideox"]).latent_channels == 4
-    assert (get_adapter(vaes["ltx_video"]).spatial_compression, get_adapter(vaes["ltx_video"]).temporal_compression) == (4, 4)
+    assert (
+        get_adapter(vaes["ltx_video"]).spatial_compression,
+        get_adapter(vaes["ltx_video"]).temporal_compression,
+    ) == (4, 4)
     pipe = tu.tiny_cogvideox_pipeline()
     assert get_adapter(pipe).name == "cogvideox"
     pipe.vae = None
@@ -79,7 +85,9 @@ def test_ltx_packing_matches_ltx_pipeline(patch):
     z = _model_latents(adapter, frames=2, height=4, width=6)
     packed = LTXPipeline._pack_latents(z, patch_size, patch_size_t)
     assert torch.equal(adapter.from_model(z), packed)
-    unpacked = LTXPipeline._unpack_latents(packed, 2 // patch_size_t, 4 // patch_size, 6 // patch_size, patch_size, patch_size_t)
+    unpacked = LTXPipeline._unpack_latents(
+        packed, 2 // patch_size_t, 4 // patch_size, 6 // patch_size, patch_size, patch_size_t
+    )
     assert torch.equal(adapter.to_model(packed, latent_num_frames=2, latent_height=4, latent_width=6), unpacked)
     # pixel sizes of the upstream call give the same grid: 9 frames -> 2, 128 x 192 px -> 4 x 6 latents
     assert torch.equal(adapter.to_model(packed, num_frames=9, height=128, width=192), z)

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from cascade_vsr.attention import (
+from cascade_vsr.models.attention import (
     adaptive_window_size,
     full_attention,
     partition_axis,

@@ -6,9 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
-from degradations.classic import ClassicDegradation, ClassicDegradationConfig, blur_kernels, encode_video
-from degradations.flow_based import FlowBasedDegradation, FlowDegradationConfig, compute_flow, line_kernel
-from degradations.quality import QualityFilter, laplacian_variance
+from cascade_vsr.core.optical_flow import compute_flow
+from cascade_vsr.degradations.classic import ClassicDegradation, ClassicDegradationConfig, blur_kernels, encode_video
+from cascade_vsr.degradations.flow_based import FlowBasedDegradation, FlowDegradationConfig, line_kernel
+from cascade_vsr.degradations.quality import QualityFilter, laplacian_variance
 
 
 def smooth_texture(height, width, seed=0, sigma=2.0):

@@ -11,13 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_vsr import demo
+from cascade_vsr.commands import demo
+from cascade_vsr.core.video import read_video, resize_frames, sample_video_path
 from cascade_vsr.training.trainer import export_pipeline
-from cascade_vsr.video import read_video, sample_video_path
 from tests.conftest import randomize_
 
 PLACEHOLDER_TRANSFORMER = dict(
-    latent_channels=48, num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=16,
+    latent_channels=48,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    ffn_dim=64,
+    text_dim=16,
     latent_space="space_to_depth",
 )
 
@@ -41,13 +46,22 @@ def test_demo_runs_end_to_end(tmp_path):
     model = export_placeholder(tmp_path / "model")
     out = tmp_path / "out"
     args = _args(
-        model, out, num_frames=3, hr_size=[64, 112], num_inference_steps=2, chunk_frames=2, crop_size=24, temporal_unit=2
+        model,
+        out,
+        num_frames=3,
+        hr_size=[64, 112],
+        num_inference_steps=2,
+        chunk_frames=2,
+        crop_size=24,
+        temporal_unit=2,
     )
     assert demo.run(args) == 0
 
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary) == {"settings", "model", "clips", "wall_time_seconds"}
-    assert summary["model"]["parameters"]["total"] == sum(summary["model"]["parameters"][k] for k in ("upsampler", "transformer"))
+    assert summary["model"]["parameters"]["total"] == sum(
+        summary["model"]["parameters"][k] for k in ("upsampler", "transformer")
+    )
     assert summary["settings"]["num_inference_steps"] == 2 and summary["settings"]["chunk_frames"] == 2
     assert summary["settings"]["temporal_unit"] == 2  # --temporal-unit overrides the model's attention scope
     assert set(summary["clips"]) == {"bigbuckbunny", "carphone"}
@@ -75,8 +89,17 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_whole_clip_with_the_models_own_attention(tmp_path):
     model = export_placeholder(tmp_path / "model")
     out = tmp_path / "out"
-    args = _args(model, out, clips=["carphone"], num_frames=3, hr_size=[48, 64], num_inference_steps=1,
-                 temporal_unit=0, crop_size=16, zoom=2)
+    args = _args(
+        model,
+        out,
+        clips=["carphone"],
+        num_frames=3,
+        hr_size=[48, 64],
+        num_inference_steps=1,
+        temporal_unit=0,
+        crop_size=16,
+        zoom=2,
+    )
     assert demo.run(args) == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["settings"]["temporal_unit"] is None and summary["settings"]["chunk_frames"] is None
@@ -97,7 +120,7 @@ def test_ground_truth_sizes_at_the_default_hr_size():
     assert bunny.shape == (2, 352, 640, 3) and fps == 25
     carphone, _ = demo.load_ground_truth("carphone", 2, (352, 640))  # smaller than --hr-size: used as is
     np.testing.assert_array_equal(carphone, read_video(sample_video_path("carphone_pristine.mp4"), num_frames=2))
-    lr = demo.resize(carphone, (72, 88), mode="area")
+    lr = resize_frames(carphone, (72, 88), mode="area")
     expected = carphone.reshape(2, 72, 2, 88, 2, 3).astype(np.float64).mean(axis=(2, 4))
     np.testing.assert_array_equal(lr, np.round(expected).astype(np.uint8))
 
@@ -184,8 +207,12 @@ class _NotEquivariantPipe:
 def test_self_ensemble_averages_the_transformed_runs(size):
     lr = np.random.default_rng(3).integers(0, 256, size=(3, 4, 6, 3), dtype=np.uint8)
     args = argparse.Namespace(
-        self_ensemble=size, chunk_frames=2, num_inference_steps=1, noise_aug_strength=0.0,
-        noise_frame_correlation=1.0, seed=0,
+        self_ensemble=size,
+        chunk_frames=2,
+        num_inference_steps=1,
+        noise_aug_strength=0.0,
+        noise_frame_correlation=1.0,
+        seed=0,
     )
     pipe = _NotEquivariantPipe()
     result = demo.super_resolve(pipe, lr, (8, 12), args, "test")
@@ -202,5 +229,9 @@ def test_self_ensemble_averages_the_transformed_runs(size):
     assert pipe.batches == [2] * size  # one run per transform, its 2 chunks batched
     assert pipe.seeds == list(range(size))  # each run its own noise
     if size > 1:
-        assert not np.array_equal(result, demo.super_resolve(_NotEquivariantPipe(), lr, (8, 12), argparse.Namespace(
-            **{**vars(args), "self_ensemble": 1}), "test"))
+        assert not np.array_equal(
+            result,
+            demo.super_resolve(
+                _NotEquivariantPipe(), lr, (8, 12), argparse.Namespace(**{**vars(args), "self_ensemble": 1}), "test"
+            ),
+        )

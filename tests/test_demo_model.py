@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cascade_vsr import demo
-from cascade_vsr.metrics import psnr, ssim
+from cascade_vsr.commands import demo
+from cascade_vsr.core.metrics import psnr, ssim
 
 
 @pytest.mark.parametrize("clip", ["bigbuckbunny", "carphone"])
@@ -21,6 +21,8 @@ def test_demo_model_beats_bicubic_on_held_out_frames(clip):
 
     cascade_psnr, bicubic_psnr = float(psnr(cascade, ground_truth).mean()), float(psnr(bicubic, ground_truth).mean())
     cascade_ssim, bicubic_ssim = float(ssim(cascade, ground_truth).mean()), float(ssim(bicubic, ground_truth).mean())
-    print(f"{clip}: cascade-vsr {cascade_psnr:.2f} dB / {cascade_ssim:.4f}, bicubic {bicubic_psnr:.2f} dB / {bicubic_ssim:.4f}")
+    print(
+        f"{clip}: cascade-vsr {cascade_psnr:.2f} dB / {cascade_ssim:.4f}, bicubic {bicubic_psnr:.2f} dB / {bicubic_ssim:.4f}"
+    )
     assert cascade_psnr > bicubic_psnr + 0.1
     assert cascade_ssim > bicubic_ssim

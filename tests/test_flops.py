@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cascade_vsr import CascadeVSRTransformer3DModel
-from cascade_vsr.flops import transformer_flops
+from cascade_vsr.models.flops import transformer_flops
 
 from .conftest import TINY_TRANSFORMER
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from cascade_vsr.flow import (
+from cascade_vsr.core.flow import (
     add_noise,
     condition_prior,
     frame_correlated_noise,

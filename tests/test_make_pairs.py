@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 
 from cascade_vsr.cli import main
-from cascade_vsr.video import read_video, sample_video_path, write_video
-from degradations.make_pairs import clip_id, load_frames, read_manifest
-from degradations.model_guided import ModelGuidedDegradation, ModelGuidedDegradationConfig
-from pipelines.testing_utils import tiny_cogvideox_pipeline, tiny_wan_pipeline
+from cascade_vsr.core.video import read_video, sample_video_path, write_video
+from cascade_vsr.degradations.make_pairs import clip_id, load_frames, read_manifest
+from cascade_vsr.degradations.model_guided import ModelGuidedDegradation, ModelGuidedDegradationConfig
+from cascade_vsr.testing import tiny_cogvideox_pipeline, tiny_wan_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = str(sample_video_path("bigbuckbunny.mp4"))
@@ -224,9 +224,27 @@ def test_make_pairs_space_to_depth_latents_are_the_pixels(tmp_path):
     """Pixel-space pairs: the latents are exactly the space-to-depth of the stored HR / LR frames."""
     root = tmp_path / "pairs"
     make_pairs(
-        VIDEO, "--output-dir", root, "--num-frames", 3, "--stride", 4, "--hr-size", 64, 96, "--lr-scale", 0.5,
-        "--frame-range", 8, 20, "--upstream", "space_to_depth", "--degradations", "flow=1",
-        "--frames-format", "png",
+        VIDEO,
+        "--output-dir",
+        root,
+        "--num-frames",
+        3,
+        "--stride",
+        4,
+        "--hr-size",
+        64,
+        96,
+        "--lr-scale",
+        0.5,
+        "--frame-range",
+        8,
+        20,
+        "--upstream",
+        "space_to_depth",
+        "--degradations",
+        "flow=1",
+        "--frames-format",
+        "png",
     )
     (record,) = check_dataset(root, 1)  # frames 8..16 fit once in [8, 20) with 3 frames at stride 4
     assert record["latent_space"] == "space_to_depth" and record["start"] == 8
@@ -264,7 +282,7 @@ def test_make_pairs_bad_settings(tmp_path, extra, match):
 
 def test_make_pairs_clean_share_is_the_area_resized_hr(tmp_path):
     """`none` pairs (the clean share of a mix) store the HR frames area-resized to the LR size, nothing else."""
-    from degradations.make_pairs import resize_video
+    from cascade_vsr.core.video import resize_frames
 
     root = tmp_path / "pairs"
     make_pairs(
@@ -274,13 +292,13 @@ def test_make_pairs_clean_share_is_the_area_resized_hr(tmp_path):
     (record,) = check_dataset(root, 1)
     assert record["degradation"] == {"kind": "none", "params": {}}
     hr, lr = load_frames(root / record["hr"]), load_frames(root / record["lr"])
-    np.testing.assert_array_equal(lr, resize_video(hr, (32, 48), crop_to_aspect=False))
+    np.testing.assert_array_equal(lr, resize_frames(hr, (32, 48)))
 
 
 def test_make_pairs_still_shots(tmp_path):
     """`--still-fraction 1`: every HR clip is its middle frame held still with per-frame noise, recorded in the
     manifest; the LR is still made from that HR clip; fraction 0 leaves the clips as they were."""
-    from degradations.make_pairs import resize_video
+    from cascade_vsr.core.video import resize_frames
 
     common = [
         VIDEO, *SMALL, "--max-clips-per-video", 2, "--degradations", "none=1", "--frames-format", "png",
@@ -298,7 +316,7 @@ def test_make_pairs_still_shots(tmp_path):
         assert np.abs(noise.mean(axis=(1, 2, 3))).max() < 0.5
         assert (np.abs(np.diff(hr, axis=0)).mean(axis=(1, 2, 3)) > 1).all()
         lr = load_frames(tmp_path / "still" / still["lr"])
-        expected = resize_video(hr.astype(np.uint8), tuple(still["lr_size"]), crop_to_aspect=False)
+        expected = resize_frames(hr.astype(np.uint8), tuple(still["lr_size"]))
         np.testing.assert_array_equal(lr, expected)
 
 
@@ -388,15 +406,17 @@ def test_model_guided_bad_input(tiny_upstream):
 def test_lr_covers_the_hr_field_of_view_when_rounding_changes_the_aspect():
     """Regression: LR sizes round to multiples of 16 (80x160 * 0.5 -> 48x80, not 40x80). LR must still be the
     whole HR frame resized (a fixed per-axis scale), never a centre crop of it, or LR and HR are misaligned."""
-    from degradations.make_pairs import resize_video
+    from cascade_vsr.core.video import resize_frames
 
     rng = np.random.default_rng(0)
     hr = rng.integers(0, 256, size=(2, 80, 160, 3), dtype=np.uint8)
-    lr = resize_video(hr, (48, 80), crop_to_aspect=False)
+    lr = resize_frames(hr, (48, 80))
     reference = torch.nn.functional.interpolate(
         torch.from_numpy(hr).permute(0, 3, 1, 2).float(), size=(48, 80), mode="area"
     )
     reference = reference.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(lr, reference)
-    cropped = resize_video(hr, (48, 80))  # the source -> HR behaviour: centre crop to the aspect first
+    cropped = resize_frames(
+        hr, (48, 80), crop_to_aspect=True
+    )  # the source -> HR behaviour: centre crop to the aspect first
     assert not np.array_equal(cropped, lr)

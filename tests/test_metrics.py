@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_vsr.metrics import (
+from cascade_vsr.core.metrics import (
     consistency_mask,
     psnr,
     relative_warping_error,

@@ -32,7 +32,10 @@ def test_notebooks_exist():
 def test_notebook_executes(notebook, cwd):
     nb = nbformat.read(notebook, as_version=4)
     client = NotebookClient(
-        nb, timeout=120, kernel_name="python3", kernel_manager_kwargs={"kernel_spec_manager": _CurrentInterpreterKernels()},
+        nb,
+        timeout=120,
+        kernel_name="python3",
+        kernel_manager_kwargs={"kernel_spec_manager": _CurrentInterpreterKernels()},
         resources={"metadata": {"path": str(ROOT if cwd == "root" else notebook.parent)}},
     )
     client.execute()

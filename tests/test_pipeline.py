@@ -8,9 +8,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from cascade_vsr import CascadeVSRPipeline, CascadeVSRPipelineOutput, CascadeVSRTransformer3DModel, LatentUpsampler3D
-from pipelines import testing_utils as tu
-from pipelines.adapters import get_adapter
-from pipelines.pipeline_cascade_vsr import adain_color_fix, inverse_shift, wavelet_color_fix
+from cascade_vsr import testing as tu
+from cascade_vsr.pipelines.adapters import get_adapter
+from cascade_vsr.pipelines.pipeline_cascade_vsr import adain_color_fix, inverse_shift, wavelet_color_fix
 from tests.conftest import randomize_
 
 LR_SIZE = (16, 32)  # pixels of the upstream call: 2 x 4 latents for the (4, 8, 8) VAEs
@@ -19,8 +19,13 @@ LR_SIZE = (16, 32)  # pixels of the upstream call: 2 x 4 latents for the (4, 8, 
 def _stage(latent_channels: int, text_dim: int, latent_space: str | None):
     torch.manual_seed(0)
     transformer = CascadeVSRTransformer3DModel(
-        latent_channels=latent_channels, num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32,
-        text_dim=text_dim, latent_space=latent_space,
+        latent_channels=latent_channels,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        ffn_dim=32,
+        text_dim=text_dim,
+        latent_space=latent_space,
     )
     upsampler = LatentUpsampler3D(latent_channels=latent_channels, hidden_channels=16, num_blocks=1)
     return dict(
@@ -38,8 +43,14 @@ def _gen(seed: int = 0) -> torch.Generator:
 def wan():
     upstream = tu.tiny_wan_pipeline()
     lr = upstream(
-        prompt="a cat", num_frames=5, height=LR_SIZE[0], width=LR_SIZE[1], num_inference_steps=2,
-        output_type="latent", generator=_gen(), max_sequence_length=16,
+        prompt="a cat",
+        num_frames=5,
+        height=LR_SIZE[0],
+        width=LR_SIZE[1],
+        num_inference_steps=2,
+        output_type="latent",
+        generator=_gen(),
+        max_sequence_length=16,
     ).frames
     pipe = CascadeVSRPipeline.from_pipe(upstream, **_stage(16, 32, "wan"))
     pipe.set_progress_bar_config(disable=True)
@@ -101,8 +112,14 @@ def test_decode_equals_upstream_decode_path(wan):
         return {"latents": adapter.from_model(ours)} if i == p.num_timesteps - 1 else {}
 
     expected = upstream(
-        prompt="a cat", num_frames=5, height=32, width=48, num_inference_steps=1, output_type="np",
-        max_sequence_length=16, callback_on_step_end=replace_final_latents,
+        prompt="a cat",
+        num_frames=5,
+        height=32,
+        width=48,
+        num_inference_steps=1,
+        output_type="np",
+        max_sequence_length=16,
+        callback_on_step_end=replace_final_latents,
     ).frames
     np.testing.assert_array_equal(decoded, expected)
 
@@ -139,8 +156,13 @@ def test_callback_once_per_step_and_can_replace_latents(wan):
         calls.append((i, sorted(kwargs)))
         return {"latents": torch.full_like(kwargs["latents"], 0.25)}
 
-    out = _run(pipe, lr, num_inference_steps=3, callback_on_step_end=callback,
-               callback_on_step_end_tensor_inputs=["latents", "condition"])
+    out = _run(
+        pipe,
+        lr,
+        num_inference_steps=3,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "condition"],
+    )
     assert calls == [(i, ["condition", "latents"]) for i in range(3)]
     assert torch.equal(out, torch.full_like(out, 0.25))
 
@@ -184,8 +206,15 @@ def test_video_input_slow_path_and_color_fix(wan):
     _, pipe, _ = wan
     video = torch.rand(1, 5, 3, 16, 32, generator=_gen())  # (B, T, C, H, W) in [0, 1]
     for color_fix in ("adain", "wavelet"):
-        frames = pipe(video=video, scale=1.5, num_inference_steps=1, output_type="pt", generator=_gen(),
-                      color_fix=color_fix, return_dict=False)[0]
+        frames = pipe(
+            video=video,
+            scale=1.5,
+            num_inference_steps=1,
+            output_type="pt",
+            generator=_gen(),
+            color_fix=color_fix,
+            return_dict=False,
+        )[0]
         assert frames.shape == (1, 5, 3, 24, 48)
 
 
@@ -291,16 +320,32 @@ def test_chain_after_other_families(family):
         upstream, text_dim, call = tu.tiny_ltx_pipeline(), 32, dict(prompt="a cat", max_sequence_length=16)
     num_frames = 9 if family == "cogvideox" else 5  # CogVideoX decodes odd latent counts to 4k+1 frames
     lr_size = (32, 64) if family == "ltx_video" else LR_SIZE  # LTXPipeline wants multiples of 32
-    lr = upstream(num_frames=num_frames, height=lr_size[0], width=lr_size[1], num_inference_steps=1,
-                  output_type="latent", generator=_gen(), **call).frames
+    lr = upstream(
+        num_frames=num_frames,
+        height=lr_size[0],
+        width=lr_size[1],
+        num_inference_steps=1,
+        output_type="latent",
+        generator=_gen(),
+        **call,
+    ).frames
     adapter = get_adapter(upstream)
     pipe = CascadeVSRPipeline.from_pipe(upstream, **_stage(adapter.latent_channels, text_dim, family))
     pipe.set_progress_bar_config(disable=True)
-    upstream_shape = dict(num_frames=num_frames, height=lr_size[0], width=lr_size[1]) if family == "ltx_video" else None
+    upstream_shape = (
+        dict(num_frames=num_frames, height=lr_size[0], width=lr_size[1]) if family == "ltx_video" else None
+    )
     height, width = round(1.5 * lr_size[0]), round(1.5 * lr_size[1])
     embeds = torch.randn(1, 6, text_dim, generator=_gen())
-    common = dict(lr_latents=lr, scale=1.5, num_inference_steps=1, generator=_gen(), upstream_shape=upstream_shape,
-                  prompt_embeds=embeds, guidance_scale=2.0)
+    common = dict(
+        lr_latents=lr,
+        scale=1.5,
+        num_inference_steps=1,
+        generator=_gen(),
+        upstream_shape=upstream_shape,
+        prompt_embeds=embeds,
+        guidance_scale=2.0,
+    )
     latents = pipe(output_type="latent", **common).frames
     sc = adapter.spatial_compression
     assert latents.shape[:3] == adapter.to_model(lr, **(upstream_shape or {})).shape[:3]
@@ -308,7 +353,12 @@ def test_chain_after_other_families(family):
     frames = pipe(output_type="np", **common).frames
     assert frames.shape == (1, num_frames, height, width, 3)
     # our latents decode through the adapter exactly like the upstream's own lines
-    round_trip = adapter.to_model(adapter.from_model(latents), **(
-        dict(latent_num_frames=latents.shape[2], latent_height=latents.shape[3], latent_width=latents.shape[4])
-        if family == "ltx_video" else {}))
+    round_trip = adapter.to_model(
+        adapter.from_model(latents),
+        **(
+            dict(latent_num_frames=latents.shape[2], latent_height=latents.shape[3], latent_width=latents.shape[4])
+            if family == "ltx_video"
+            else {}
+        ),
+    )
     assert torch.equal(round_trip, latents)

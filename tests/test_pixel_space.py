@@ -6,20 +6,27 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D, SpaceToDepthAutoencoder
-from pipelines.adapters import SpaceToDepthAdapter, get_adapter
+from cascade_vsr.pipelines.adapters import SpaceToDepthAdapter, get_adapter
 from tests.conftest import randomize_
 
 
 def _pipe() -> CascadeVSRPipeline:
     torch.manual_seed(0)
     transformer = CascadeVSRTransformer3DModel(
-        latent_channels=48, num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, text_dim=16,
+        latent_channels=48,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        ffn_dim=32,
+        text_dim=16,
         latent_space="space_to_depth",
     )
     upsampler = LatentUpsampler3D(latent_channels=48, hidden_channels=16, num_blocks=1)
     pipe = CascadeVSRPipeline(
-        upsampler=randomize_(upsampler), transformer=randomize_(transformer, seed=1),
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=SpaceToDepthAutoencoder(),
+        upsampler=randomize_(upsampler),
+        transformer=randomize_(transformer, seed=1),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=SpaceToDepthAutoencoder(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -51,4 +58,5 @@ def test_pipeline_on_pixels_video_and_latent_inputs_agree(tmp_path):
     reloaded.set_progress_bar_config(disable=True)
     assert isinstance(reloaded.vae, SpaceToDepthAutoencoder)
     again = reloaded(lr_latents=lr_latents, generator=torch.Generator().manual_seed(0), **kwargs).frames
-    torch.testing.assert_close(again, from_latents, rtol=0, atol=0)
+    # same weights, same noise; only the float32 summation order may differ (weights loaded into other memory)
+    torch.testing.assert_close(again, from_latents)

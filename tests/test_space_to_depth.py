@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cascade_vsr.space_to_depth import SpaceToDepthAutoencoder
+from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 
 
 def test_round_trip_is_exact_and_layout_matches_a_naive_reference(tmp_path):

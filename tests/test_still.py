@@ -1,4 +1,4 @@
-"""degradations.still: still shots of one frame with per-frame white + low-pass noise."""
+"""cascade_vsr.degradations.still: still shots of one frame with per-frame white + low-pass noise."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from degradations.still import LOWPASS_SIGMA, still_clip
+from cascade_vsr.degradations.still import LOWPASS_SIGMA, still_clip
 
 GREY = np.full((96, 128, 3), 128, np.uint8)  # far from 0 and 255: no clipping
 

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
+from cascade_vsr.models.upsampler import resize_frames
 from cascade_vsr.training.config import load_config
 from cascade_vsr.training.data import PairLatentDataset
 from cascade_vsr.training.trainer import train
-from cascade_vsr.upsampler import resize_frames
 
 from ._pairs import build_pairs
 from ._recipes import LEARN_ARGS, LEARN_CROP, LEARN_DATA, euler_sample, tiny_args

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
 from cascade_vsr.cli import main as cli_main
-from cascade_vsr.flow import add_noise, noise_augment
+from cascade_vsr.core.flow import add_noise, noise_augment
 from cascade_vsr.training.config import load_config
 from cascade_vsr.training.samplers import DetailAwareTimestepSampler
 from cascade_vsr.training.trainer import CascadeVSRTrainModule, clip_squared_error, export_pipeline, train
@@ -91,8 +91,17 @@ def test_upsampler_training_modes_keep_the_loaded_upsampler(pairs, tmp_path):
         summary = train(
             *load_config(
                 None,
-                tiny_args(pairs, tmp_path / mode, 3, *SMALL, *fast, "--upsampler_training", mode,
-                          "--pretrained_model_name_or_path", start["export_dir"]),
+                tiny_args(
+                    pairs,
+                    tmp_path / mode,
+                    3,
+                    *SMALL,
+                    *fast,
+                    "--upsampler_training",
+                    mode,
+                    "--pretrained_model_name_or_path",
+                    start["export_dir"],
+                ),
             )
         )
         export = Path(summary["export_dir"])
@@ -281,6 +290,6 @@ def test_cli_train_bf16_checkpointing_accumulation(pairs, tmp_path, request):
     # the layout CascadeVSRPipeline.from_pretrained loads (component libraries are module paths)
     model_index = json.loads((tmp_path / "out/export/model_index.json").read_text())
     assert model_index["_class_name"] == "CascadeVSRPipeline"
-    assert model_index["upsampler"] == ["cascade_vsr.upsampler", "LatentUpsampler3D"]
-    assert model_index["transformer"] == ["cascade_vsr.transformer", "CascadeVSRTransformer3DModel"]
+    assert model_index["upsampler"] == ["cascade_vsr.models.upsampler", "LatentUpsampler3D"]
+    assert model_index["transformer"] == ["cascade_vsr.models.transformer", "CascadeVSRTransformer3DModel"]
     assert (tmp_path / "out/export/scheduler/scheduler_config.json").is_file()

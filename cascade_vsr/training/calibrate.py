@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from einops import einsum
 
-from cascade_vsr.flow import noise_augment, predict_clean, timestep_to_sigma
+from cascade_vsr.core.flow import noise_augment, predict_clean, timestep_to_sigma
 
 CALIBRATION_FORMAT = "cascade-vsr-timestep-density"
 
@@ -156,10 +156,9 @@ def calibrate(
     device: str = "cpu",
 ) -> tuple[Path, Path]:
     """Calibrate on the first `num_clips` clips of a pair dataset with an exported model."""
-    from cascade_vsr.transformer import CascadeVSRTransformer3DModel
-    from cascade_vsr.upsampler import LatentUpsampler3D
-
-    from .data import PairLatentDataset
+    from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
+    from cascade_vsr.models.upsampler import LatentUpsampler3D
+    from cascade_vsr.training.data import PairLatentDataset
 
     if not 0 <= noise_level <= 1:
         raise ValueError(f"`noise_level` must lie in [0, 1], got {noise_level}")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .samplers import TIMESTEP_SAMPLERS
+from cascade_vsr.training.samplers import TIMESTEP_SAMPLERS
 
 
 @dataclass
@@ -167,8 +167,8 @@ UPSAMPLER_TRAINING = ("joint", "frozen", "resize")
 
 def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     """Cheap checks with messages that name the field; the models and the dataset check the rest."""
-    from cascade_vsr.attention import check_attention_mode
-    from cascade_vsr.upsampler import RESIZE_MODES
+    from cascade_vsr.models.attention import check_attention_mode
+    from cascade_vsr.models.upsampler import RESIZE_MODES
 
     check_attention_mode(model.attention_mode, "attention_mode")
     if model.temporal_unit is not None and model.temporal_unit <= 0:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cascade_vsr.flow import (
+from cascade_vsr.core.flow import (
     add_noise,
     condition_prior_std,
     noise_augment,
@@ -37,12 +37,11 @@ from cascade_vsr.flow import (
     sigma_to_timestep,
     velocity_target,
 )
-from cascade_vsr.transformer import CascadeVSRTransformer3DModel
-from cascade_vsr.upsampler import LatentUpsampler3D
-
-from .config import DataConfig, ModelConfig, TrainConfig, validate
-from .data import PairLatentDataset, collate_pairs
-from .samplers import BucketBatchSampler, make_timestep_sampler
+from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
+from cascade_vsr.models.upsampler import LatentUpsampler3D
+from cascade_vsr.training.config import DataConfig, ModelConfig, TrainConfig, validate
+from cascade_vsr.training.data import PairLatentDataset, collate_pairs
+from cascade_vsr.training.samplers import BucketBatchSampler, make_timestep_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,10 @@ class CascadeVSRTrainModule(nn.Module):
     (and synchronize) both, and mixed-precision autocast covers the whole forward."""
 
     def __init__(
-        self, upsampler: LatentUpsampler3D, transformer: CascadeVSRTransformer3DModel, temporal_loss_weight: float = 0.0
+        self,
+        upsampler: LatentUpsampler3D,
+        transformer: CascadeVSRTransformer3DModel,
+        temporal_loss_weight: float = 0.0,
     ):
         super().__init__()
         self.upsampler, self.transformer = upsampler, transformer
@@ -194,8 +196,8 @@ def export_pipeline(path: str | Path, upsampler: LatentUpsampler3D, transformer:
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": [None, None],
         "tokenizer": [None, None],
-        "transformer": ["cascade_vsr.transformer", "CascadeVSRTransformer3DModel"],
-        "upsampler": ["cascade_vsr.upsampler", "LatentUpsampler3D"],
+        "transformer": ["cascade_vsr.models.transformer", "CascadeVSRTransformer3DModel"],
+        "upsampler": ["cascade_vsr.models.upsampler", "LatentUpsampler3D"],
         "vae": [None, None],  # optional: the upstream's, shared with `from_pipe` or passed to from_pretrained
     }
     (path / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")

@@ -44,9 +44,20 @@ def check_spatial_size(size: Sequence[int], name: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def check_per_sample(values: torch.Tensor | float, name: str, batch_size: int) -> torch.Tensor:
-    """Broadcast a scalar or a (1,) / (B,) tensor of per-sample values to shape (B,)."""
-    values = torch.as_tensor(values)
+def check_per_sample(
+    values: torch.Tensor | float,
+    name: str,
+    batch_size: int,
+    bounds: tuple[float, float] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Broadcast a scalar or a (1,) / (B,) tensor of per-sample values to shape (B,).
+
+    With `bounds` = (low, high), values outside [low, high] are refused. That check reads the values, so it runs
+    only on the host (numbers and CPU tensors): on an accelerator it would synchronise every forward pass.
+    """
+    values = torch.as_tensor(values, dtype=dtype, device=device)
     if values.ndim == 0:
         values = values.reshape(1)
     if values.ndim != 1 or values.shape[0] not in (1, batch_size):
@@ -54,4 +65,10 @@ def check_per_sample(values: torch.Tensor | float, name: str, batch_size: int) -
             f"`{name}` must be a scalar or a tensor of shape (1,) or ({batch_size},) (batch size), "
             f"got shape {tuple(values.shape)}"
         )
+    if bounds is not None and values.device.type == "cpu":
+        low, high = bounds
+        if not bool(((values >= low) & (values <= high)).all()):
+            raise ValueError(
+                f"`{name}` must lie in [{low}, {high}], got values in [{values.min():.4g}, {values.max():.4g}]"
+            )
     return values.expand(batch_size)

@@ -18,7 +18,15 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from einops import rearrange
 
-from .attention import (
+from cascade_vsr.core.flow import (
+    NUM_TRAIN_TIMESTEPS,
+    condition_prior,
+    preconditioned_input,
+    preconditioned_velocity,
+    timestep_to_sigma,
+)
+from cascade_vsr.core.validation import check_latents, check_per_sample
+from cascade_vsr.models.attention import (
     ATTENTION_BACKENDS,
     check_attention_mode,
     check_temporal_unit,
@@ -26,14 +34,6 @@ from .attention import (
     check_window,
     self_attention,
 )
-from .flow import (
-    NUM_TRAIN_TIMESTEPS,
-    condition_prior,
-    preconditioned_input,
-    preconditioned_velocity,
-    timestep_to_sigma,
-)
-from .validation import check_latents, check_per_sample
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3D rotary position embedding
@@ -129,9 +129,7 @@ class CascadeVSRAttnProcessor:
                 query, key = (rearrange(x, "b n h d -> b h n d") for x in (query, key))
                 query, key = apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb)
                 query, key = (rearrange(x, "b h n d -> b n h d") for x in (query, key))
-            out = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, backend=self._attention_backend
-            )
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend)
             out = rearrange(out, "b n h d -> b n (h d)")
         else:
             query, key, value = (rearrange(x, "b n h d -> b h n d") for x in (query, key, value))
@@ -237,7 +235,9 @@ class CascadeVSRTransformerBlock(nn.Module):
         hidden_states = (hidden_states.float() + attn_out.float() * gate_msa[:, None]).type_as(hidden_states)
 
         cross_out = self.attn2(
-            self.norm2(hidden_states), encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask
+            self.norm2(hidden_states),
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
         )
         hidden_states = hidden_states + cross_out
 
@@ -446,8 +446,10 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
             if encoder_hidden_states is None:
                 raise ValueError("`encoder_attention_mask` needs `encoder_hidden_states`")
             expected = (encoder_hidden_states.shape[0], encoder_hidden_states.shape[1])
-            if encoder_attention_mask.ndim != 2 or encoder_attention_mask.shape[1] != expected[1] or (
-                encoder_attention_mask.shape[0] not in (1, expected[0])
+            if (
+                encoder_attention_mask.ndim != 2
+                or encoder_attention_mask.shape[1] != expected[1]
+                or (encoder_attention_mask.shape[0] not in (1, expected[0]))
             ):
                 raise ValueError(
                     f"`encoder_attention_mask` must have shape {expected} (B, L of encoder_hidden_states), "

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .attention import (
+from cascade_vsr.models.attention import (
     adaptive_window_size,
     check_attention_mode,
     partition_axis,

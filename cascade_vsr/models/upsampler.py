@@ -9,7 +9,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-from .validation import check_latents, check_spatial_size
+from cascade_vsr.core.validation import check_latents, check_spatial_size
 
 RESIZE_MODES = ("bilinear", "bicubic")
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
+    from cascade_vsr.training.calibrate import calibrate
 
     json_path, png_path = calibrate(
         args.model,

@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .trainer import train
+    from cascade_vsr.training.config import load_config
+    from cascade_vsr.training.trainer import train
 
     overrides = [a for a in args.overrides if a != "--"] if args.overrides else []
     summary = train(*load_config(args.config, overrides))

@@ -15,7 +15,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-from .validation import check_latents
+from cascade_vsr.core.validation import check_latents
 
 
 class SpaceToDepthAutoencoder(ModelMixin, ConfigMixin):
@@ -49,7 +49,9 @@ class SpaceToDepthAutoencoder(ModelMixin, ConfigMixin):
         batch = x.shape[0]
         latents = F.pixel_unshuffle(rearrange(x, "b c t h w -> (b t) c h w"), factor)
         latents = rearrange(latents, "(b t) c h w -> b c t h w", b=batch)
-        posterior = DiagonalGaussianDistribution(torch.cat([latents, torch.zeros_like(latents)], dim=1), deterministic=True)
+        posterior = DiagonalGaussianDistribution(
+            torch.cat([latents, torch.zeros_like(latents)], dim=1), deterministic=True
+        )
         if not return_dict:
             return (posterior,)
         return AutoencoderKLOutput(latent_dist=posterior)

@@ -1,4 +1,4 @@
-"""Video quality metrics for the demo: PSNR, SSIM and flow warping errors (temporal consistency).
+"""Video quality metrics: PSNR, SSIM and flow warping errors (temporal consistency), per frame and per clip.
 
 All functions take whole clips, uint8 RGB (T, H, W, 3) as numpy arrays or tensors, and compute every frame at
 once; they return one value per frame (PSNR, SSIM) or per clip (warping error) so the caller chooses the mean.
@@ -20,14 +20,20 @@ def _as_video(frames: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float64 tensor on the same scale [0, 255]."""
     video = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
     if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"`{name}` must be uint8 RGB frames of shape (T, H, W, 3), got {video.dtype} {tuple(video.shape)}")
+        raise ValueError(
+            f"`{name}` must be uint8 RGB frames of shape (T, H, W, 3), got {video.dtype} {tuple(video.shape)}"
+        )
     return video.double()
 
 
-def _check_pair(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_pair(
+    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     pred, target = _as_video(pred, "pred"), _as_video(target, "target")
     if pred.shape != target.shape:
-        raise ValueError(f"`pred` and `target` must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"`pred` and `target` must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     return pred, target
 
 
@@ -40,7 +46,9 @@ def _luma(video: torch.Tensor) -> torch.Tensor:
     return video @ (torch.tensor(LUMA_WEIGHTS, dtype=video.dtype) / 255) + LUMA_OFFSET
 
 
-def psnr(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
+def psnr(
+    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, data_range: float = 255.0
+) -> torch.Tensor:
     """Per-frame PSNR in dB (T,) on uint8 RGB; identical frames give +inf."""
     pred, target = _check_pair(pred, target)
     mse = (pred - target).square().mean(dim=(1, 2, 3))
@@ -110,7 +118,9 @@ def warp(frames: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.
         torch.arange(height, dtype=flow.dtype), torch.arange(width, dtype=flow.dtype), indexing="ij"
     )
     source = torch.stack([xs, ys], dim=-1) + flow
-    inside = (source[..., 0] >= 0) & (source[..., 0] <= width - 1) & (source[..., 1] >= 0) & (source[..., 1] <= height - 1)
+    inside = (
+        (source[..., 0] >= 0) & (source[..., 0] <= width - 1) & (source[..., 1] >= 0) & (source[..., 1] <= height - 1)
+    )
     scale = torch.tensor([max(width - 1, 1), max(height - 1, 1)], dtype=flow.dtype)
     grid = (source / scale * 2 - 1).to(frames.dtype)
     warped = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=True)
@@ -190,7 +200,9 @@ def warp_residual(
     if mask is not None:
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(valid.shape):
-            raise ValueError(f"`mask` must be bool of shape {tuple(valid.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"`mask` must be bool of shape {tuple(valid.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+            )
         valid = valid & mask
     return (video[1:] - warped).abs().mean(dim=1), valid
 
@@ -206,3 +218,29 @@ def _mean_warp_residual(
     if not valid.any():
         raise ValueError("no valid pixel: the flow maps every pixel outside the frame or `mask` is all false")
     return float(error[valid].mean())
+
+
+def clip_metrics(outputs: dict[str, np.ndarray], ground_truth: np.ndarray, flow_preset: str = "medium") -> dict:
+    """Every method's figures on one clip, all uint8 (T, H, W, 3): PSNR and SSIM (means over frames), and two
+    temporal figures against the ground truth's own DIS flow over the pixels whose forward-backward flow is
+    consistent: the warping error (which blur lowers: the ground truth scores above bicubic) and the relative
+    warping error, the flicker of the output's error. Adds the ground truth's own row and the consistent share."""
+    from cascade_vsr.core.optical_flow import bidirectional_flow
+
+    backward, forward = bidirectional_flow(ground_truth, preset=flow_preset)
+    mask = consistency_mask(backward, forward)
+    result = {
+        name: {
+            "psnr": float(psnr(frames, ground_truth).mean()),
+            "ssim": float(ssim(frames, ground_truth).mean()),
+            "warping_error": warping_error(frames, backward, mask),
+            "relative_warping_error": relative_warping_error(frames, ground_truth, backward, mask),
+        }
+        for name, frames in outputs.items()
+    }
+    result["ground_truth"] = {
+        "warping_error": warping_error(ground_truth, backward, mask),
+        "relative_warping_error": 0.0,
+    }
+    result["consistent_flow_fraction"] = float(mask.double().mean())
+    return result

@@ -14,11 +14,11 @@ and writes to --output-dir:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 HELP = "Super-resolve held-out real clips with the demo model and bicubic; write videos, crops and metrics."
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
 # clip name -> (sample video, first held-out frame)
 CLIPS = {"bigbuckbunny": ("bigbuckbunny.mp4", 100), "carphone": ("carphone_pristine.mp4", 0)}
 METHODS = ("bicubic", "cascade_vsr")
@@ -28,46 +28,76 @@ MULTIPLE = 8  # HR sizes: the LR must be a multiple of the space-to-depth factor
 SELF_ENSEMBLE_SIZES = (1, 2, 4, 6, 8)  # the first N of the 8 flips / transposes (`dihedral`)
 
 
+def demo_model_path() -> Path:
+    """The demo model's folder, which ships with the package (the package data of `cascade_vsr.demo_model`)."""
+    spec = importlib.util.find_spec("cascade_vsr.demo_model")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="diffusers-format pipeline folder")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=demo_model_path(),
+        help="diffusers-format pipeline folder (default: the demo model)",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--clips", nargs="+", choices=sorted(CLIPS), default=list(CLIPS))
     parser.add_argument("--num-frames", type=int, default=32, help="frames per clip")
     parser.add_argument(
-        "--hr-size", type=int, nargs=2, default=(192, 320), metavar=("H", "W"),
+        "--hr-size",
+        type=int,
+        nargs=2,
+        default=(192, 320),
+        metavar=("H", "W"),
         help="ground-truth size for clips larger than it (centre crop to the aspect, area resize)",
     )
     parser.add_argument(
-        "--num-inference-steps", type=int, default=2,
+        "--num-inference-steps",
+        type=int,
+        default=2,
         help="Euler steps; with this small model more steps generate more detail of their own and score lower "
         "(demo/README.md has the sweep)",
     )
     parser.add_argument(
-        "--noise-aug-strength", type=float, default=0.0,
+        "--noise-aug-strength",
+        type=float,
+        default=0.0,
         help="condition noise level (the demo model trained on 0-0.1; its inputs are clean)",
     )
     parser.add_argument(
-        "--noise-frame-correlation", type=float, default=1.0,
+        "--noise-frame-correlation",
+        type=float,
+        default=1.0,
         help="correlation of the initial noise between frames (1: shared, so sampled detail does not flicker)",
     )
     parser.add_argument(
-        "--chunk-frames", type=int, default=None,
+        "--chunk-frames",
+        type=int,
+        default=None,
         help="split the clip into independent temporal chunks of this many frames, run as one batch "
         "(default: the whole clip at once)",
     )
     parser.add_argument(
-        "--temporal-unit", type=int, default=0,
+        "--temporal-unit",
+        type=int,
+        default=0,
         help="full attention within blocks of this many frames, shifted by half a block in odd layers (SimpleGVR's "
         "interleaving temporal units): cost linear in the clip length with no chunk seams; 0 keeps the model's own "
         "setting",
     )
     parser.add_argument(
-        "--temporal-window", type=int, default=0,
+        "--temporal-window",
+        type=int,
+        default=0,
         help="latent frames per window of a window-attention model (0 keeps the model's own; the demo model's "
         "windows span the whole clip, as in training: shorter windows leave seams between frames that flicker)",
     )
     parser.add_argument(
-        "--self-ensemble", type=int, default=8, choices=SELF_ENSEMBLE_SIZES,
+        "--self-ensemble",
+        type=int,
+        default=8,
+        choices=SELF_ENSEMBLE_SIZES,
         help="average this many runs of the stage on flips / transposes of the input, each with its own noise (EDSR's "
         "geometric self-ensemble): 2 adds the left-right flip, 4 the upside-down ones, 6 and 8 the transposes; N "
         "times the compute",
@@ -91,7 +121,9 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int, got {getattr(args, name)}")
     if args.num_frames < 2:
-        raise ValueError(f"`--num-frames` must be >= 2 (the warping error compares frame pairs), got {args.num_frames}")
+        raise ValueError(
+            f"`--num-frames` must be >= 2 (the warping error compares frame pairs), got {args.num_frames}"
+        )
     if any(s < MULTIPLE or s % MULTIPLE for s in args.hr_size):
         raise ValueError(f"`--hr-size` must be multiples of {MULTIPLE} (H W), got {tuple(args.hr_size)}")
     for flag in ("temporal_unit", "temporal_window"):
@@ -113,16 +145,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_ground_truth(name: str, num_frames: int, hr_size: tuple[int, int]):
     """Held-out HR frames (T, H, W, 3) uint8 and the clip's frame rate. Clips larger than `hr_size` are centre
-    cropped to its aspect and area-resized (make-pairs' resize_video); every clip is then centre cropped to
+    cropped to its aspect and area-resized (as make-pairs makes HR clips); every clip is then centre cropped to
     multiples of 8."""
-    from degradations.make_pairs import resize_video
-
-    from .video import read_video, sample_video_path, video_info
+    from cascade_vsr.core.video import read_video, resize_frames, sample_video_path, video_info
 
     path = sample_video_path(CLIPS[name][0])
     frames = read_video(path, start=CLIPS[name][1], num_frames=num_frames)
     if frames.shape[1] > hr_size[0] or frames.shape[2] > hr_size[1]:
-        frames = resize_video(frames, hr_size)
+        frames = resize_frames(frames, hr_size, crop_to_aspect=True)
     height, width = (s // MULTIPLE * MULTIPLE for s in frames.shape[1:3])
     top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
     return frames[:, top : top + height, left : left + width].copy(), video_info(path)["fps"]
@@ -131,22 +161,12 @@ def load_ground_truth(name: str, num_frames: int, hr_size: tuple[int, int]):
 def held_out_clip(name: str, num_frames: int, hr_size: tuple[int, int]):
     """(ground truth, fps, LR, bicubic) of a held-out clip: the LR is the ground truth area-downsampled `SCALE`x,
     bicubic its plain upsampling back, all uint8 (T, H, W, 3)."""
+    from cascade_vsr.core.video import resize_frames
+
     ground_truth, fps = load_ground_truth(name, num_frames, hr_size)
     size = ground_truth.shape[1:3]
-    lr = resize(ground_truth, (size[0] // SCALE, size[1] // SCALE), mode="area")
-    return ground_truth, fps, lr, resize(lr, size, mode="bicubic")
-
-
-def resize(frames, size: tuple[int, int], mode: str):
-    """uint8 (T, H, W, 3) -> uint8 (T, *size, 3), all frames in one batched torch resize ("area", "bicubic")."""
-    import torch
-    import torch.nn.functional as F
-    from einops import rearrange
-
-    video = rearrange(torch.from_numpy(frames).float(), "t h w c -> t c h w")
-    options = {"align_corners": False} if mode == "bicubic" else {}
-    video = F.interpolate(video, size=size, mode=mode, **options)
-    return rearrange(video.clamp(0, 255).round().to(torch.uint8), "t c h w -> t h w c").numpy()
+    lr = resize_frames(ground_truth, (size[0] // SCALE, size[1] // SCALE), mode="area")
+    return ground_truth, fps, lr, resize_frames(lr, size, mode="bicubic")
 
 
 def to_chunks(frames, chunk: int):
@@ -171,16 +191,15 @@ def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_wind
 
     `temporal_unit` > 0 overrides the transformer's attention scope and `temporal_window` > 0 the frames of its
     attention windows (attention modes own no parameters)."""
-    from pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
-
-    from .space_to_depth import SpaceToDepthAutoencoder
-    from .transformer import CascadeVSRTransformer3DModel
+    from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
+    from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
+    from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
 
     if not (path / "model_index.json").is_file():
         raise SystemExit(
-            f"error: no demo model at {path} (model_index.json missing). The trained demo model is committed in "
-            "demo/model/ of the repository; demo/README.md has the exact make-pairs and train commands that "
-            "reproduce it. Pass another diffusers-format pipeline folder with --model PATH."
+            f"error: no demo model at {path} (model_index.json missing). The trained demo model ships with the "
+            "package (demo/model/ of the repository); demo/README.md has the exact make-pairs and train commands "
+            "that reproduce it. Pass another diffusers-format pipeline folder with --model PATH."
         )
     overrides = {"temporal_unit": temporal_unit} if temporal_unit else {}
     if temporal_window:
@@ -255,31 +274,6 @@ def super_resolve(pipe, lr, size: tuple[int, int], args: argparse.Namespace, des
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def clip_metrics(outputs: dict, ground_truth) -> dict:
-    """PSNR / SSIM (means over frames) and two temporal figures against the ground truth's own DIS flow, over the
-    pixels whose forward-backward flow is consistent: the warping error of the output (which blur lowers: the
-    ground truth scores above bicubic), and the relative warping error, the flicker of the output's error."""
-    from degradations.flow_based import compute_flow
-
-    from .metrics import consistency_mask, psnr, relative_warping_error, ssim, warping_error
-
-    backward = compute_flow(ground_truth, preset="medium")  # frame t -> t-1
-    forward = compute_flow(ground_truth[::-1].copy(), preset="medium")[::-1].copy()  # frame t-1 -> t
-    mask = consistency_mask(backward, forward)
-    result = {
-        name: {
-            "psnr": float(psnr(frames, ground_truth).mean()),
-            "ssim": float(ssim(frames, ground_truth).mean()),
-            "warping_error": warping_error(frames, backward, mask),
-            "relative_warping_error": relative_warping_error(frames, ground_truth, backward, mask),
-        }
-        for name, frames in outputs.items()
-    }
-    result["ground_truth"] = {"warping_error": warping_error(ground_truth, backward, mask), "relative_warping_error": 0.0}
-    result["consistent_flow_fraction"] = float(mask.double().mean())
-    return result
-
-
 def format_table(clips: dict) -> str:
     rows = [f"{'clip':<14}{'method':<14}{'PSNR (dB)':>10}{'SSIM':>8}{'warp err':>10}{'rel. warp':>11}"]
     for name, clip in clips.items():
@@ -326,7 +320,7 @@ def detailed_region(frame, size: int) -> tuple[int, int]:
     stride of size / 4, all scored by one pooling)."""
     import torch.nn.functional as F
 
-    from .metrics import rgb_to_luma
+    from cascade_vsr.core.metrics import rgb_to_luma
 
     luma = rgb_to_luma(frame[None])[0].float()
     energy = (luma[1:, :-1] - luma[:-1, :-1]).square() + (luma[:-1, 1:] - luma[:-1, :-1]).square()
@@ -371,13 +365,16 @@ def run(args: argparse.Namespace) -> int:
     import cv2
     import torch
 
-    from .video import write_video
+    from cascade_vsr.core.metrics import clip_metrics
+    from cascade_vsr.core.video import write_video
 
     check_args(args)
     start_time = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, device, args.temporal_unit, args.temporal_window)
-    parameters = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("upsampler", "transformer")}
+    parameters = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("upsampler", "transformer")
+    }
     print(f"demo model {args.model}: {sum(parameters.values()):,} parameters {parameters}, on {device}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -443,6 +440,8 @@ def run(args: argparse.Namespace) -> int:
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     partial.replace(args.output_dir / "metrics.json")
     print(format_table(clips))
-    print(f"wrote {args.output_dir}/ ({', '.join(f'{n}.mp4' for n in clips)}, crops.png, metrics.json) in "
-          f"{summary['wall_time_seconds']:.1f} s")
+    print(
+        f"wrote {args.output_dir}/ ({', '.join(f'{n}.mp4' for n in clips)}, crops.png, metrics.json) in "
+        f"{summary['wall_time_seconds']:.1f} s"
+    )
     return 0

@@ -15,20 +15,14 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from cascade_vsr.core.validation import check_per_sample
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
 def _per_sample(values: torch.Tensor | float, like: torch.Tensor, name: str) -> torch.Tensor:
-    """Reshape a scalar or (B,) tensor so that it broadcasts over a (B, ...) tensor."""
-    values = torch.as_tensor(values, dtype=torch.float32, device=like.device)
-    if values.ndim == 0:
-        values = values.reshape(1)
-    if values.ndim != 1 or values.shape[0] not in (1, like.shape[0]):
-        raise ValueError(
-            f"`{name}` must be a scalar or of shape ({like.shape[0]},), got shape {tuple(values.shape)}"
-        )
-    if torch.any((values < 0) | (values > 1)):
-        raise ValueError(f"`{name}` must lie in [0, 1], got values in [{values.min():.4g}, {values.max():.4g}]")
+    """A scalar or (B,) tensor of values in [0, 1], shaped (B, 1, ..., 1) to broadcast over a (B, ...) tensor."""
+    values = check_per_sample(values, name, like.shape[0], bounds=(0, 1), dtype=torch.float32, device=like.device)
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
@@ -73,9 +67,7 @@ def noise_augment(
     control it, or a `generator` for reproducibility.
     """
     if noise is None:
-        noise = torch.randn(
-            condition.shape, generator=generator, device=condition.device, dtype=condition.dtype
-        )
+        noise = torch.randn(condition.shape, generator=generator, device=condition.device, dtype=condition.dtype)
     return add_noise(condition, noise, level)
 
 
