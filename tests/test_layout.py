@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -113,7 +114,15 @@ def test_no_code_imports_the_bare_folder_names():
 
 
 def test_wheel_installs_one_top_level_name(tmp_path):
-    """Build the wheel from this checkout and read what it installs."""
+    """Build the wheel from a copy of this checkout's sources (setuptools writes build/ next to them) and read what
+    it installs."""
+    source = tmp_path / "source"
+    for name in ("pyproject.toml", "README.md", "cascade_vsr", "pipelines", "degradations", "demo/model"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            source.mkdir(exist_ok=True)
+            shutil.copy(ROOT / name, source / name)
     env = {**os.environ, "PIP_NO_INDEX": "1"}
     subprocess.run(
         [
@@ -126,7 +135,7 @@ def test_wheel_installs_one_top_level_name(tmp_path):
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         env=env,
