@@ -16,6 +16,7 @@ COMMANDS = {
     "make-pairs": "cascade_vsr.degradations.make_pairs",
     "train": "cascade_vsr.commands.train",
     "calibrate-sampler": "cascade_vsr.commands.calibrate_sampler",
+    "evaluate": "cascade_vsr.commands.evaluate",
 }
 
 

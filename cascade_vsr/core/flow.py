@@ -98,11 +98,11 @@ def frame_correlated_noise(
 
 # ------------------------------------------------------------------------------------------------------------------
 # In super-resolution the clean HR latent is close to the upsampled LR latent: z_0 = up + r with a small residual r.
-# A plain velocity network has to pass the condition through to its output with that precision, which a small
-# model trained briefly does not (a 1.6M-parameter pixel-space model stayed near 23 dB while the bicubic condition
-# was at 31.5 dB). With `residual_std` the velocity is instead written around the exact posterior of a Gaussian
-# model z_0 ~ N(m, p^2) built from the condition, and the network only predicts the normalized residual of z_0
-# (EDM-style preconditioning, Karras et al. 2022): an untrained network already samples around the condition.
+# A plain velocity network has to pass the condition through to its output with that precision, which is hard for a
+# small model trained briefly (demo/README.md has the numbers). With `residual_std` the velocity is instead written
+# around the exact posterior of a Gaussian model z_0 ~ N(m, p^2) built from the condition, and the network only
+# predicts the normalized residual of z_0 (EDM-style preconditioning, Karras et al. 2022): an untrained network
+# already samples around the condition.
 
 
 def condition_prior(

