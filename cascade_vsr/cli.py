@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "cascade_vsr.commands.train",
     "calibrate-sampler": "cascade_vsr.commands.calibrate_sampler",
     "evaluate": "cascade_vsr.commands.evaluate",
+    "upscale": "cascade_vsr.commands.upscale",
 }
 
 

@@ -1,0 +1,277 @@
+"""`cascade-vsr upscale INPUT [INPUT ...] --output OUT`: super-resolve the user's own video with a trained stage.
+
+INPUT is a video file (anything PyAV reads), a folder of PNG / JPEG frames or a glob of them. OUT is a video file
+(codec by extension; the input's frame rate kept and its audio copied) or a folder that receives lossless PNG frames;
+several inputs go to a folder, one output per input. Frames are read, super-resolved and written in temporal chunks
+that overlap and cross-fade, so memory does not depend on the video's length. The model folder's own sampling
+settings are used unless an option overrides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+HELP = "Super-resolve your own videos or frame folders with a trained stage (default: the demo model)."
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cascade_vsr.commands.demo import demo_model_path
+
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders of frames or globs of frames")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="video file or folder (a folder for several)")
+    parser.add_argument(
+        "--model", type=Path, default=demo_model_path(), help="a stage folder (default: the demo model)"
+    )
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--scale", type=float, help="output size as a factor of the input (non-integer is fine)")
+    size.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="output size in pixels")
+    sampler = parser.add_argument_group("sampler (default: the model folder's settings)")
+    sampler.add_argument("--num-inference-steps", type=int, default=None)
+    sampler.add_argument("--noise-aug-strength", type=float, default=None)
+    sampler.add_argument("--noise-frame-correlation", type=float, default=None)
+    sampler.add_argument("--guidance-scale", type=float, default=None)
+    sampler.add_argument("--self-ensemble", type=int, default=None, help="runs on flips / transposes, averaged (1-8)")
+    sampler.add_argument("--seed", type=int, default=0)
+    chunks = parser.add_argument_group("memory")
+    chunks.add_argument("--chunk-frames", type=int, default=32, help="frames super-resolved together")
+    chunks.add_argument("--chunk-overlap", type=int, default=4, help="frames shared (and cross-faded) by two chunks")
+    chunks.add_argument("--tile", type=int, default=None, help="LR tile side in pixels for frames too large at once")
+    chunks.add_argument("--tile-overlap", type=int, default=16, help="LR pixels shared by neighbouring tiles")
+    parser.add_argument("--color-fix", choices=("wavelet", "adain"), default=None)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stage's own modules")
+    video = parser.add_argument_group("video output")
+    video.add_argument("--codec", default=None, help="video codec (default by extension, e.g. libx264 for .mp4)")
+    video.add_argument("--crf", type=int, default=18, help="constant rate factor of x264 / x265 (0 = lossless)")
+    video.add_argument("--bitrate", type=int, default=None, help="bits/s instead of --crf")
+    video.add_argument("--pix-fmt", default=None, help="pixel format (default yuv420p)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--reference", default=None, help="ground truth of a single input: print the metrics table")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before the model loads or a frame is read."""
+    if args.scale is not None and not 1 <= args.scale < float("inf"):
+        raise ValueError(f"`--scale` must be a finite number >= 1, got {args.scale}")
+    if args.size is not None and min(args.size) < 1:
+        raise ValueError(f"`--size` must be two positive ints (H W), got {tuple(args.size)}")
+    for name in ("num_inference_steps", "chunk_frames", "tile"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int, got {value}")
+    if not 0 <= args.chunk_overlap < args.chunk_frames:
+        raise ValueError(
+            f"`--chunk-overlap` must lie in [0, --chunk-frames={args.chunk_frames}), got {args.chunk_overlap}"
+        )
+    if args.tile is not None and not 0 <= args.tile_overlap < args.tile:
+        raise ValueError(f"`--tile-overlap` must lie in [0, --tile={args.tile}), got {args.tile_overlap}")
+    if args.self_ensemble is not None and not 1 <= args.self_ensemble <= 8:
+        raise ValueError(f"`--self-ensemble` must be in 1..8, got {args.self_ensemble}")
+    if args.seed < 0:
+        raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+    if not (args.model / "model_index.json").is_file():
+        raise ValueError(f"`--model` {str(args.model)!r} is not a stage folder (no model_index.json)")
+    if len(args.inputs) > 1 and args.output.suffix:
+        raise ValueError(f"several inputs go to a folder: `--output` {str(args.output)!r} has an extension")
+    if args.reference is not None and len(args.inputs) > 1:
+        raise ValueError("`--reference` compares one output with its ground truth: pass a single input")
+    check_device(args.device)
+
+
+def check_device(device: str | None) -> None:
+    """An unusable `--device` fails here, not after the model has loaded."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"`--device` {device!r} is not a torch device: {error}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(f"`--device` {device!r}: this machine has {count} CUDA device(s)")
+
+
+def output_paths(inputs: list[str], output: Path, overwrite: bool) -> list[tuple[str, Path]]:
+    """(input, output path) per input; several inputs write `<output>/<input name>.<ext of the first>` or PNG folders."""
+    from cascade_vsr.core.streams import VideoSource
+
+    sources = [VideoSource(item) for item in inputs]  # ValueError naming an unreadable input
+    if len(sources) == 1:
+        pairs = [(inputs[0], output)]
+    else:
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"`--output` {str(output)!r} must be a folder for several inputs")
+        pairs = [(item, output / source.name) for item, source in zip(inputs, sources)]
+        names = [path.name for _, path in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"inputs share names {sorted(n for n in names if names.count(n) > 1)}: outputs would collide"
+            )
+    for _, path in pairs:
+        if path.exists() and not overwrite:
+            raise ValueError(f"`--output` {str(path)!r} exists; pass --overwrite to replace it")
+    return pairs
+
+
+def overlapping_windows(chunks, window: int, overlap: int):
+    """Regroup consecutive frame chunks into windows of `window` frames, each sharing its first `overlap` frames with
+    the previous window's last ones; yields (frames, is_last). The last window is shorter but holds new frames."""
+    import numpy as np
+
+    buffer = None
+    for chunk in chunks:
+        buffer = chunk if buffer is None else np.concatenate([buffer, chunk])
+        while len(buffer) > window:  # a further frame exists: this window is not the last
+            yield buffer[:window], False
+            buffer = buffer[window - overlap :]
+    if buffer is not None:
+        yield buffer, True
+
+
+def cross_fade(previous, current):
+    """Blend the overlap: `previous` (k, ...) fades out while the first k frames of `current` fade in."""
+    import numpy as np
+
+    count = len(previous)
+    weight = ((np.arange(count) + 1) / (count + 1)).reshape(-1, *([1] * (previous.ndim - 1)))
+    blended = current.copy()
+    blended[:count] = previous * (1 - weight) + current[:count] * weight
+    return blended
+
+
+def load_stage(model: Path, device: str, dtype: str):
+    """The stage pipeline of a model folder on `device`, its own modules in `dtype`."""
+    import torch
+
+    from cascade_vsr import CascadeVSRPipeline
+
+    pipe = CascadeVSRPipeline.from_pretrained(model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.upsampler, pipe.transformer):
+        module.to(dtype=getattr(torch, dtype))
+    return pipe.to(device)
+
+
+def super_resolve_window(pipe, frames, out_size: tuple[int, int], args: argparse.Namespace, length: int):
+    """uint8 (n, h, w, 3) -> float64 (n, *out_size, 3) in [0, 1]. The window is padded to `length` frames by
+    repeating its last frame, so every window has the same shape and draws the same noise (`--seed` each time)."""
+    import numpy as np
+    import torch
+    from einops import rearrange
+
+    from cascade_vsr.pipelines.tiling import tiled_super_resolve
+
+    count = len(frames)
+    if count < length:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], length - count, axis=0)])
+    video = rearrange(torch.from_numpy(frames), "t h w c -> 1 t c h w").float() / 255
+    options = {
+        "num_inference_steps": args.num_inference_steps,
+        "noise_aug_strength": args.noise_aug_strength,
+        "noise_frame_correlation": args.noise_frame_correlation,
+        "guidance_scale": args.guidance_scale,
+        "self_ensemble": args.self_ensemble,
+        "color_fix": args.color_fix,
+    }
+    options = {name: value for name, value in options.items() if value is not None}
+
+    def run(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
+        return (
+            pipe(
+                video=lr.to(pipe.device),
+                height=size[0],
+                width=size[1],
+                generator=generator,
+                output_type="pt",
+                **options,
+            )
+            .frames.double()
+            .cpu()
+        )
+
+    if args.tile is None:
+        hr = run(video, out_size)
+    else:
+        hr = tiled_super_resolve(run, video, out_size, args.tile, args.tile_overlap, pipe.adapter.spatial_compression)
+    return rearrange(hr[0, :count], "t c h w -> t h w c").numpy()
+
+
+def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict:
+    """Super-resolve one input into `output`, window by window; returns the summary figures."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from cascade_vsr.core.streams import VideoSink, VideoSource
+
+    source = VideoSource(item)
+    if args.size is not None:
+        out_size = tuple(args.size)
+    else:
+        out_size = (round(source.height * args.scale), round(source.width * args.scale))
+    if out_size[0] < source.height or out_size[1] < source.width:
+        raise ValueError(f"`--size` {out_size} must not be smaller than the input {(source.height, source.width)}")
+    start = time.perf_counter()
+    pending = None
+    sink = VideoSink(
+        output,
+        fps=source.fps,
+        codec=args.codec,
+        crf=args.crf,
+        bitrate=args.bitrate,
+        pix_fmt=args.pix_fmt,
+        audio_from=source.source if source.has_audio and output.suffix else None,
+        overwrite=args.overwrite,
+    )
+    step = args.chunk_frames - args.chunk_overlap
+    with sink, tqdm(total=source.num_frames, unit="frame", desc=source.name) as progress:
+        for frames, last in overlapping_windows(source.chunks(step), args.chunk_frames, args.chunk_overlap):
+            hr = super_resolve_window(pipe, frames, out_size, args, args.chunk_frames)
+            if pending is not None and len(pending):
+                hr = cross_fade(pending, hr)
+            keep = len(hr) if last else len(hr) - args.chunk_overlap
+            sink.write(np.clip(np.rint(hr[:keep] * 255), 0, 255).astype(np.uint8))
+            progress.update(keep)
+            pending = None if last else hr[keep:]
+    seconds = time.perf_counter() - start
+    return {
+        "input": item,
+        "output": str(output),
+        "frames": sink.frames_written,
+        "seconds": seconds,
+        "lr_size": (source.height, source.width),
+        "hr_size": out_size,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    check_args(args)
+    pairs = output_paths(args.inputs, args.output, args.overwrite)
+    if len(pairs) > 1:
+        args.output.mkdir(parents=True, exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_stage(args.model, device, args.dtype)
+    for item, output in pairs:
+        summary = upscale_one(pipe, item, output, args)
+        (h, w), (hh, ww) = summary["lr_size"], summary["hr_size"]
+        print(
+            f"{item} -> {output}: {summary['frames']} frames {w}x{h} -> {ww}x{hh} in {summary['seconds']:.1f} s "
+            f"({summary['frames'] / summary['seconds']:.2f} frames/s)"
+        )
+    if args.reference is not None:
+        from cascade_vsr.commands.evaluate import evaluate
+        from cascade_vsr.core.metrics import metrics_table
+
+        item, output = pairs[0]
+        figures = evaluate({Path(item).stem: (output, Path(args.reference))}, baseline="bicubic", lr=item)
+        print(metrics_table(figures["clips"], labels={"sr": "cascade-vsr", "ground_truth": "ground truth"}))
+    return 0
