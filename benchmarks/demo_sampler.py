@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cascade_vsr.commands import demo  # noqa: E402
+from cascade_vsr.commands import demo
+from cascade_vsr.core.metrics import clip_metrics
 
 # (steps, noise_frame_correlation, latent frames per attention window; 0: the model's own, the whole clip)
 SETTINGS = [(1, 0.0, 0), (2, 0.0, 0), (2, 1.0, 0), (2, 1.0, 5), (4, 1.0, 0), (8, 0.0, 0), (8, 1.0, 0)]
@@ -23,7 +24,7 @@ COLUMNS = ("psnr", "ssim", "warping_error", "relative_warping_error")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=demo.DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=demo.demo_model_path())
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/demo_sampler.json"))
     options = parser.parse_args()
@@ -44,10 +45,12 @@ def main() -> None:
         size = ground_truth.shape[1:3]
         outputs = {"bicubic": bicubic}
         for steps, correlation, window in SETTINGS:
-            args.num_inference_steps, args.noise_frame_correlation = steps, correlation
+            sampler = demo.sampler_settings(args) | dict(
+                num_inference_steps=steps, noise_frame_correlation=correlation
+            )
             name = f"{steps} steps, correlation {correlation:g}" + (f", window {window}" if window else "")
-            outputs[name] = demo.super_resolve(pipes[window], lr, size, args, clip)
-        results[clip] = demo.clip_metrics(outputs, ground_truth)
+            outputs[name] = demo.super_resolve(pipes[window], lr, size, **sampler, desc=clip)
+        results[clip] = clip_metrics(outputs, ground_truth)
 
     print(f"{'clip':<14}{'method':<38}{'PSNR':>8}{'SSIM':>8}{'warp':>8}{'rel. warp':>11}")
     for clip, metrics in results.items():

@@ -17,14 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from einops import rearrange  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
 
-from cascade_vsr.commands import demo  # noqa: E402
-from cascade_vsr.core.metrics import consistency_mask, warp_residual  # noqa: E402
-from cascade_vsr.core.optical_flow import bidirectional_flow, compute_flow  # noqa: E402
+from cascade_vsr.commands import demo
+from cascade_vsr.core.metrics import consistency_mask, warp_residual
+from cascade_vsr.core.optical_flow import bidirectional_flow, compute_flow
 
 MOTION_BINS = ((0.0, 0.25), (0.25, 1.0), (1.0, 3.0), (3.0, float("inf")))  # ground-truth motion, HR pixels
 STILL = 0.25  # px
@@ -50,7 +50,7 @@ def detail_held_where_still(output: np.ndarray, bicubic: np.ndarray, lr: np.ndar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=demo.DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=demo.demo_model_path())
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/demo_temporal.json"))
     options = parser.parse_args()
@@ -66,7 +66,7 @@ def main() -> None:
     for clip in demo.CLIPS:
         ground_truth, _, lr, bicubic = demo.held_out_clip(clip, args.num_frames, tuple(args.hr_size))
         size = ground_truth.shape[1:3]
-        output = demo.super_resolve(pipe, lr, size, args, clip)
+        output = demo.super_resolve(pipe, lr, size, **demo.sampler_settings(args), desc=clip)
         held, still_share = detail_held_where_still(output, bicubic, lr)
 
         backward, forward = bidirectional_flow(ground_truth)

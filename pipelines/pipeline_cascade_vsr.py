@@ -2,6 +2,8 @@
 
 upstream pipeline (output_type="latent") -> adapter.to_model -> LatentUpsampler3D -> noise augmentation
 -> N flow-matching steps of CascadeVSRTransformer3DModel -> the upstream VAE decodes (model space -> pixels)
+-> optional colour fix (`cascade_vsr.core.color`); optionally the mean of runs on flips / transposes of a pixel
+input (`self_ensemble`).
 """
 
 from __future__ import annotations
@@ -32,14 +34,20 @@ from diffusers.video_processor import VideoProcessor
 from einops import rearrange
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cascade_vsr.core.color import COLOR_FIXES
 from cascade_vsr.core.flow import frame_correlated_noise, noise_augment
 from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D, resize_frames
 from cascade_vsr.pipelines.adapters import LatentAdapter, get_adapter
+from cascade_vsr.pipelines.self_ensemble import (
+    NUM_TRANSFORMS,
+    dihedral_transform,
+    generator_for_run,
+    swaps_height_width,
+)
 
 OUTPUT_TYPES = ("latent", "np", "pt", "pil")
-COLOR_FIXES = ("wavelet", "adain")
 
 # Set while `from_pipe` runs without an explicit dtype: the ids of the upstream's modules, which `to()` must not
 # cast (DiffusionPipeline.from_pipe ends with `new_pipeline.to(dtype=float32)` and would cast them in place).
@@ -63,40 +71,6 @@ class CascadeVSRPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Colour fixes against the upsampled input (pure functions on (B, 3, T, H, W) videos)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def adain_color_fix(video: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Match the per-frame, per-channel mean and std of `video` to those of `reference` (same shape)."""
-    dims = (-2, -1)
-    mean, std = video.mean(dims, keepdim=True), video.std(dims, keepdim=True)
-    ref_mean, ref_std = reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True)
-    return (video - mean) / (std + eps) * ref_std + ref_mean
-
-
-def _wavelet_low_pass(frames: torch.Tensor, levels: int) -> torch.Tensor:
-    """Low-frequency part of (N, C, H, W) frames: `levels` a-trous passes of a 3x3 binomial blur with dilation
-    1, 2, 4, ... (replicate padding), as in SeedVR's wavelet colour fix."""
-    channels = frames.shape[1]
-    kernel = torch.tensor([1.0, 2.0, 1.0], device=frames.device, dtype=frames.dtype)
-    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(channels, 1, 3, 3)
-    for level in range(levels):
-        dilation = 2**level
-        padded = F.pad(frames, (dilation,) * 4, mode="replicate")
-        frames = F.conv2d(padded, kernel, groups=channels, dilation=dilation)
-    return frames
-
-
-def wavelet_color_fix(video: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """Keep the high frequencies of `video` and take the low frequencies (colour, shading) of `reference`."""
-    batch = video.shape[0]
-    frames, ref = (rearrange(x, "b c t h w -> (b t) c h w") for x in (video, reference))
-    fixed = frames - _wavelet_low_pass(frames, levels) + _wavelet_low_pass(ref, levels)
-    return rearrange(fixed, "(b t) c h w -> b c t h w", b=batch)
-
-
 def inverse_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Sigmas that the scheduler's static `shift * s / (1 + (shift - 1) * s)` maps back onto `sigmas`."""
     return sigmas / (shift - (shift - 1) * sigmas)
@@ -106,6 +80,87 @@ def _pad_sequence(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tupl
     """Right-pad (B, L, D) text embeddings and their (B, L) mask with masked zeros to `length` tokens."""
     extra = length - embeds.shape[1]
     return F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+
+def _repeat_to_batch(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """(1 or b, ...) -> (batch, ...): one entry shared by all, or each of b entries for its batch / b videos."""
+    if values.shape[0] == 1:
+        return values.expand(batch, *values.shape[1:])
+    return values.repeat_interleave(batch // values.shape[0], dim=0)
+
+
+def check_self_ensemble(self_ensemble: int, video: Any, output_type: str, latents: torch.Tensor | None) -> None:
+    """The self-ensemble transforms pixels and averages decoded frames, each run with its own noise."""
+    if (
+        isinstance(self_ensemble, bool)
+        or not isinstance(self_ensemble, int)
+        or not 1 <= self_ensemble <= NUM_TRANSFORMS
+    ):
+        raise ValueError(
+            f"`self_ensemble` must be an int in [1, {NUM_TRANSFORMS}] (runs on the first N flips / transposes), "
+            f"got {self_ensemble!r}"
+        )
+    if self_ensemble == 1:
+        return
+    if video is None:
+        raise ValueError(
+            f"`self_ensemble={self_ensemble}` flips and transposes pixels: pass `video`, not `lr_latents` (latent "
+            "channels do not flip with the picture)"
+        )
+    if output_type == "latent":
+        raise ValueError(
+            f"`self_ensemble={self_ensemble}` averages decoded frames: use output_type 'np', 'pt' or 'pil', not 'latent'"
+        )
+    if latents is not None:
+        raise ValueError(f"`self_ensemble={self_ensemble}` draws every run's own initial noise: do not pass `latents`")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _scale_pair(scale: Any) -> tuple[float, float] | None:
+    """`scale` as an (h, w) pair of numbers, or None when it is neither a number nor a pair of numbers."""
+    if _is_number(scale):
+        return scale, scale
+    if isinstance(scale, tuple | list) and len(scale) == 2 and all(_is_number(s) for s in scale):
+        return scale[0], scale[1]
+    return None
+
+
+def check_target_size(height: Any, width: Any, scale: Any) -> None:
+    """The target size comes as `height` and `width` (ints) or as `scale` (a number >= 1 or an (h, w) pair)."""
+    if scale is not None and (height is not None or width is not None):
+        raise ValueError("pass either `height` and `width` or `scale`, not both")
+    if scale is not None:
+        scales = _scale_pair(scale)
+        if scales is None or any(s < 1 for s in scales):
+            raise ValueError(f"`scale` must be a number >= 1 or a (height, width) pair of them, got {scale!r}")
+    elif height is None or width is None:
+        raise ValueError("pass the target size as `height` and `width` (pixels) or as `scale`")
+    elif not all(isinstance(s, int) and not isinstance(s, bool) for s in (height, width)):
+        raise ValueError(f"`height` and `width` must be ints, got {(height, width)}")
+
+
+def resolve_target_size(
+    input_size: tuple[int, int],
+    height: int | None = None,
+    width: int | None = None,
+    scale: float | tuple[float, float] | None = None,
+) -> tuple[int, int]:
+    """The output size (H, W) in pixels: `height` x `width`, or the input's (H, W) times `scale` per axis,
+    rounded; never smaller than the input."""
+    check_target_size(height, width, scale)
+    if scale is not None:
+        scales = _scale_pair(scale)
+        target = (round(input_size[0] * scales[0]), round(input_size[1] * scales[1]))
+    else:
+        target = (height, width)
+    if target[0] < input_size[0] or target[1] < input_size[1]:
+        raise ValueError(
+            f"the target size (height, width)={target} must not be smaller than the input {tuple(input_size)}"
+        )
+    return target
 
 
 class CascadeVSRPipeline(DiffusionPipeline):
@@ -224,7 +279,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         return self._interrupt
 
-    # -- inputs --------------------------------------------------------------------------------------------------
+    # -- text ----------------------------------------------------------------------------------------------------
 
     def encode_prompt(
         self,
@@ -248,6 +303,158 @@ class CascadeVSRPipeline(DiffusionPipeline):
         embeds = self.text_encoder(inputs.input_ids.to(device), attention_mask=mask).last_hidden_state
         return embeds.to(self.transformer.dtype), mask
 
+    def prepare_text_conditioning(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+        negative_prompt_attention_mask: torch.Tensor | None,
+        batch: int,
+        do_cfg: bool,
+        max_sequence_length: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(B or 2B, L, D) embeddings and mask; with CFG the unconditional half comes first."""
+        if prompt is not None:
+            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, max_sequence_length, device)
+        if negative_prompt is not None:
+            negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                negative_prompt, max_sequence_length, device
+            )
+        if prompt_embeds is None:
+            return None, None  # the transformer's learned null embedding
+        dtype = self.transformer.dtype
+        prompt_embeds = _repeat_to_batch(prompt_embeds.to(device, dtype), batch)
+        if prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        prompt_attention_mask = _repeat_to_batch(prompt_attention_mask.to(device), batch)
+        if not do_cfg:
+            return prompt_embeds, prompt_attention_mask
+        if negative_prompt_embeds is None:
+            # The learned null prompt repeated over L fully visible tokens attends exactly like one null token.
+            negative_prompt_embeds = self.transformer.null_text_embeds(batch, prompt_embeds.shape[1]).to(device, dtype)
+        negative_prompt_embeds = _repeat_to_batch(negative_prompt_embeds.to(device, dtype), batch)
+        if negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
+            )
+        negative_prompt_attention_mask = _repeat_to_batch(negative_prompt_attention_mask.to(device), batch)
+        length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
+        prompt_embeds, prompt_attention_mask = _pad_sequence(prompt_embeds, prompt_attention_mask, length)
+        negative_prompt_embeds, negative_prompt_attention_mask = _pad_sequence(
+            negative_prompt_embeds, negative_prompt_attention_mask, length
+        )
+        return (
+            torch.cat([negative_prompt_embeds, prompt_embeds]),
+            torch.cat([negative_prompt_attention_mask, prompt_attention_mask]),
+        )
+
+    # -- checks --------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        lr_latents: torch.Tensor | None,
+        video: Any,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        height: int | None,
+        width: int | None,
+        scale: float | tuple[float, float] | None,
+        num_inference_steps: int,
+        sigmas: list[float] | None,
+        guidance_scale: float,
+        noise_aug_strength: float,
+        noise_frame_correlation: float,
+        num_videos_per_prompt: int,
+        latents: torch.Tensor | None,
+        output_type: str,
+        color_fix: str | None,
+        self_ensemble: int,
+        callback_on_step_end_tensor_inputs: list[str],
+        decode_chunk_size: int | None,
+    ) -> None:
+        """Check every argument on its own, and the upstream latent space against the model's (no tensor is read).
+
+        What needs the converted input (its values, batch and size) is checked by `convert_lr_latents`,
+        `preprocess_video`, `resolve_target_size` and `check_batch_inputs`, still before any heavy compute."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if color_fix is not None and color_fix not in COLOR_FIXES:
+            raise ValueError(f"`color_fix` must be None or one of {tuple(COLOR_FIXES)}, got {color_fix!r}")
+        if (lr_latents is None) == (video is None):
+            raise ValueError("pass exactly one of `lr_latents` (the upstream's latent output) and `video` (pixels)")
+        bad_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad_inputs:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {bad_inputs}"
+            )
+        for name, value in (
+            ("num_inference_steps", num_inference_steps),
+            ("num_videos_per_prompt", num_videos_per_prompt),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        for name, value in (
+            ("noise_aug_strength", noise_aug_strength),
+            ("noise_frame_correlation", noise_frame_correlation),
+        ):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"`{name}` must lie in [0, 1], got {value}")
+        if guidance_scale < 1.0:
+            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale}")
+        if sigmas is not None:
+            values = np.asarray(sigmas, dtype=np.float64)
+            if (
+                values.ndim != 1
+                or len(values) == 0
+                or (values <= 0).any()
+                or (values > 1).any()
+                or (np.diff(values) >= 0).any()
+            ):
+                raise ValueError(f"`sigmas` must be a non-empty, strictly decreasing list in (0, 1], got {sigmas}")
+        if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int) or decode_chunk_size < 1):
+            raise ValueError(f"`decode_chunk_size` must be a positive int (latent frames), got {decode_chunk_size!r}")
+        if output_type != "latent" and self.vae is None:
+            raise ValueError(f"`output_type={output_type!r}` needs the upstream's `vae`; use output_type='latent'")
+        if color_fix is not None and self.vae is None:
+            raise ValueError("`color_fix` needs the upstream's `vae`")
+        check_self_ensemble(self_ensemble, video, output_type, latents)
+        check_target_size(height, width, scale)
+
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is None:
+                continue
+            if not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
+                raise ValueError(f"`{name}` must be a string or a list of strings, got {type(text).__name__}")
+            if self.text_encoder is None or self.tokenizer is None:
+                raise ValueError(
+                    f"`{name}` needs the upstream's `text_encoder` and `tokenizer`; or pass `{name}_embeds`"
+                )
+
+        adapter = self.adapter
+        latent_space = self.transformer.config.latent_space
+        if latent_space is not None and latent_space != adapter.name:
+            raise ValueError(
+                f"latent space mismatch: the transformer was trained in latent space {latent_space!r}, but the "
+                f"upstream ({type(self.vae).__name__ if self.vae is not None else 'by name'}) produces "
+                f"{adapter.name!r}"
+            )
+        channels = self.transformer.config.latent_channels
+        if adapter.latent_channels != channels or self.upsampler.config.latent_channels != channels:
+            raise ValueError(
+                f"the upstream latent space {adapter.name!r} has {adapter.latent_channels} channels, but the "
+                f"transformer has latent_channels={channels} and the upsampler "
+                f"{self.upsampler.config.latent_channels}"
+            )
+
     def _check_embeds(self, embeds: torch.Tensor | None, mask: torch.Tensor | None, name: str, batch: int) -> None:
         if embeds is None:
             if mask is not None:
@@ -269,197 +476,93 @@ class CascadeVSRPipeline(DiffusionPipeline):
                 f"`{name}_attention_mask` must have shape {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}"
             )
 
-    def check_inputs(
+    def check_batch_inputs(
         self,
-        lr_latents: torch.Tensor | None,
-        video: Any,
+        batch_size: int,
+        latents_shape: tuple[int, ...],
         prompt: str | list[str] | None,
         negative_prompt: str | list[str] | None,
         prompt_embeds: torch.Tensor | None,
         negative_prompt_embeds: torch.Tensor | None,
         prompt_attention_mask: torch.Tensor | None,
         negative_prompt_attention_mask: torch.Tensor | None,
-        height: int | None,
-        width: int | None,
-        scale: float | tuple[float, float] | None,
-        num_inference_steps: int,
-        sigmas: list[float] | None,
-        guidance_scale: float,
-        noise_aug_strength: float,
-        noise_frame_correlation: float,
-        num_videos_per_prompt: int,
-        output_type: str,
-        color_fix: str | None,
-        callback_on_step_end_tensor_inputs: list[str],
-        decode_chunk_size: int | None,
-        upstream_shape: dict[str, int] | None,
-    ) -> tuple[LatentAdapter, torch.Tensor | None, torch.Tensor | None, tuple[int, int, int], tuple[int, int]]:
-        """Validate every argument before any heavy compute.
-
-        Returns the adapter, the model-space LR latents (or the preprocessed video), the LR grid (T, h, w)
-        in latent units and the target pixel size (H, W).
-        """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if color_fix not in (None, *COLOR_FIXES):
-            raise ValueError(f"`color_fix` must be None or one of {COLOR_FIXES}, got {color_fix!r}")
-        if (lr_latents is None) == (video is None):
-            raise ValueError("pass exactly one of `lr_latents` (the upstream's latent output) and `video` (pixels)")
-        bad_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad_inputs:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got {bad_inputs}"
-            )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"`num_videos_per_prompt` must be a positive int, got {num_videos_per_prompt!r}")
-        if not 0.0 <= float(noise_aug_strength) <= 1.0:
-            raise ValueError(f"`noise_aug_strength` must lie in [0, 1], got {noise_aug_strength}")
-        if not 0.0 <= float(noise_frame_correlation) <= 1.0:
-            raise ValueError(f"`noise_frame_correlation` must lie in [0, 1], got {noise_frame_correlation}")
-        if guidance_scale < 1.0:
-            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale}")
-        if sigmas is not None:
-            values = np.asarray(sigmas, dtype=np.float64)
-            if (
-                values.ndim != 1
-                or len(values) == 0
-                or (values <= 0).any()
-                or (values > 1).any()
-                or (np.diff(values) >= 0).any()
-            ):
-                raise ValueError(f"`sigmas` must be a non-empty, strictly decreasing list in (0, 1], got {sigmas}")
-        if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int) or decode_chunk_size < 1):
-            raise ValueError(f"`decode_chunk_size` must be a positive int (latent frames), got {decode_chunk_size!r}")
-        if output_type != "latent" and self.vae is None:
-            raise ValueError(f"`output_type={output_type!r}` needs the upstream's `vae`; use output_type='latent'")
-        if color_fix is not None and self.vae is None:
-            raise ValueError("`color_fix` needs the upstream's `vae`")
-
-        adapter = self.adapter
-        latent_space = self.transformer.config.latent_space
-        if latent_space is not None and latent_space != adapter.name:
-            raise ValueError(
-                f"latent space mismatch: the transformer was trained in latent space {latent_space!r}, but the "
-                f"upstream ({type(self.vae).__name__ if self.vae is not None else 'by name'}) produces "
-                f"{adapter.name!r}"
-            )
-        channels = self.transformer.config.latent_channels
-        if adapter.latent_channels != channels or self.upsampler.config.latent_channels != channels:
-            raise ValueError(
-                f"the upstream latent space {adapter.name!r} has {adapter.latent_channels} channels, but the "
-                f"transformer has latent_channels={channels} and the upsampler "
-                f"{self.upsampler.config.latent_channels}"
-            )
-
-        if lr_latents is not None:
-            lr = adapter.to_model(lr_latents, self.vae, **(upstream_shape or {}))
-            if not torch.isfinite(lr).all():
-                raise ValueError("`lr_latents` must be finite (no NaN / Inf)")
-            grid = tuple(lr.shape[2:])
-            lr_pixels = (grid[1] * adapter.spatial_compression, grid[2] * adapter.spatial_compression)
-            batch = lr.shape[0]
-        else:
-            lr = self.video_processor.preprocess_video(video)
-            if lr.ndim != 5 or lr.shape[1] != 3:
-                raise ValueError(f"`video` must be RGB frames, got a video of shape {tuple(lr.shape)}")
-            if not torch.isfinite(lr).all():
-                raise ValueError("`video` must be finite (no NaN / Inf)")
-            adapter.check_num_frames(lr.shape[2], "video frames")
-            sc = adapter.spatial_compression
-            if lr.shape[3] % sc or lr.shape[4] % sc:
-                raise ValueError(f"`video` height and width must be multiples of {sc}, got {tuple(lr.shape[3:])}")
-            grid = (adapter.num_latent_frames(lr.shape[2]), lr.shape[3] // sc, lr.shape[4] // sc)
-            lr_pixels = (lr.shape[3], lr.shape[4])
-            batch = lr.shape[0]
-
-        if scale is not None and (height is not None or width is not None):
-            raise ValueError("pass either `height` and `width` or `scale`, not both")
-        if scale is not None:
-            scales = (scale, scale) if isinstance(scale, int | float) else tuple(scale)
-            if len(scales) != 2 or any(not isinstance(s, int | float) or s < 1 for s in scales):
-                raise ValueError(f"`scale` must be a number >= 1 or a (height, width) pair of them, got {scale!r}")
-            target = (round(lr_pixels[0] * scales[0]), round(lr_pixels[1] * scales[1]))
-        elif height is None or width is None:
-            raise ValueError("pass the target size as `height` and `width` (pixels) or as `scale`")
-        else:
-            target = (height, width)
-            if not all(isinstance(s, int) and not isinstance(s, bool) for s in target):
-                raise ValueError(f"`height` and `width` must be ints, got {target}")
-        if target[0] < lr_pixels[0] or target[1] < lr_pixels[1]:
-            raise ValueError(
-                f"the target size (height, width)={target} must not be smaller than the input {lr_pixels}"
-            )
-
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        latents: torch.Tensor | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> None:
+        """Check what must agree with the input's batch (`batch_size` videos) and the target's `latents_shape`
+        (B * num_videos_per_prompt, C, T, H/s, W/s)."""
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if text is None:
-                continue
-            if not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
-                raise ValueError(f"`{name}` must be a string or a list of strings, got {type(text).__name__}")
-            if isinstance(text, list) and len(text) not in (1, batch):
-                raise ValueError(f"`{name}` must have 1 or {batch} (batch of the latents) entries, got {len(text)}")
-            if self.text_encoder is None or self.tokenizer is None:
+            if isinstance(text, list) and len(text) not in (1, batch_size):
                 raise ValueError(
-                    f"`{name}` needs the upstream's `text_encoder` and `tokenizer`; or pass `{name}_embeds`"
+                    f"`{name}` must have 1 or {batch_size} (batch of the latents) entries, got {len(text)}"
                 )
-        self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt", batch)
-        self._check_embeds(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt", batch)
-        return adapter, lr, grid, target
+        self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt", batch_size)
+        self._check_embeds(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt", batch_size)
+        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latents_shape):
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must have shape {latents_shape} (B, C, T, H/s, W/s), got {got}")
+        if isinstance(generator, list) and len(generator) != latents_shape[0]:
+            raise ValueError(
+                f"`generator` must be one generator or a list of {latents_shape[0]} (one per video: batch x "
+                f"num_videos_per_prompt), got a list of {len(generator)}"
+            )
 
-    # -- helpers -------------------------------------------------------------------------------------------------
+    # -- preparation steps ---------------------------------------------------------------------------------------
 
-    def _text_conditioning(
+    def convert_lr_latents(
+        self, adapter: LatentAdapter, lr_latents: torch.Tensor, upstream_shape: dict[str, int] | None
+    ) -> torch.Tensor:
+        """The upstream's latents in its own format -> model-space (B, C, T, h, w), checked finite."""
+        lr_latents = adapter.to_model(lr_latents, self.vae, **(upstream_shape or {}))
+        if not torch.isfinite(lr_latents).all():
+            raise ValueError("`lr_latents` must be finite (no NaN / Inf)")
+        return lr_latents
+
+    def preprocess_video(self, adapter: LatentAdapter, video: Any) -> torch.Tensor:
+        """Pixel frames (anything `VideoProcessor.preprocess_video` reads) -> (B, 3, T, H, W) in [-1, 1], checked:
+        RGB, finite, and a frame count and size that the VAE encodes."""
+        video = self.video_processor.preprocess_video(video)
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"`video` must be RGB frames, got a video of shape {tuple(video.shape)}")
+        if not torch.isfinite(video).all():
+            raise ValueError("`video` must be finite (no NaN / Inf)")
+        adapter.check_num_frames(video.shape[2], "video frames")
+        sc = adapter.spatial_compression
+        if video.shape[3] % sc or video.shape[4] % sc:
+            raise ValueError(f"`video` height and width must be multiples of {sc}, got {tuple(video.shape[3:])}")
+        return video
+
+    def prepare_lr_latents(
         self,
-        prompt,
-        negative_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
-        prompt_attention_mask,
-        negative_prompt_attention_mask,
-        batch: int,
-        do_cfg: bool,
-        max_sequence_length: int,
+        adapter: LatentAdapter,
+        lr_latents: torch.Tensor | None,
+        video: torch.Tensor | None,
+        num_videos_per_prompt: int,
         device: torch.device,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(B or 2B, L, D) embeddings and mask; with CFG the unconditional half comes first."""
-        if prompt is not None:
-            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, max_sequence_length, device)
-        if negative_prompt is not None:
-            negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                negative_prompt, max_sequence_length, device
-            )
-        if prompt_embeds is None:
-            return None, None  # the transformer's learned null embedding
-        dtype = self.transformer.dtype
-        prompt_embeds = prompt_embeds.to(device, dtype).expand(batch, -1, -1)
-        if prompt_attention_mask is None:
-            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
-        prompt_attention_mask = prompt_attention_mask.to(device).expand(batch, -1)
-        if not do_cfg:
-            return prompt_embeds, prompt_attention_mask
-        if negative_prompt_embeds is None:
-            # The learned null prompt repeated over L fully visible tokens attends exactly like one null token.
-            negative_prompt_embeds = self.transformer.null_text_embeds(batch, prompt_embeds.shape[1]).to(device, dtype)
-        negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).expand(batch, -1, -1)
-        if negative_prompt_attention_mask is None:
-            negative_prompt_attention_mask = torch.ones(
-                negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
-            )
-        negative_prompt_attention_mask = negative_prompt_attention_mask.to(device).expand(batch, -1)
-        length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
-        prompt_embeds, prompt_attention_mask = _pad_sequence(prompt_embeds, prompt_attention_mask, length)
-        negative_prompt_embeds, negative_prompt_attention_mask = _pad_sequence(
-            negative_prompt_embeds, negative_prompt_attention_mask, length
-        )
-        return (
-            torch.cat([negative_prompt_embeds, prompt_embeds]),
-            torch.cat([negative_prompt_attention_mask, prompt_attention_mask]),
-        )
+    ) -> torch.Tensor:
+        """Model-space LR latents (B * num_videos_per_prompt, C, T, h, w) in float32: `lr_latents` as converted,
+        or the preprocessed `video` encoded with the VAE (the slow path)."""
+        if lr_latents is None:
+            lr_latents = adapter.encode(self.vae, video.to(device, self.vae.dtype), generator=None)
+        return lr_latents.to(device, torch.float32).repeat_interleave(num_videos_per_prompt, dim=0)
+
+    def prepare_condition(
+        self,
+        lr_latents: torch.Tensor,
+        latent_size: tuple[int, int],
+        noise_aug_strength: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upsample once and noise-augment once (the condition is fixed through denoising): returns the upsampled
+        latents and the condition `(1 - s) * up + s * eps`."""
+        upsampled = self.upsampler(lr_latents.to(self.upsampler.dtype), size=latent_size).float()
+        noise = randn_tensor(upsampled.shape, generator=generator, device=upsampled.device, dtype=torch.float32)
+        return upsampled, noise_augment(upsampled, noise_aug_strength, noise=noise)
+
+    def sequence_length(self, latent_grid: tuple[int, int, int]) -> int:
+        """Transformer tokens of a (T, H, W) latent grid, one per patch: the image sequence length of the
+        scheduler's dynamic time shift."""
+        return math.prod(latent_grid) // math.prod(self.transformer.config.patch_size)
 
     def _set_sigmas(self, sigmas: list[float] | None, num_inference_steps: int, seq_len: int, device) -> None:
         """Default schedule linspace(1, 1/N, N) through the scheduler's shift; user `sigmas` exactly as given
@@ -480,6 +583,25 @@ class CascadeVSRPipeline(DiffusionPipeline):
                 values, mu = inverse_shift(values, config.shift), None
         self.scheduler.set_timesteps(sigmas=values.tolist(), device=device, mu=mu)
 
+    def prepare_latents(
+        self,
+        upsampled: torch.Tensor,
+        noise_frame_correlation: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Initial latents of the shape of `upsampled`: `latents` when given; else noise, or at a first sigma below 1
+        the upsampled input noised to it. Call after the timesteps are set."""
+        if latents is None:
+            noise = frame_correlated_noise(
+                tuple(upsampled.shape), noise_frame_correlation, generator=generator, device=upsampled.device
+            )
+            sigma_start = float(self.scheduler.sigmas[0])
+            latents = noise if sigma_start == 1.0 else (1 - sigma_start) * upsampled + sigma_start * noise
+        return latents.to(upsampled.device, torch.float32)
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+
     def decode_latents(
         self, adapter: LatentAdapter, latents: torch.Tensor, decode_chunk_size: int | None = None
     ) -> torch.Tensor:
@@ -498,6 +620,33 @@ class CascadeVSRPipeline(DiffusionPipeline):
                 decoded = decoded[:, :, -(stop - start) * adapter.temporal_compression :]
             chunks.append(decoded)
         return torch.cat(chunks, dim=2)
+
+    def apply_color_fix(
+        self,
+        adapter: LatentAdapter,
+        decoded: torch.Tensor,
+        color_fix: str,
+        lr_latents: torch.Tensor,
+        video: torch.Tensor | None,
+        decode_chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """`color_fix` of the decoded (B, 3, T, H, W) video against the input bilinearly resized to its size (the
+        preprocessed `video`, or else the `lr_latents` decoded), clamped to [-1, 1]."""
+        if video is None:
+            video = self.decode_latents(adapter, lr_latents, decode_chunk_size).float()
+        reference = resize_frames(video.to(decoded.device, decoded.dtype), tuple(decoded.shape[-2:]))
+        reference = reference.repeat_interleave(decoded.shape[0] // reference.shape[0], dim=0)
+        num_frames = min(decoded.shape[2], reference.shape[2])
+        return COLOR_FIXES[color_fix](decoded[:, :, :num_frames], reference[:, :, :num_frames]).clamp(-1, 1)
+
+    def _postprocess_mean(self, frames: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list:
+        """(B, T, 3, H, W) frames in [0, 1] -> `output_type`, in the layouts of `postprocess_video`."""
+        if output_type == "pt":
+            return frames
+        frames = rearrange(frames, "b t c h w -> b t h w c").cpu().numpy()
+        if output_type == "np":
+            return frames
+        return [self.video_processor.numpy_to_pil(video) for video in frames]
 
     # -- call ----------------------------------------------------------------------------------------------------
 
@@ -529,8 +678,8 @@ class CascadeVSRPipeline(DiffusionPipeline):
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
         max_sequence_length: int = 512,
-        attention_kwargs: dict[str, Any] | None = None,
         color_fix: str | None = None,
+        self_ensemble: int = 1,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
         upstream_shape: dict[str, int] | None = None,
@@ -560,12 +709,18 @@ class CascadeVSRPipeline(DiffusionPipeline):
                 frames, so the detail that sampling generates stays in place instead of flickering
                 (`flow.frame_correlated_noise`).
             generator, latents: Randomness: the condition's noise is drawn first, then the initial noise
-                (or pass `latents`, (B, C, T, H/s, W/s)).
+                (or pass `latents`, (B, C, T, H/s, W/s)). A list holds one generator per output video.
             output_type (`str`): "latent" (model-space HR latents), "np", "pt" or "pil".
             callback_on_step_end: Called after every step with `callback_on_step_end_tensor_inputs`; may return
                 a replacement `latents`.
-            attention_kwargs (`dict`, *optional*): Passed to the transformer.
-            color_fix (`str`, *optional*): "wavelet" or "adain" against the bilinearly upsampled input.
+            color_fix (`str`, *optional*): "wavelet" or "adain" against the bilinearly upsampled input
+                (`cascade_vsr.core.color`).
+            self_ensemble (`int`): N in 1..8: the mean of N runs of the stage, run k on the k-th flip / transpose
+                of `video` (`self_ensemble.dihedral_transform`) with its output transformed back (EDSR's geometric
+                self-ensemble; N times the compute, one run at a time). Run k of an N-ensemble equals a single run
+                seeded seed + k on the k-th transform: run 0 uses `generator` as given, run k a generator seeded
+                `generator.initial_seed() + k` (per element of a list); without a generator the runs draw from the
+                global RNG in turn. Needs `video` and a decoded `output_type`; the mean is float64.
             upstream_shape (`dict`, *optional*): Grid of packed upstream latents (LTX-Video): `num_frames`,
                 `height`, `width` of the upstream call.
             decode_chunk_size (`int`, *optional*): Decode this many latent frames at a time (less memory).
@@ -573,16 +728,14 @@ class CascadeVSRPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        # 1. Check every input (cheap) before any heavy compute.
-        adapter, lr, grid, (height, width) = self.check_inputs(
+        # 1. Check the arguments (cheap); the converted input is checked in steps 2-3, before any heavy compute.
+        self.check_inputs(
             lr_latents,
             video,
             prompt,
             negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt_attention_mask,
             height,
             width,
             scale,
@@ -592,111 +745,146 @@ class CascadeVSRPipeline(DiffusionPipeline):
             noise_aug_strength,
             noise_frame_correlation,
             num_videos_per_prompt,
+            latents,
             output_type,
             color_fix,
+            self_ensemble,
             callback_on_step_end_tensor_inputs,
             decode_chunk_size,
-            upstream_shape,
         )
-        sc = adapter.spatial_compression
-        latent_size = (math.ceil(height / sc), math.ceil(width / sc))
-        batch = lr.shape[0] * num_videos_per_prompt
-        shape = (batch, adapter.latent_channels, grid[0], *latent_size)
-        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape):
-            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"`latents` must have shape {shape} (B, C, T, H/{sc}, W/{sc}), got {got}")
-
         self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
+        adapter = self.adapter
+        sc = adapter.spatial_compression
         do_cfg = guidance_scale > 1.0 and (prompt is not None or prompt_embeds is not None)
 
-        # 2. LR latents in model space (the slow path encodes the pixels first).
-        video_pixels = None
-        if lr_latents is None:
-            video_pixels = lr
-            lr = adapter.encode(self.vae, video_pixels.to(device, self.vae.dtype), generator=None)
-        lr = lr.to(device, torch.float32).repeat_interleave(num_videos_per_prompt, dim=0)
+        # 2. The input in model terms: the upstream's latents in model space, or the pixels preprocessed (encoded
+        #    in step 5, per run of the self-ensemble).
+        if lr_latents is not None:
+            lr_latents = self.convert_lr_latents(adapter, lr_latents, upstream_shape)
+            batch_size, num_latent_frames = lr_latents.shape[0], lr_latents.shape[2]
+            input_size = (lr_latents.shape[3] * sc, lr_latents.shape[4] * sc)
+        else:
+            video = self.preprocess_video(adapter, video)
+            batch_size, num_latent_frames = video.shape[0], adapter.num_latent_frames(video.shape[2])
+            input_size = (video.shape[3], video.shape[4])
 
-        # 3. Text conditioning (CFG halves batched: unconditional first).
-        text_batch = batch
-        prompt_embeds, prompt_attention_mask = self._text_conditioning(
+        # 3. Target size, and what must agree with the batch.
+        height, width = resolve_target_size(input_size, height, width, scale)
+        batch = batch_size * num_videos_per_prompt
+        latents_shape = (
+            batch,
+            adapter.latent_channels,
+            num_latent_frames,
+            math.ceil(height / sc),
+            math.ceil(width / sc),
+        )
+        self.check_batch_inputs(
+            batch_size,
+            latents_shape,
             prompt,
             negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
             prompt_attention_mask,
             negative_prompt_attention_mask,
-            text_batch,
+            latents,
+            generator,
+        )
+
+        # 4. Text conditioning (CFG halves batched: unconditional first).
+        prompt_embeds, prompt_attention_mask = self.prepare_text_conditioning(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+            batch,
             do_cfg,
             max_sequence_length,
             device,
         )
-
-        # 4. Upsample once and noise-augment once: the condition is fixed through denoising.
-        upsampled = self.upsampler(lr.to(self.upsampler.dtype), size=latent_size).float()
-        condition_noise = randn_tensor(upsampled.shape, generator=generator, device=device, dtype=torch.float32)
-        condition = noise_augment(upsampled, noise_aug_strength, noise=condition_noise)
-
-        # 5. Timesteps and initial latents.
-        self._set_sigmas(sigmas, num_inference_steps, grid[0] * latent_size[0] * latent_size[1] // 4, device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        if latents is None:
-            noise = frame_correlated_noise(shape, noise_frame_correlation, generator=generator, device=device)
-            sigma_start = float(self.scheduler.sigmas[0])
-            latents = noise if sigma_start == 1.0 else (1 - sigma_start) * upsampled + sigma_start * noise
-        latents = latents.to(device, torch.float32)
-
-        # 6. Denoising loop.
-        transformer_dtype = self.transformer.dtype
         noise_level = torch.full((batch * (2 if do_cfg else 1),), float(noise_aug_strength), device=device)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_condition = torch.cat([condition] * 2) if do_cfg else condition
-                velocity = self.transformer(
-                    hidden_states=model_input.to(transformer_dtype),
-                    condition=model_condition.to(transformer_dtype),
-                    timestep=t.expand(model_input.shape[0]),
-                    noise_aug_level=noise_level,
-                    encoder_hidden_states=prompt_embeds,
-                    encoder_attention_mask=prompt_attention_mask,
-                    attention_kwargs=attention_kwargs,
-                    return_dict=False,
-                )[0].float()
-                if do_cfg:
-                    uncond, cond = velocity.chunk(2)
-                    velocity = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+        transformer_dtype = self.transformer.dtype
 
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    condition = callback_outputs.pop("condition", condition)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                progress_bar.update()
+        # 5. One run, or one per transform of the self-ensemble (one at a time: N runs at once need N times the
+        #    memory). Run k sees the k-th flip / transpose of the video, at the target size transformed alike.
+        ensemble_sum = None
+        for run in range(self_ensemble):
+            run_generator = generator_for_run(generator, run)
+            run_video = video if video is None else dihedral_transform(video, run)
+            run_size = (width, height) if swaps_height_width(run) else (height, width)
+            latent_size = (math.ceil(run_size[0] / sc), math.ceil(run_size[1] / sc))
 
-        # 7. Decode with the upstream VAE, crop to the exact size, optional colour fix.
-        if output_type == "latent":
-            frames = latents
-        else:
-            decoded = self.decode_latents(adapter, latents, decode_chunk_size).float()[..., :height, :width]
-            if color_fix is not None:
-                if video_pixels is None:
-                    video_pixels = self.decode_latents(adapter, lr, decode_chunk_size).float()
-                reference = resize_frames(video_pixels.to(decoded.device, decoded.dtype), (height, width))
-                reference = reference.repeat_interleave(decoded.shape[0] // reference.shape[0], dim=0)
-                frames_t = min(decoded.shape[2], reference.shape[2])
-                fix = wavelet_color_fix if color_fix == "wavelet" else adain_color_fix
-                decoded = fix(decoded[:, :, :frames_t], reference[:, :, :frames_t]).clamp(-1, 1)
-            frames = self.video_processor.postprocess_video(decoded, output_type=output_type)
+            # 5a. LR latents in model space (the pixels are encoded with the VAE).
+            lr = self.prepare_lr_latents(adapter, lr_latents, run_video, num_videos_per_prompt, device)
+
+            # 5b. The condition: upsampled once and noise-augmented once.
+            upsampled, condition = self.prepare_condition(lr, latent_size, noise_aug_strength, run_generator)
+
+            # 5c. Timesteps, and the initial latents at the first one.
+            self._set_sigmas(
+                sigmas, num_inference_steps, self.sequence_length((num_latent_frames, *latent_size)), device
+            )
+            timesteps = self.scheduler.timesteps
+            self._num_timesteps = len(timesteps)
+            run_latents = self.prepare_latents(upsampled, noise_frame_correlation, run_generator, latents)
+
+            # 5d. Denoising loop.
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    model_input = torch.cat([run_latents] * 2) if do_cfg else run_latents
+                    model_condition = torch.cat([condition] * 2) if do_cfg else condition
+                    velocity = self.transformer(
+                        hidden_states=model_input.to(transformer_dtype),
+                        condition=model_condition.to(transformer_dtype),
+                        timestep=t.expand(model_input.shape[0]),
+                        noise_aug_level=noise_level,
+                        encoder_hidden_states=prompt_embeds,
+                        encoder_attention_mask=prompt_attention_mask,
+                        return_dict=False,
+                    )[0].float()
+                    if do_cfg:
+                        uncond, cond = velocity.chunk(2)
+                        velocity = uncond + guidance_scale * (cond - uncond)
+                    run_latents = self.scheduler.step(velocity, t, run_latents, return_dict=False)[0]
+
+                    if callback_on_step_end is not None:
+                        callback_kwargs = {
+                            "latents": run_latents,
+                            "condition": condition,
+                            "prompt_embeds": prompt_embeds,
+                        }
+                        callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                        run_latents = callback_outputs.pop("latents", run_latents)
+                        condition = callback_outputs.pop("condition", condition)
+                        prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    progress_bar.update()
+
+            # 5e. Decode with the upstream VAE, crop to the exact size, optional colour fix; the ensemble's runs are
+            #     transformed back and summed in float64.
+            if output_type == "latent":
+                frames = run_latents  # a single run: the self-ensemble needs pixels
+            else:
+                decoded = self.decode_latents(adapter, run_latents, decode_chunk_size).float()
+                decoded = decoded[..., : run_size[0], : run_size[1]]
+                if color_fix is not None:
+                    decoded = self.apply_color_fix(adapter, decoded, color_fix, lr, run_video, decode_chunk_size)
+                if self_ensemble == 1:
+                    frames = self.video_processor.postprocess_video(decoded, output_type=output_type)
+                else:
+                    run_frames = self.video_processor.postprocess_video(decoded, output_type="pt")  # (B, T, 3, H, W)
+                    run_frames = dihedral_transform(run_frames, run, inverse=True).double()
+                    ensemble_sum = run_frames if ensemble_sum is None else ensemble_sum + run_frames
+
+        # 6. The self-ensemble's output: the mean of its runs' [0, 1] frames, in float64.
+        if ensemble_sum is not None:
+            frames = self._postprocess_mean(ensemble_sum / self_ensemble, output_type)
 
         self.maybe_free_model_hooks()
         if not return_dict:

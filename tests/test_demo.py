@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from cascade_vsr import CascadeVSRPipeline
 from cascade_vsr.commands import demo
+from cascade_vsr.core.metrics import psnr, ssim
 from cascade_vsr.core.video import read_video, resize_frames, sample_video_path
 from cascade_vsr.training.trainer import export_pipeline
 from tests.conftest import randomize_
@@ -42,7 +44,16 @@ def _args(model: Path, output_dir: Path, **overrides) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **overrides})
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    calls = []  # what every pipeline call got and returned
+    original_call = CascadeVSRPipeline.__call__
+
+    def recording_call(pipe, **kwargs):
+        output = original_call(pipe, **kwargs)
+        calls.append((kwargs, output.frames))
+        return output
+
+    monkeypatch.setattr(CascadeVSRPipeline, "__call__", recording_call)
     model = export_placeholder(tmp_path / "model")
     out = tmp_path / "out"
     args = _args(
@@ -54,6 +65,9 @@ def test_demo_runs_end_to_end(tmp_path):
         chunk_frames=2,
         crop_size=24,
         temporal_unit=2,
+        self_ensemble=2,
+        noise_aug_strength=0.05,
+        seed=7,
     )
     assert demo.run(args) == 0
 
@@ -62,19 +76,33 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["model"]["parameters"]["total"] == sum(
         summary["model"]["parameters"][k] for k in ("upsampler", "transformer")
     )
-    assert summary["settings"]["num_inference_steps"] == 2 and summary["settings"]["chunk_frames"] == 2
     assert summary["settings"]["temporal_unit"] == 2  # --temporal-unit overrides the model's attention scope
     assert set(summary["clips"]) == {"bigbuckbunny", "carphone"}
     bunny, carphone = summary["clips"]["bigbuckbunny"], summary["clips"]["carphone"]
     assert (bunny["frames"], bunny["hr_size"], bunny["lr_size"]) == ([100, 103], [64, 112], [32, 56])
     # carphone (144x176) is larger than this --hr-size: cropped to its aspect and resized like bigbuckbunny
     assert (carphone["frames"], carphone["hr_size"], carphone["lr_size"]) == ([0, 3], [64, 112], [32, 56])
-    for clip in (bunny, carphone):
+
+    # one pipeline call per clip with the command line's settings, its 3 frames in 2 chunks of 2
+    assert len(calls) == 2
+    for (kwargs, frames), name in zip(calls, ("bigbuckbunny", "carphone")):
+        assert tuple(kwargs["video"].shape) == (2, 2, 3, 32, 56) and (kwargs["height"], kwargs["width"]) == (64, 112)
+        assert kwargs["generator"].initial_seed() == 7 and kwargs["self_ensemble"] == 2
+        assert (kwargs["num_inference_steps"], kwargs["noise_aug_strength"]) == (2, 0.05)
+        assert kwargs["noise_frame_correlation"] == 1.0
+        # metrics.json scores exactly what the pipeline returned (rounded to uint8), against the held-out frames
+        ground_truth, _, lr, bicubic = demo.held_out_clip(name, 3, (64, 112))
+        output = np.clip(np.rint(frames.reshape(-1, 64, 112, 3)[:3] * 255), 0, 255).astype(np.uint8)
+        recorded = summary["clips"][name]["metrics"]
+        assert recorded["cascade_vsr"]["psnr"] == float(psnr(output, ground_truth).mean())
+        assert recorded["cascade_vsr"]["ssim"] == float(ssim(output, ground_truth).mean())
+        assert recorded["bicubic"]["psnr"] == float(psnr(bicubic, ground_truth).mean())
+        assert recorded["cascade_vsr"]["psnr"] != recorded["bicubic"]["psnr"]
         for method in demo.METHODS:
-            m = clip["metrics"][method]
+            m = recorded[method]
             assert set(m) == {"psnr", "ssim", "warping_error", "relative_warping_error"}
             assert all(np.isfinite(v) for v in m.values()) and -1 <= m["ssim"] <= 1 and m["warping_error"] >= 0
-        assert 0 < clip["metrics"]["consistent_flow_fraction"] <= 1
+        assert 0 < recorded["consistent_flow_fraction"] <= 1
     # bicubic of an area-downsampled real clip is a sane baseline
     assert bunny["metrics"]["bicubic"]["psnr"] > 20 and carphone["metrics"]["bicubic"]["psnr"] > 20
 
@@ -165,73 +193,3 @@ def test_missing_model_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"--self-ensemble.*\(1, 2, 4, 6, 8\)"):
         demo.run(_args(tmp_path, tmp_path / "out", self_ensemble=3))
     assert not (tmp_path / "out").exists()
-
-
-def test_dihedral_is_the_group_of_flips_and_rotations_and_inverts():
-    frames = np.random.default_rng(2).integers(0, 256, size=(2, 3, 5, 3), dtype=np.uint8)
-    # independent reference: the 8 symmetries of a rectangle as rotations, with and without a mirror
-    reference = [np.rot90(m, r, axes=(1, 2)) for m in (frames, frames[:, :, ::-1]) for r in range(4)]
-    transformed = [demo.dihedral(frames, index) for index in range(8)]
-    assert demo.dihedral(frames, 0) is frames
-    for index, result in enumerate(transformed):
-        assert any(result.shape == r.shape and np.array_equal(result, r) for r in reference), index
-        assert result.shape[1:3] == ((5, 3) if index & 4 else (3, 5))
-        np.testing.assert_array_equal(demo.dihedral(result, index, inverse=True), frames)
-    assert len({r.tobytes() + bytes(r.shape) for r in transformed}) == 8
-    with pytest.raises(ValueError, match="`index`"):
-        demo.dihedral(frames, 8)
-
-
-class _NotEquivariantPipe:
-    """Stands in for the pipeline: 2x nearest upsampling plus a ramp along W, so each transform gives another
-    answer. Records the batch and the seed of every call."""
-
-    device = torch.device("cpu")
-
-    def __init__(self):
-        self.batches, self.seeds = [], []
-
-    def set_progress_bar_config(self, **kwargs):
-        pass
-
-    def __call__(self, video, height, width, generator, output_type, **kwargs):
-        self.batches.append(video.shape[0])
-        self.seeds.append(generator.initial_seed() if generator is not None else None)
-        up = video.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[..., :height, :width]
-        ramp = torch.linspace(0, 0.2, width)
-        frames = (up * 0.8 + ramp).permute(0, 1, 3, 4, 2).numpy()  # (B, T, H, W, 3)
-        return argparse.Namespace(frames=frames)
-
-
-@pytest.mark.parametrize("size", [1, 2, 4, 6, 8])
-def test_self_ensemble_averages_the_transformed_runs(size):
-    lr = np.random.default_rng(3).integers(0, 256, size=(3, 4, 6, 3), dtype=np.uint8)
-    args = argparse.Namespace(
-        self_ensemble=size,
-        chunk_frames=2,
-        num_inference_steps=1,
-        noise_aug_strength=0.0,
-        noise_frame_correlation=1.0,
-        seed=0,
-    )
-    pipe = _NotEquivariantPipe()
-    result = demo.super_resolve(pipe, lr, (8, 12), args, "test")
-    assert result.shape == (3, 8, 12, 3) and result.dtype == np.uint8
-    # reference: one call per transform, chunks padded and dropped by hand, outputs transformed back
-    expected = np.zeros((3, 8, 12, 3))
-    for index in range(size):
-        x = np.ascontiguousarray(demo.dihedral(lr, index))
-        padded = np.concatenate([x, x[-1:]])  # chunks of 2 frames
-        video = torch.from_numpy(padded).float().div(255).permute(0, 3, 1, 2).reshape(2, 2, 3, *x.shape[1:3])
-        out = _NotEquivariantPipe()(video, 2 * x.shape[1], 2 * x.shape[2], None, "np").frames
-        expected += demo.dihedral(out.reshape(4, *out.shape[2:])[:3].astype(np.float64) * 255, index, inverse=True)
-    np.testing.assert_array_equal(result, np.clip(np.rint(expected / size), 0, 255).astype(np.uint8))
-    assert pipe.batches == [2] * size  # one run per transform, its 2 chunks batched
-    assert pipe.seeds == list(range(size))  # each run its own noise
-    if size > 1:
-        assert not np.array_equal(
-            result,
-            demo.super_resolve(
-                _NotEquivariantPipe(), lr, (8, 12), argparse.Namespace(**{**vars(args), "self_ensemble": 1}), "test"
-            ),
-        )

@@ -17,7 +17,7 @@ def test_demo_model_beats_bicubic_on_held_out_frames(clip):
     # frames the model never saw, area-downsampled 2x
     ground_truth, _, lr, bicubic = demo.held_out_clip(clip, args.num_frames, tuple(args.hr_size))
     assert lr.shape[1:3] == (ground_truth.shape[1] // 2, ground_truth.shape[2] // 2)
-    cascade = demo.super_resolve(pipe, lr, ground_truth.shape[1:3], args, desc=clip)
+    cascade = demo.super_resolve(pipe, lr, ground_truth.shape[1:3], **demo.sampler_settings(args), desc=clip)
 
     cascade_psnr, bicubic_psnr = float(psnr(cascade, ground_truth).mean()), float(psnr(bicubic, ground_truth).mean())
     cascade_ssim, bicubic_ssim = float(ssim(cascade, ground_truth).mean()), float(ssim(bicubic, ground_truth).mean())

@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
+from einops import rearrange
 
 from cascade_vsr import CascadeVSRPipeline, CascadeVSRPipelineOutput, CascadeVSRTransformer3DModel, LatentUpsampler3D
 from cascade_vsr import testing as tu
+from cascade_vsr.core.color import adain_color_fix, wavelet_color_fix
 from cascade_vsr.pipelines.adapters import get_adapter
-from cascade_vsr.pipelines.pipeline_cascade_vsr import adain_color_fix, inverse_shift, wavelet_color_fix
+from cascade_vsr.pipelines.pipeline_cascade_vsr import inverse_shift, resolve_target_size
 from tests.conftest import randomize_
 
 LR_SIZE = (16, 32)  # pixels of the upstream call: 2 x 4 latents for the (4, 8, 8) VAEs
@@ -202,20 +205,48 @@ def test_save_and_reload_offline_identical(wan, tmp_path):
     assert torch.equal(_run(pipe, lr, **kwargs), _run(reloaded, lr, **kwargs))
 
 
-def test_video_input_slow_path_and_color_fix(wan):
-    _, pipe, _ = wan
+@pytest.mark.parametrize("source", ["video", "lr_latents"])
+def test_color_fix_is_the_fix_of_the_unfixed_output_against_the_upsampled_input(wan, source):
+    _, pipe, lr = wan
+    adapter = get_adapter(pipe.vae)
     video = torch.rand(1, 5, 3, 16, 32, generator=_gen())  # (B, T, C, H, W) in [0, 1]
-    for color_fix in ("adain", "wavelet"):
-        frames = pipe(
-            video=video,
-            scale=1.5,
-            num_inference_steps=1,
-            output_type="pt",
-            generator=_gen(),
-            color_fix=color_fix,
-            return_dict=False,
-        )[0]
+    inputs = dict(video=video) if source == "video" else dict(lr_latents=lr)
+    common = dict(scale=1.5, num_inference_steps=1, return_dict=False, **inputs)
+    # by hand: the un-fixed output decoded, and the input's pixels (the LR latents decoded) resized bilinearly
+    with torch.no_grad():
+        unfixed = adapter.decode(pipe.vae, pipe(output_type="latent", generator=_gen(), **common)[0])[..., :24, :48]
+        if source == "video":
+            pixels = rearrange(video, "b t c h w -> b c t h w") * 2 - 1
+        else:
+            pixels = adapter.decode(pipe.vae, adapter.to_model(lr, pipe.vae))
+    frames = rearrange(pixels, "b c t h w -> (b t) c h w")
+    reference = F.interpolate(frames, size=(24, 48), mode="bilinear", align_corners=False)
+    reference = rearrange(reference, "(b t) c h w -> b c t h w", b=1)
+    for name, fix in (("adain", adain_color_fix), ("wavelet", wavelet_color_fix)):
+        expected = rearrange((fix(unfixed, reference).clamp(-1, 1) / 2 + 0.5).clamp(0, 1), "b c t h w -> b t c h w")
+        frames = pipe(output_type="pt", generator=_gen(), color_fix=name, **common)[0]
         assert frames.shape == (1, 5, 3, 24, 48)
+        torch.testing.assert_close(frames, expected, rtol=0, atol=1e-5)
+        # the fix changed the output: it is not the un-fixed video
+        assert (frames - rearrange((unfixed / 2 + 0.5).clamp(0, 1), "b c t h w -> b t c h w")).abs().max() > 1e-2
+
+
+def test_target_size_from_height_width_or_scale():
+    assert resolve_target_size((16, 32), height=21, width=37) == (21, 37)
+    assert resolve_target_size((16, 32), scale=1.5) == (24, 48)
+    assert resolve_target_size((16, 32), scale=(2, 1.25)) == (32, 40)
+    assert resolve_target_size((10, 30), scale=1.25) == (12, 38)  # rounded per axis: 12.5 -> 12, 37.5 -> 38
+    for kwargs, match in (
+        (dict(height=15, width=40), "smaller"),
+        (dict(scale=0.9), "scale"),
+        (dict(scale=(1.5,)), "scale"),
+        (dict(scale="2"), "scale"),
+        (dict(height=32), "height"),
+        (dict(height=32.0, width=40), "ints"),
+        (dict(scale=2, height=32, width=64), "not both"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            resolve_target_size((16, 32), **kwargs)
 
 
 def test_return_dict_and_num_videos_per_prompt(wan):
@@ -224,22 +255,23 @@ def test_return_dict_and_num_videos_per_prompt(wan):
     assert isinstance(out, CascadeVSRPipelineOutput) and out.frames.shape[0] == 2
 
 
-def test_color_fixes_against_reference():
-    generator = _gen(5)
-    video = torch.randn(2, 3, 3, 16, 16, generator=generator)
-    reference = torch.randn(2, 3, 3, 16, 16, generator=generator) * 0.3 + 0.5
-    fixed = adain_color_fix(video, reference)
-    torch.testing.assert_close(fixed.mean((-2, -1)), reference.mean((-2, -1)), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fixed.std((-2, -1)), reference.std((-2, -1)), rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(wavelet_color_fix(video, video), video, rtol=1e-5, atol=1e-5)
-    # A checkerboard has only high frequencies (the binomial blur removes it) and a flat reference only low
-    # ones: the fix keeps the pattern and takes the reference's colour.
-    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
-    checker = ((rows + cols) % 2 * 2 - 1).float().expand(2, 3, 3, 16, 16)
-    flat = torch.full_like(checker, 0.7)
-    fixed = wavelet_color_fix(checker, flat)
-    torch.testing.assert_close(fixed.mean((-2, -1)), torch.full((2, 3, 3), 0.7), rtol=0, atol=0.05)
-    torch.testing.assert_close(fixed[..., 4:-4, 4:-4], (checker + 0.7)[..., 4:-4, 4:-4], rtol=0, atol=0.05)
+def test_num_videos_per_prompt_pairs_each_video_with_its_own_prompt(wan):
+    _, pipe, lr = wan
+    other = torch.randn(lr.shape, generator=_gen(7))
+    embeds = torch.randn(2, 5, 32, generator=_gen(8))
+    latents = torch.randn(4, 16, 2, 3, 6, generator=_gen(9))
+    # no condition noise and given initial latents: every output video depends only on its input and its prompt
+    kwargs = dict(scale=1.5, num_inference_steps=2, output_type="latent", noise_aug_strength=0.0)
+    both = pipe(
+        lr_latents=torch.cat([lr, other]), prompt_embeds=embeds, num_videos_per_prompt=2, latents=latents, **kwargs
+    ).frames
+    assert both.shape == (4, 16, 2, 3, 6)
+    for index in range(4):  # videos 0, 1 from the first input and prompt, 2, 3 from the second
+        source = (lr, other)[index // 2]
+        alone = pipe(
+            lr_latents=source, prompt_embeds=embeds[index // 2 :][:1], latents=latents[index : index + 1], **kwargs
+        ).frames
+        torch.testing.assert_close(both[index : index + 1], alone, rtol=1e-5, atol=1e-5)
 
 
 def _bad_inputs(lr):
@@ -269,6 +301,9 @@ def _bad_inputs(lr):
         (dict(callback_on_step_end_tensor_inputs=["velocity"]), "callback_on_step_end_tensor_inputs"),
         (dict(latents=torch.zeros(1, 16, 2, 2, 2)), "latents"),
         (dict(decode_chunk_size=0), "decode_chunk_size"),
+        (dict(generator=[_gen(), _gen()]), "generator"),
+        (dict(scale="2"), "scale"),
+        (dict(prompt=["a", "b"]), "prompt"),
     ]
 
 

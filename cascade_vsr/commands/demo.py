@@ -25,7 +25,7 @@ METHODS = ("bicubic", "cascade_vsr")
 LABELS = {"bicubic": "bicubic", "cascade_vsr": "cascade-vsr", "ground_truth": "ground truth"}
 SCALE = 2  # LR = HR downsampled 2x
 MULTIPLE = 8  # HR sizes: the LR must be a multiple of the space-to-depth factor 4
-SELF_ENSEMBLE_SIZES = (1, 2, 4, 6, 8)  # the first N of the 8 flips / transposes (`dihedral`)
+SELF_ENSEMBLE_SIZES = (1, 2, 4, 6, 8)  # the first N of the 8 flips / transposes (the pipeline's `self_ensemble`)
 
 
 def demo_model_path() -> Path:
@@ -219,54 +219,46 @@ def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_wind
     return pipe.to(device)
 
 
-def dihedral(frames, index: int, inverse: bool = False):
-    """The `index`-th (0-7) of the 8 flips / transposes of (T, H, W, C) frames, or its inverse.
-
-    Bit 1 flips left-right, bit 2 upside down, bit 4 swaps H and W (after the flips). Each step is its own
-    inverse, so the inverse applies them in reverse order. Index 0 is the identity."""
-    if not 0 <= index < 8:
-        raise ValueError(f"`index` must be in [0, 8), got {index}")
-    steps = []
-    if index & 1:
-        steps.append(lambda x: x[:, :, ::-1])
-    if index & 2:
-        steps.append(lambda x: x[:, ::-1])
-    if index & 4:
-        steps.append(lambda x: x.transpose(0, 2, 1, 3))
-    for step in reversed(steps) if inverse else steps:
-        frames = step(frames)
-    return frames
+def sampler_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `super_resolve` that the command line sets."""
+    names = ("num_inference_steps", "noise_aug_strength", "noise_frame_correlation", "self_ensemble", "chunk_frames")
+    return {name: getattr(args, name) for name in names} | {"seed": args.seed}
 
 
-def super_resolve(pipe, lr, size: tuple[int, int], args: argparse.Namespace, desc: str):
+def super_resolve(
+    pipe,
+    lr,
+    size: tuple[int, int],
+    *,
+    num_inference_steps: int,
+    noise_aug_strength: float,
+    noise_frame_correlation: float,
+    self_ensemble: int = 1,
+    chunk_frames: int | None = None,
+    seed: int = 0,
+    desc: str = "",
+):
     """uint8 LR (T, h, w, 3) -> uint8 (T, *size, 3): the whole clip, or all its temporal chunks, in one batched
-    pipeline call. With `args.self_ensemble` N > 1: the mean of N runs, run k on the k-th `dihedral` transform
-    of the input with its own noise (seed + k), its output transformed back. One run at a time: a batch of runs
-    is slower on CPU and needs N times the memory."""
+    pipeline call seeded `seed`. `self_ensemble` N > 1 averages N runs on flips / transposes of the input (the
+    pipeline's option: run k is seeded seed + k)."""
     import numpy as np
     import torch
 
-    runs = getattr(args, "self_ensemble", 1)
-    total = np.zeros((len(lr), *size, 3))
-    for index in range(runs):
-        video = np.ascontiguousarray(dihedral(lr, index))
-        height, width = (size[1], size[0]) if index & 4 else size
-        pipe.set_progress_bar_config(desc=desc if runs == 1 else f"{desc} ({index + 1}/{runs})", leave=True)
-        chunks = to_chunks(video, min(args.chunk_frames or len(lr), len(lr)))
-        generator = torch.Generator(device=pipe.device).manual_seed(args.seed + index)
-        frames = pipe(
-            video=chunks.to(pipe.device),
-            height=height,
-            width=width,
-            num_inference_steps=args.num_inference_steps,
-            noise_aug_strength=args.noise_aug_strength,
-            noise_frame_correlation=args.noise_frame_correlation,
-            generator=generator,
-            output_type="np",
-        ).frames  # (chunks, chunk, H, W, 3) in [0, 1]
-        frames = frames.reshape(-1, *frames.shape[2:])[: len(lr)]
-        total += dihedral(frames.astype(np.float64) * 255, index, inverse=True)
-    return np.clip(np.rint(total / runs), 0, 255).astype(np.uint8)
+    pipe.set_progress_bar_config(desc=desc, leave=True)
+    chunks = to_chunks(lr, min(chunk_frames or len(lr), len(lr)))
+    frames = pipe(
+        video=chunks.to(pipe.device),
+        height=size[0],
+        width=size[1],
+        num_inference_steps=num_inference_steps,
+        noise_aug_strength=noise_aug_strength,
+        noise_frame_correlation=noise_frame_correlation,
+        self_ensemble=self_ensemble,
+        generator=torch.Generator(device=pipe.device).manual_seed(seed),
+        output_type="np",
+    ).frames  # (chunks, chunk, H, W, 3) in [0, 1]
+    frames = frames.reshape(-1, *frames.shape[2:])[: len(lr)]
+    return np.clip(np.rint(frames.astype(np.float64) * 255), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,7 +377,9 @@ def run(args: argparse.Namespace) -> int:
         clip_start = time.perf_counter()
         frames = {
             "bicubic": bicubic,
-            "cascade_vsr": super_resolve(pipe, lr, hr_size, args, desc=f"{name} {lr.shape[2]}x{lr.shape[1]} -> 2x"),
+            "cascade_vsr": super_resolve(
+                pipe, lr, hr_size, **sampler_settings(args), desc=f"{name} {lr.shape[2]}x{lr.shape[1]} -> 2x"
+            ),
         }
         sr_seconds = time.perf_counter() - clip_start
         frames["ground_truth"] = ground_truth

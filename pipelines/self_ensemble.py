@@ -1,0 +1,56 @@
+"""Geometric self-ensemble (EDSR): run the stage on flips / transposes of the input and average the outputs.
+
+A model that is not exactly equivariant to flips and transposes makes different errors on each transformed input;
+transformed back, their mean is better than any one run. The 8 transforms are the symmetries of a rectangle
+(the dihedral group D4); they act on the last two dims (H, W) of a tensor, so the same helpers transform
+(B, C, T, H, W) videos and (B, T, C, H, W) frames.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_TRANSFORMS = 8
+
+
+def _check_index(index: int) -> None:
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < NUM_TRANSFORMS:
+        raise ValueError(f"`index` must be an int in [0, {NUM_TRANSFORMS}), got {index!r}")
+
+
+def swaps_height_width(index: int) -> bool:
+    """Whether the `index`-th transform swaps H and W (the transposing half of the group)."""
+    _check_index(index)
+    return bool(index & 4)
+
+
+def dihedral_transform(video: torch.Tensor, index: int, inverse: bool = False) -> torch.Tensor:
+    """The `index`-th (0-7) of the 8 flips / transposes of `video` over its last two dims (H, W), or its inverse.
+
+    Bit 1 flips left-right, bit 2 upside down, bit 4 swaps H and W (after the flips). Each step is its own inverse,
+    so the inverse applies them in reverse order. Index 0 is the identity (`video` itself); the others return
+    contiguous tensors."""
+    _check_index(index)
+    steps = []
+    if index & 1:
+        steps.append(lambda x: x.flip(-1))
+    if index & 2:
+        steps.append(lambda x: x.flip(-2))
+    if index & 4:
+        steps.append(lambda x: x.transpose(-2, -1))
+    for step in reversed(steps) if inverse else steps:
+        video = step(video)
+    return video.contiguous() if index else video
+
+
+def generator_for_run(
+    generator: torch.Generator | list[torch.Generator] | None, run: int
+) -> torch.Generator | list[torch.Generator] | None:
+    """The randomness of run `run` of an ensemble: run 0 uses `generator` as given, run k >= 1 a fresh generator
+    seeded `generator.initial_seed() + k` on the same device (each element of a list likewise), so run k equals a
+    single run seeded seed + k. Without a generator every run draws from the global RNG in turn."""
+    if run == 0 or generator is None:
+        return generator
+    if isinstance(generator, list):
+        return [generator_for_run(g, run) for g in generator]
+    return torch.Generator(device=generator.device).manual_seed(generator.initial_seed() + run)
