@@ -40,6 +40,7 @@ from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D, resize_frames
 from cascade_vsr.pipelines.adapters import LatentAdapter, get_adapter
+from cascade_vsr.pipelines.sampling import check_sampling, resolve_sampling
 from cascade_vsr.pipelines.self_ensemble import (
     NUM_TRANSFORMS,
     dihedral_transform,
@@ -178,6 +179,9 @@ class CascadeVSRPipeline(DiffusionPipeline):
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): The flow-matching sampler.
         vae (*optional*): The upstream's VAE; needed to decode, to encode `video`, and for the colour fix.
         text_encoder, tokenizer (*optional*): The upstream's text encoder, needed only to encode `prompt`.
+        sampling (`dict`, *optional*): The sampler settings the model was trained for (`num_inference_steps` or
+            `sigmas`, `guidance_scale`, `noise_aug_strength`, `noise_frame_correlation`, `self_ensemble`), saved in
+            `model_index.json`: a call without those arguments uses them (`pipelines.sampling`).
     """
 
     model_cpu_offload_seq = "text_encoder->upsampler->transformer->vae"
@@ -198,8 +202,10 @@ class CascadeVSRPipeline(DiffusionPipeline):
         | None = None,
         text_encoder: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        sampling: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.register_to_config(sampling=check_sampling(sampling) or None)
         self.register_modules(
             upsampler=upsampler,
             transformer=transformer,
@@ -350,6 +356,12 @@ class CascadeVSRPipeline(DiffusionPipeline):
             torch.cat([negative_prompt_embeds, prompt_embeds]),
             torch.cat([negative_prompt_attention_mask, prompt_attention_mask]),
         )
+
+    def sampling_settings(self, pixels_in_and_out: bool = True, **explicit: Any) -> dict[str, Any]:
+        """The sampler settings a call with these `explicit` arguments uses: explicit values, then the model's
+        (`config.sampling`), then the library defaults. The model's self-ensemble applies to pixel input and
+        decoded output only (`pixels_in_and_out`)."""
+        return resolve_sampling(self.config.get("sampling"), pixels_in_and_out, **explicit)
 
     # -- checks --------------------------------------------------------------------------------------------------
 
@@ -662,11 +674,11 @@ class CascadeVSRPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         scale: float | tuple[float, float] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 1.0,
-        noise_aug_strength: float = 0.45,
-        noise_frame_correlation: float = 0.0,
+        guidance_scale: float | None = None,
+        noise_aug_strength: float | None = None,
+        noise_frame_correlation: float | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -679,7 +691,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
         max_sequence_length: int = 512,
         color_fix: str | None = None,
-        self_ensemble: int = 1,
+        self_ensemble: int | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
         upstream_shape: dict[str, int] | None = None,
@@ -687,6 +699,11 @@ class CascadeVSRPipeline(DiffusionPipeline):
     ) -> CascadeVSRPipelineOutput | tuple:
         r"""
         Super-resolve the upstream's latents (or, slower, a pixel video) to `height` x `width` or `scale`.
+
+        The sampler arguments (`num_inference_steps`, `sigmas`, `guidance_scale`, `noise_aug_strength`,
+        `noise_frame_correlation`, `self_ensemble`) default to the model's own settings (`sampling` in its
+        `model_index.json`), then to 50 steps, no guidance, condition noise 0.45, independent noise per frame and
+        a single run (`sampling_settings` tells what a call will use).
 
         Args:
             lr_latents (`torch.Tensor`, *optional*): What the upstream pipeline returned with
@@ -727,6 +744,23 @@ class CascadeVSRPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        settings = self.sampling_settings(
+            pixels_in_and_out=video is not None and output_type != "latent",
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            noise_aug_strength=noise_aug_strength,
+            noise_frame_correlation=noise_frame_correlation,
+            self_ensemble=self_ensemble,
+        )
+        num_inference_steps, sigmas, guidance_scale = (
+            settings[k] for k in ("num_inference_steps", "sigmas", "guidance_scale")
+        )
+        noise_aug_strength, noise_frame_correlation = (
+            settings["noise_aug_strength"],
+            settings["noise_frame_correlation"],
+        )
+        self_ensemble = settings["self_ensemble"]
 
         # 1. Check the arguments (cheap); the converted input is checked in steps 2-3, before any heavy compute.
         self.check_inputs(

@@ -55,21 +55,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-inference-steps",
         type=int,
-        default=2,
-        help="Euler steps; with this small model more steps generate more detail of their own and score lower "
-        "(demo/README.md has the sweep)",
+        default=None,
+        help="Euler steps (default: the model's own, 2 for the demo model; with this small model more steps generate "
+        "more detail of their own and score lower: demo/README.md has the sweep)",
     )
     parser.add_argument(
         "--noise-aug-strength",
         type=float,
-        default=0.0,
-        help="condition noise level (the demo model trained on 0-0.1; its inputs are clean)",
+        default=None,
+        help="condition noise level (default: the model's own, 0 for the demo model, trained on 0-0.1: its inputs "
+        "are clean)",
     )
     parser.add_argument(
         "--noise-frame-correlation",
         type=float,
-        default=1.0,
-        help="correlation of the initial noise between frames (1: shared, so sampled detail does not flicker)",
+        default=None,
+        help="correlation of the initial noise between frames (default: the model's own, 1 for the demo model: one "
+        "shared noise image, so sampled detail does not flicker)",
     )
     parser.add_argument(
         "--chunk-frames",
@@ -96,11 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--self-ensemble",
         type=int,
-        default=8,
+        default=None,
         choices=SELF_ENSEMBLE_SIZES,
         help="average this many runs of the stage on flips / transposes of the input, each with its own noise (EDSR's "
         "geometric self-ensemble): 2 adds the left-right flip, 4 the upside-down ones, 6 and 8 the transposes; N "
-        "times the compute",
+        "times the compute (default: the model's own, 8 for the demo model)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -130,12 +132,12 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 0:
             name = "--" + flag.replace("_", "-")
             raise ValueError(f"`{name}` must be >= 0 (0: the model's own setting), got {getattr(args, flag)}")
-    if getattr(args, "self_ensemble", 1) not in SELF_ENSEMBLE_SIZES:
+    if args.self_ensemble is not None and args.self_ensemble not in SELF_ENSEMBLE_SIZES:
         raise ValueError(f"`--self-ensemble` must be one of {SELF_ENSEMBLE_SIZES}, got {args.self_ensemble}")
-    if not 0.0 <= args.noise_aug_strength <= 1.0:
-        raise ValueError(f"`--noise-aug-strength` must lie in [0, 1], got {args.noise_aug_strength}")
-    if not 0.0 <= args.noise_frame_correlation <= 1.0:
-        raise ValueError(f"`--noise-frame-correlation` must lie in [0, 1], got {args.noise_frame_correlation}")
+    for flag in ("noise_aug_strength", "noise_frame_correlation"):
+        value = getattr(args, flag)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"`--{flag.replace('_', '-')}` must lie in [0, 1], got {value}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,11 +189,11 @@ def to_chunks(frames, chunk: int):
 
 
 def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_window: int = 0):
-    """The demo pipeline on the lossless pixel-space autoencoder; a clear error when the folder is missing.
+    """The demo pipeline (its folder holds the lossless pixel-space autoencoder and its sampling settings); a clear
+    error when the folder is missing.
 
     `temporal_unit` > 0 overrides the transformer's attention scope and `temporal_window` > 0 the frames of its
     attention windows (attention modes own no parameters)."""
-    from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
     from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
     from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
 
@@ -213,14 +215,12 @@ def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_wind
     transformer = CascadeVSRTransformer3DModel.from_pretrained(
         path, subfolder="transformer", local_files_only=True, **overrides
     )
-    pipe = CascadeVSRPipeline.from_pretrained(
-        path, vae=SpaceToDepthAutoencoder(), transformer=transformer, local_files_only=True
-    )
+    pipe = CascadeVSRPipeline.from_pretrained(path, transformer=transformer, local_files_only=True)
     return pipe.to(device)
 
 
 def sampler_settings(args: argparse.Namespace) -> dict:
-    """The keyword arguments of `super_resolve` that the command line sets."""
+    """The keyword arguments of `super_resolve` that the command line sets (None: the model's own setting)."""
     names = ("num_inference_steps", "noise_aug_strength", "noise_frame_correlation", "self_ensemble", "chunk_frames")
     return {name: getattr(args, name) for name in names} | {"seed": args.seed}
 
@@ -230,17 +230,17 @@ def super_resolve(
     lr,
     size: tuple[int, int],
     *,
-    num_inference_steps: int,
-    noise_aug_strength: float,
-    noise_frame_correlation: float,
-    self_ensemble: int = 1,
+    num_inference_steps: int | None = None,
+    noise_aug_strength: float | None = None,
+    noise_frame_correlation: float | None = None,
+    self_ensemble: int | None = None,
     chunk_frames: int | None = None,
     seed: int = 0,
     desc: str = "",
 ):
     """uint8 LR (T, h, w, 3) -> uint8 (T, *size, 3): the whole clip, or all its temporal chunks, in one batched
     pipeline call seeded `seed`. `self_ensemble` N > 1 averages N runs on flips / transposes of the input (the
-    pipeline's option: run k is seeded seed + k)."""
+    pipeline's option: run k is seeded seed + k). Settings left None are the model's own."""
     import numpy as np
     import torch
 
@@ -399,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
         }
         pictures[name] = frames
 
+    explicit = {name: value for name, value in sampler_settings(args).items() if name not in ("chunk_frames", "seed")}
+    sampling = pipe.sampling_settings(**explicit)
     sheet = crop_sheet(pictures, {name: clip["metrics"] for name, clip in clips.items()}, args.crop_size, args.zoom)
     cv2.imwrite(str(args.output_dir / "crops.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     summary = {
@@ -408,10 +410,7 @@ def run(args: argparse.Namespace) -> int:
             "lr_downsampling": "area",
             "num_frames": args.num_frames,
             "hr_size": list(args.hr_size),
-            "num_inference_steps": args.num_inference_steps,
-            "noise_aug_strength": args.noise_aug_strength,
-            "noise_frame_correlation": args.noise_frame_correlation,
-            "self_ensemble": args.self_ensemble,
+            **sampling,
             "chunk_frames": args.chunk_frames,
             "temporal_unit": pipe.transformer.config.temporal_unit,
             "window_size": pipe.transformer.config.window_size,

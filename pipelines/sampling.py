@@ -1,0 +1,72 @@
+"""The sampling settings a stage folder carries, so that a call without sampler arguments samples as the model was
+trained to (the demo model: 2 steps, a clean condition, one noise image for all frames, an 8-run self-ensemble).
+
+They are stored in the pipeline's config (`model_index.json`, key `sampling`); a call's explicit arguments win, then
+the model's settings, then the library defaults below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "num_inference_steps": 50,
+    "sigmas": None,
+    "guidance_scale": 1.0,
+    "noise_aug_strength": 0.45,
+    "noise_frame_correlation": 0.0,
+    "self_ensemble": 1,
+}
+
+
+def check_sampling(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """A model's sampling settings: known names only, each of the right kind (the call checks the values again)."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"`sampling` must be a dict of sampler settings, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"`sampling` has unknown settings {unknown}; expected some of {sorted(SAMPLING_DEFAULTS)}")
+    for name in ("num_inference_steps", "self_ensemble"):
+        value = settings.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`sampling['{name}']` must be a positive int, got {value!r}")
+    for name in ("guidance_scale", "noise_aug_strength", "noise_frame_correlation"):
+        value = settings.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"`sampling['{name}']` must be a number, got {value!r}")
+    sigmas = settings.get("sigmas")
+    if sigmas is not None and (
+        not isinstance(sigmas, list | tuple) or not all(isinstance(s, float | int) for s in sigmas)
+    ):
+        raise ValueError(f"`sampling['sigmas']` must be a list of numbers, got {sigmas!r}")
+    return dict(settings)
+
+
+def resolve_sampling(
+    model_settings: dict[str, Any] | None, pixels_in_and_out: bool, **explicit: Any
+) -> dict[str, Any]:
+    """The settings of one call: `explicit` values that are not None, else the model's, else SAMPLING_DEFAULTS.
+
+    A model's recommended self-ensemble averages flipped pixels, so it applies only to a pixel input with a decoded
+    output (`pixels_in_and_out`); elsewhere the model's default is a single run. Explicit `sigmas` replace the model's
+    step count too (the schedule then fixes the number of steps).
+    """
+    model_settings = model_settings or {}
+    resolved = {}
+    for name, default in SAMPLING_DEFAULTS.items():
+        if explicit.get(name) is not None:
+            resolved[name] = explicit[name]
+        elif model_settings.get(name) is not None:
+            resolved[name] = model_settings[name]
+        else:
+            resolved[name] = default
+    if explicit.get("self_ensemble") is None and not pixels_in_and_out:
+        resolved["self_ensemble"] = 1
+    if explicit.get("num_inference_steps") is not None and explicit.get("sigmas") is None:
+        resolved["sigmas"] = None  # the caller's step count, on the default schedule
+    if resolved["sigmas"] is not None:
+        resolved["sigmas"] = [float(s) for s in resolved["sigmas"]]
+        resolved["num_inference_steps"] = len(resolved["sigmas"])
+    return resolved
