@@ -13,7 +13,7 @@ import sys
 # sub-command -> module implementing it
 COMMANDS = {
     "demo": "cascade_vsr.commands.demo",
-    "make-pairs": "cascade_vsr.degradations.make_pairs",
+    "make-pairs": "cascade_vsr.commands.make_pairs",
     "train": "cascade_vsr.commands.train",
     "calibrate-sampler": "cascade_vsr.commands.calibrate_sampler",
     "evaluate": "cascade_vsr.commands.evaluate",

@@ -1,5 +1,6 @@
 """Training-pair synthesis for cascade-vsr: flow-based, model-guided and classic degradations, quality filters
-and the pair-dataset builder (`cascade-vsr make-pairs`).
+and the pair-dataset builder (`build_dataset`, what `cascade-vsr make-pairs` runs; the folder format is
+`cascade_vsr.pair_dataset`'s).
 
 Installed as `cascade_vsr.degradations`; names are imported lazily (the model-guided part pulls in diffusers).
 """
@@ -17,6 +18,9 @@ _EXPORTS = {
     "ModelGuidedDegradationConfig": "cascade_vsr.degradations.model_guided",
     "QualityFilter": "cascade_vsr.degradations.quality",
     "QualityFilterConfig": "cascade_vsr.degradations.quality",
+    "PairSettings": "cascade_vsr.degradations.pair_settings",
+    "ClipSynthesizer": "cascade_vsr.degradations.pair_synthesis",
+    "build_dataset": "cascade_vsr.degradations.make_pairs",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

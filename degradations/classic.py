@@ -149,8 +149,6 @@ def encode_video(frames: np.ndarray, codec: str, fps: float, crf: float, bit_rat
 class ClassicDegradation:
     """`ClassicDegradation(order=1|2)` or `ClassicDegradation(config)`: uint8 (T, H, W, 3) -> same shape and dtype."""
 
-    kind = "classic"
-
     def __init__(self, config: ClassicDegradationConfig | None = None, order: int | None = None):
         config = config or ClassicDegradationConfig()
         if order is not None:

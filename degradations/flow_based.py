@@ -93,8 +93,6 @@ class FlowBasedDegradation:
     frame 0 (which has no previous frame) and static blocks are returned unchanged.
     """
 
-    kind = "flow"
-
     def __init__(self, config: FlowDegradationConfig | None = None):
         self.config = config or FlowDegradationConfig()
         self.kernels = kernel_bank(self.config.num_directions, self.config.kernel_lengths)

@@ -46,8 +46,6 @@ class ModelGuidedDegradation:
     `pipeline` is a diffusers T2V pipeline of a family the adapters support (Wan, CogVideoX so far for the
     denoising loop); its VAE, transformer, scheduler and text encoder are used as they are, frozen."""
 
-    kind = "model_guided"
-
     def __init__(self, pipeline, config: ModelGuidedDegradationConfig | None = None):
         from cascade_vsr.pipelines.adapters import get_adapter
 

@@ -38,6 +38,13 @@ def resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_AREA) for frame in frames])
 
 
+def write_dataset_json(root: Path, config: dict | None = None, version: int = 1) -> None:
+    """The dataset.json that marks `root` as a pair dataset (the record make-pairs writes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    record = {"format": "cascade-vsr-pairs", "version": version, "config": config or {}}
+    (root / "dataset.json").write_text(json.dumps(record))
+
+
 def build_pairs(
     root: str | Path,
     num_clips: int = 2,
@@ -55,8 +62,7 @@ def build_pairs(
     video = sample_video_path("bigbuckbunny.mp4")
     all_frames = read_video(video, first_frame, (num_clips - 1) * frame_step + num_frames)
     config = {"hr_size": list(hr_size), "lr_size": list(lr_size), "num_frames": num_frames, "latent_space": None}
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps({"format": "cascade-vsr-pairs", "version": 1, "config": config}))
+    write_dataset_json(root, config)
     generator = torch.Generator().manual_seed(0)
     with (root / "manifest.jsonl").open("w") as manifest:
         for k in range(num_clips):

@@ -17,8 +17,9 @@ from safetensors import safe_open
 
 from cascade_vsr.cli import main
 from cascade_vsr.core.video import read_video, sample_video_path, write_video
-from cascade_vsr.degradations.make_pairs import clip_id, load_frames, read_manifest
 from cascade_vsr.degradations.model_guided import ModelGuidedDegradation, ModelGuidedDegradationConfig
+from cascade_vsr.degradations.pair_planning import clip_id
+from cascade_vsr.pair_dataset import read_frames, read_manifest
 from cascade_vsr.testing import tiny_cogvideox_pipeline, tiny_wan_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def check_dataset(root: Path, num_clips: int) -> list[dict]:
     meta = json.loads((root / "dataset.json").read_text())
     assert meta["format"] == "cascade-vsr-pairs" and meta["version"] == 1
     for record in records:
-        hr, lr = load_frames(root / record["hr"]), load_frames(root / record["lr"])
+        hr, lr = read_frames(root / record["hr"]), read_frames(root / record["lr"])
         assert hr.shape == (record["num_frames"], *record["hr_size"], 3)
         assert lr.shape == (record["num_frames"], *record["lr_size"], 3)
         assert record["degradation"]["kind"] in ("flow", "classic", "model_guided", "none")
@@ -251,7 +252,7 @@ def test_make_pairs_space_to_depth_latents_are_the_pixels(tmp_path):
     with safe_open(root / record["latents"], "pt") as handle:
         hr, lr = handle.get_tensor("hr_latents"), handle.get_tensor("lr_latents")
     assert hr.shape == (48, 3, 16, 24) and lr.shape == (48, 3, 8, 12)
-    hr_frames = load_frames(root / record["hr"])
+    hr_frames = read_frames(root / record["hr"])
     expected = torch.nn.functional.pixel_unshuffle(
         torch.from_numpy(hr_frames).permute(0, 3, 1, 2).float() / 127.5 - 1, 4
     ).permute(1, 0, 2, 3)
@@ -291,7 +292,7 @@ def test_make_pairs_clean_share_is_the_area_resized_hr(tmp_path):
     )  # fmt: skip
     (record,) = check_dataset(root, 1)
     assert record["degradation"] == {"kind": "none", "params": {}}
-    hr, lr = load_frames(root / record["hr"]), load_frames(root / record["lr"])
+    hr, lr = read_frames(root / record["hr"]), read_frames(root / record["lr"])
     np.testing.assert_array_equal(lr, resize_frames(hr, (32, 48)))
 
 
@@ -309,13 +310,13 @@ def test_make_pairs_still_shots(tmp_path):
     for still, moving in zip(check_dataset(tmp_path / "still", 2), check_dataset(tmp_path / "moving", 2)):
         assert still["id"] == moving["id"] and moving["still"] is None
         assert still["still"] == {"frame": 2, "noise_std": 2.0}
-        hr = load_frames(tmp_path / "still" / still["hr"]).astype(np.float64)
-        source = load_frames(tmp_path / "moving" / moving["hr"]).astype(np.float64)
+        hr = read_frames(tmp_path / "still" / still["hr"]).astype(np.float64)
+        source = read_frames(tmp_path / "moving" / moving["hr"]).astype(np.float64)
         noise = hr - source[2]  # every frame is the middle one plus fresh noise of std sqrt(2) * 2
         np.testing.assert_allclose(noise.std(axis=(1, 2, 3)), 2 * np.sqrt(2), rtol=0.15)
         assert np.abs(noise.mean(axis=(1, 2, 3))).max() < 0.5
         assert (np.abs(np.diff(hr, axis=0)).mean(axis=(1, 2, 3)) > 1).all()
-        lr = load_frames(tmp_path / "still" / still["lr"])
+        lr = read_frames(tmp_path / "still" / still["lr"])
         expected = resize_frames(hr.astype(np.uint8), tuple(still["lr_size"]))
         np.testing.assert_array_equal(lr, expected)
 
@@ -340,8 +341,8 @@ def test_make_pairs_learned_quality_score(tmp_path):
         "--quality-score",
         "tests.test_make_pairs:reject_all",
     )
-    assert read_manifest(root) == {} and len(read_manifest(root, "rejected.jsonl")) == 2
-    assert "learned score" in next(iter(read_manifest(root, "rejected.jsonl").values()))["rejected"][0]
+    assert read_manifest(root) == [] and len(read_manifest(root, "rejected.jsonl")) == 2
+    assert "learned score" in read_manifest(root, "rejected.jsonl")[0]["rejected"][0]
 
 
 def test_make_pairs_bad_videos(tmp_path):

@@ -18,7 +18,7 @@ from cascade_vsr.training.samplers import (
     make_timestep_sampler,
 )
 
-from ._pairs import LATENT_CHANNELS, build_pairs
+from ._pairs import LATENT_CHANNELS, build_pairs, write_dataset_json
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,9 @@ def pairs(tmp_path_factory):
 
 
 def write_clip(root, clip_id, lr_shape, hr_shape, fill=None):
-    """One synthetic clip (latents only) appended to ROOT/manifest.jsonl."""
+    """One synthetic clip (latents only) appended to ROOT/manifest.jsonl (ROOT gets a dataset.json)."""
+    if not (root / "dataset.json").is_file():
+        write_dataset_json(root)
     folder = root / "clips" / clip_id
     folder.mkdir(parents=True, exist_ok=True)
     lr = torch.randn(lr_shape) if fill is None else fill(lr_shape)
@@ -59,6 +61,7 @@ def test_crops_are_aligned_for_integer_ratio(tmp_path):
     (tmp_path / "clips" / "a").mkdir(parents=True)
     save_file({"lr_latents": lr, "hr_latents": hr}, str(tmp_path / "clips/a/latents.safetensors"))
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "a", "latents": "clips/a/latents.safetensors"}))
+    write_dataset_json(tmp_path)
     dataset = PairLatentDataset(tmp_path, crop_size=(3, 4), num_frames=2)
     for seed in range(6):
         sample = dataset[(0, seed)]
@@ -154,6 +157,9 @@ def test_bad_datasets(tmp_path):
     with pytest.raises(ValueError, match="no manifest"):
         PairLatentDataset(tmp_path)
     (tmp_path / "manifest.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="`data_dir`.*no dataset.json"):
+        PairLatentDataset(tmp_path)
+    write_dataset_json(tmp_path)
     with pytest.raises(ValueError, match="empty"):
         PairLatentDataset(tmp_path)
 

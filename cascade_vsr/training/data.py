@@ -1,7 +1,7 @@
-"""The training-pair dataset written by `cascade-vsr make-pairs` (format: /work helper_formats, DESIGN.md).
+"""The training pairs of a dataset written by `cascade-vsr make-pairs` (format: `cascade_vsr.pair_dataset`).
 
-Only manifest.jsonl defines the dataset: a clip without a manifest line does not exist. The trainer reads the
-latents (`clips/<id>/latents.safetensors`), never the videos.
+The clips are the records of the manifest, read and checked by `cascade_vsr.pair_dataset.read_pair_dataset`.
+The trainer reads the latents (`clips/<id>/latents.safetensors`), never the videos.
 
 Crops are taken in LR latent coordinates and mapped to HR by the clip's ratio, measured on the latent shapes
 (HR latent size / LR latent size, which is hr_size / lr_size for a VAE of fixed compression). For non-integer
@@ -12,7 +12,6 @@ pixel, and every crop of a clip has the same HR size (needed for same-shape batc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-DATASET_FORMAT = "cascade-vsr-pairs"
+from cascade_vsr.pair_dataset import read_pair_dataset
 
 
 @dataclass(frozen=True)
@@ -35,31 +34,8 @@ class PairClip:
     text_shape: tuple[int, int] | None  # (L, D) of prompt_embeds, when present
 
 
-def read_manifest(root: str | Path) -> list[dict]:
-    """The completed clips of a pair dataset, in manifest order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"`data_dir` {str(root)!r} does not exist or is not a directory")
-    manifest = root / "manifest.jsonl"
-    if not manifest.is_file():
-        raise ValueError(
-            f"`data_dir` {str(root)!r} has no manifest.jsonl: not a pair dataset (cascade-vsr make-pairs)"
-        )
-    entries = []
-    for number, line in enumerate(manifest.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`data_dir` manifest.jsonl line {number} is not valid JSON: {error}") from error
-    if not entries:
-        raise ValueError(f"`data_dir` {str(root)!r} is empty: manifest.jsonl lists no clip")
-    return entries
-
-
 def _read_clip(root: Path, entry: dict) -> PairClip:
-    clip_id = str(entry.get("id", "?"))
+    clip_id = entry["id"]
     if not entry.get("latents"):
         raise ValueError(
             f'clip {clip_id!r} of `data_dir` has no latents ("latents": null): build the dataset with latents '
@@ -106,7 +82,7 @@ class PairLatentDataset(Dataset):
     Index with `(index, crop_seed)` (what `BucketBatchSampler` yields) or with a plain `index` (seed 0).
 
     Args:
-        root: The dataset folder (with manifest.jsonl).
+        root: The dataset folder (with dataset.json and manifest.jsonl).
         crop_size: (h, w) of the crop in LR latent pixels; `None` keeps whole frames.
         num_frames: Latent frames per sample (a random window); `None` keeps all frames.
         latent_channels: When given, every clip must have this many channels (the model's).
@@ -128,8 +104,9 @@ class PairLatentDataset(Dataset):
             raise ValueError(f"`num_frames` must be positive, got {num_frames}")
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.num_frames = num_frames
-        self.clips = [_read_clip(self.root, entry) for entry in read_manifest(self.root)]
-        for entry, clip in zip(read_manifest(self.root), self.clips):
+        records = read_pair_dataset(self.root)
+        self.clips = [_read_clip(self.root, record) for record in records]
+        for entry, clip in zip(records, self.clips):
             if latent_channels is not None and clip.lr_shape[0] != latent_channels:
                 raise ValueError(
                     f"clip {clip.id!r} has {clip.lr_shape[0]}-channel latents, the model's latent_channels is "
