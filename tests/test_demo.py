@@ -77,6 +77,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
         summary["model"]["parameters"][k] for k in ("upsampler", "transformer")
     )
     assert summary["settings"]["temporal_unit"] == 2  # --temporal-unit overrides the model's attention scope
+    # the settings used: the command line's, then the placeholder export's defaults (its model_index.json)
+    assert (summary["settings"]["self_ensemble"], summary["settings"]["noise_frame_correlation"]) == (2, 0.0)
     assert set(summary["clips"]) == {"bigbuckbunny", "carphone"}
     bunny, carphone = summary["clips"]["bigbuckbunny"], summary["clips"]["carphone"]
     assert (bunny["frames"], bunny["hr_size"], bunny["lr_size"]) == ([100, 103], [64, 112], [32, 56])
@@ -89,7 +91,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
         assert tuple(kwargs["video"].shape) == (2, 2, 3, 32, 56) and (kwargs["height"], kwargs["width"]) == (64, 112)
         assert kwargs["generator"].initial_seed() == 7 and kwargs["self_ensemble"] == 2
         assert (kwargs["num_inference_steps"], kwargs["noise_aug_strength"]) == (2, 0.05)
-        assert kwargs["noise_frame_correlation"] == 1.0
+        assert kwargs["noise_frame_correlation"] is None  # not given: the model folder's own setting
         # metrics.json scores exactly what the pipeline returned (rounded to uint8), against the held-out frames
         ground_truth, _, lr, bicubic = demo.held_out_clip(name, 3, (64, 112))
         output = np.clip(np.rint(frames.reshape(-1, 64, 112, 3)[:3] * 255), 0, 255).astype(np.uint8)

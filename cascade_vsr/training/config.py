@@ -159,6 +159,30 @@ class TrainConfig:
     )
     logging_steps: int = 1
     export_ema: bool = field(default=True, metadata={"help": "Export EMA weights (else the raw weights)."})
+    # The sampler settings the export recommends (its model_index.json `sampling`): a pipeline call without sampler
+    # arguments uses them.
+    sampling_num_inference_steps: int = field(default=50, metadata={"help": "Recommended Euler steps."})
+    sampling_noise_aug_strength: float | None = field(
+        default=None, metadata={"help": "Recommended condition noise; None: the middle of [noise_aug_min, max]."}
+    )
+    sampling_noise_frame_correlation: float = field(
+        default=0.0, metadata={"help": "Recommended correlation of the initial noise between frames, in [0, 1]."}
+    )
+    sampling_guidance_scale: float = field(default=1.0, metadata={"help": "Recommended CFG scale (1: none)."})
+    sampling_self_ensemble: int = field(
+        default=1, metadata={"help": "Recommended runs on flips / transposes, averaged (1-8; pixel input only)."}
+    )
+
+    def sampling(self) -> dict:
+        """The export's recommended sampler settings (`CascadeVSRPipeline(sampling=...)`)."""
+        strength = self.sampling_noise_aug_strength
+        return {
+            "num_inference_steps": self.sampling_num_inference_steps,
+            "noise_aug_strength": (self.noise_aug_min + self.noise_aug_max) / 2 if strength is None else strength,
+            "noise_frame_correlation": self.sampling_noise_frame_correlation,
+            "guidance_scale": self.sampling_guidance_scale,
+            "self_ensemble": self.sampling_self_ensemble,
+        }
 
 
 CONFIG_CLASSES = (ModelConfig, DataConfig, TrainConfig)
@@ -198,6 +222,18 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
         if getattr(train, name) <= 0:
             raise ValueError(f"`{name}` must be positive, got {getattr(train, name)}")
+    if train.sampling_num_inference_steps < 1:
+        raise ValueError(f"`sampling_num_inference_steps` must be >= 1, got {train.sampling_num_inference_steps}")
+    for name in ("sampling_noise_aug_strength", "sampling_noise_frame_correlation"):
+        value = getattr(train, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"`{name}` must lie in [0, 1], got {value}")
+    if train.sampling_guidance_scale < 1:
+        raise ValueError(
+            f"`sampling_guidance_scale` must be >= 1 (1: no guidance), got {train.sampling_guidance_scale}"
+        )
+    if not 1 <= train.sampling_self_ensemble <= 8:
+        raise ValueError(f"`sampling_self_ensemble` must be in 1..8, got {train.sampling_self_ensemble}")
     if train.learning_rate <= 0 or train.max_grad_norm <= 0 or not 0 <= train.ema_decay < 1:
         raise ValueError(
             "`learning_rate` and `max_grad_norm` must be positive and `ema_decay` in [0, 1), got "

@@ -181,27 +181,34 @@ def find_checkpoint(output_dir: str | Path, resume_from: str) -> Path:
     return folders[-1]
 
 
-def export_pipeline(path: str | Path, upsampler: LatentUpsampler3D, transformer: CascadeVSRTransformer3DModel) -> Path:
-    """Write a diffusers-format folder (upsampler/, transformer/, scheduler/, model_index.json) for
-    `CascadeVSRPipeline.from_pretrained`; weights as safetensors."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, __version__
+def export_pipeline(
+    path: str | Path,
+    upsampler: LatentUpsampler3D,
+    transformer: CascadeVSRTransformer3DModel,
+    sampling: dict | None = None,
+) -> Path:
+    """Write a diffusers-format stage folder (upsampler/, transformer/, scheduler/, model_index.json with the
+    recommended `sampling` settings) that `CascadeVSRPipeline.from_pretrained` loads alone; weights as safetensors.
 
-    path = Path(path)
-    upsampler.save_pretrained(path / "upsampler")
-    transformer.save_pretrained(path / "transformer")
-    FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(path / "scheduler")
-    model_index = {
-        "_class_name": "CascadeVSRPipeline",
-        "_diffusers_version": __version__,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": [None, None],
-        "tokenizer": [None, None],
-        "transformer": ["cascade_vsr.models.transformer", "CascadeVSRTransformer3DModel"],
-        "upsampler": ["cascade_vsr.models.upsampler", "LatentUpsampler3D"],
-        "vae": [None, None],  # optional: the upstream's, shared with `from_pipe` or passed to from_pretrained
-    }
-    (path / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-    return path
+    A pixel-space model (latent space `space_to_depth`) also gets its lossless autoencoder as vae/; a model of a
+    learned latent space decodes with the upstream's VAE, shared through `from_pipe` or passed to from_pretrained.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
+    from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
+
+    # the `space_to_depth` latent space is RGB pixel-unshuffled by 4 (pipelines.adapters.SpaceToDepthAdapter)
+    vae = SpaceToDepthAutoencoder() if transformer.config.latent_space == "space_to_depth" else None
+    pipeline = CascadeVSRPipeline(
+        upsampler=upsampler,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae,
+        sampling=sampling,
+    )
+    pipeline.save_pretrained(path)
+    return Path(path)
 
 
 def _step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
@@ -390,7 +397,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         if ema is not None and train_config.export_ema:
             ema.store(params)
             ema.copy_to(params)
-        export_pipeline(export_dir, unwrapped.upsampler, unwrapped.transformer)
+        export_pipeline(export_dir, unwrapped.upsampler, unwrapped.transformer, train_config.sampling())
         if ema is not None and train_config.export_ema:
             ema.restore(params)
     accelerator.wait_for_everyone()
