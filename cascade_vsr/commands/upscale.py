@@ -152,10 +152,8 @@ def load_stage(model: Path, device: str, dtype: str):
 
     from cascade_vsr import CascadeVSRPipeline
 
-    pipe = CascadeVSRPipeline.from_pretrained(model, local_files_only=True)
+    pipe = CascadeVSRPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.upsampler, pipe.transformer):
-        module.to(dtype=getattr(torch, dtype))
     return pipe.to(device)
 
 
@@ -231,9 +229,11 @@ def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict
         overwrite=args.overwrite,
     )
     step = args.chunk_frames - args.chunk_overlap
+    # windows of a long video share one shape (the last one padded); a video that fits in one window runs as is
+    length = args.chunk_frames if source.num_frames > args.chunk_frames else source.num_frames
     with sink, tqdm(total=source.num_frames, unit="frame", desc=source.name) as progress:
         for frames, last in overlapping_windows(source.chunks(step), args.chunk_frames, args.chunk_overlap):
-            hr = super_resolve_window(pipe, frames, out_size, args, args.chunk_frames)
+            hr = super_resolve_window(pipe, frames, out_size, args, length)
             if pending is not None and len(pending):
                 hr = cross_fade(pending, hr)
             keep = len(hr) if last else len(hr) - args.chunk_overlap
@@ -251,10 +251,21 @@ def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict
     }
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that an output being written is removed instead of left half-written."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     check_args(args)
+    _exit_on_sigterm()
     pairs = output_paths(args.inputs, args.output, args.overwrite)
     if len(pairs) > 1:
         args.output.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 `VideoSource` reads a video file (anything PyAV decodes), a folder of PNG / JPEG frames or a glob of them, chunk by
 chunk. `VideoSink` writes uint8 RGB chunks to a video file (codec chosen by the extension unless given; the source's
 audio copied) or to a folder of lossless PNG frames. A sink writes under a temporary name and renames it into place
-only when closed without error, so a killed or failed run leaves no half-written output.
+only when closed without error, so a failed run leaves no half-written output (and the next sink of the same path
+removes what a killed one left).
 """
 
 from __future__ import annotations
@@ -93,6 +94,28 @@ def _has_audio(path: Path) -> bool:
         return bool(container.streams.audio)
 
 
+def remove_stale_partials(path: Path) -> None:
+    """Remove the temporary outputs of `path` left by processes that no longer run (a killed writer)."""
+    for partial in path.parent.glob(f".{path.stem}.partial-*{path.suffix}"):
+        pid = partial.name[len(f".{path.stem}.partial-") :].removesuffix(path.suffix)
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class VideoSink:
     """Writes uint8 RGB chunks to `path`: a video file (by extension) or, for a path without one, a PNG folder.
 
@@ -132,6 +155,7 @@ class VideoSink:
         if not self.path.parent.is_dir():
             raise ValueError(f"`output` {str(self.path)!r}: folder {str(self.path.parent)!r} does not exist")
         self.tmp = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{self.path.suffix}")
+        remove_stale_partials(self.path)
         self.frames_written = 0
         self._container = self._stream = self._audio_source = self._audio_out = None
 

@@ -1,0 +1,218 @@
+"""`cascade-vsr upscale`: the same frames as the pipeline with the model's own settings, any input form, chunks and
+tiles, no half-written output, no silent overwrite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from einops import rearrange
+
+from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D
+from cascade_vsr.cli import main
+from cascade_vsr.commands.demo import demo_model_path
+from cascade_vsr.core.metrics import psnr
+from cascade_vsr.core.streams import VideoSink
+from cascade_vsr.core.video import read_frames, read_video, resize_frames, sample_video_path
+from cascade_vsr.training.trainer import export_pipeline
+from tests.conftest import randomize_
+
+SAMPLING = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0, "self_ensemble": 2}
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    """A tiny random pixel-space stage folder with its own sampling settings (never the committed demo model)."""
+    torch.manual_seed(0)
+    transformer = CascadeVSRTransformer3DModel(
+        latent_channels=48,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        ffn_dim=64,
+        text_dim=16,
+        latent_space="space_to_depth",
+        patch_size=(1, 1, 1),
+        condition_residual_std=0.05,
+    )
+    upsampler = LatentUpsampler3D(latent_channels=48, hidden_channels=16, num_blocks=1, space_to_depth_factor=4)
+    path = tmp_path_factory.mktemp("stage") / "model"
+    return export_pipeline(path, randomize_(upsampler, std=0.01), randomize_(transformer, std=0.01, seed=1), SAMPLING)
+
+
+@pytest.fixture(scope="module")
+def lr_frames():
+    frames = read_video(sample_video_path("carphone_pristine.mp4"), num_frames=24)
+    return resize_frames(frames[:, :128, :160], (32, 40), mode="area")
+
+
+def pipeline_frames(model, frames, seed=0):
+    """What `CascadeVSRPipeline.from_pretrained(model)(video=...)` returns with no sampler arguments, as uint8."""
+    pipe = CascadeVSRPipeline.from_pretrained(model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    video = rearrange(torch.from_numpy(frames), "t h w c -> 1 t c h w").float() / 255
+    out = pipe(video=video, scale=2, generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+
+def test_png_folder_and_mp4_inputs_give_the_pipelines_frames(tmp_path, stage, lr_frames):
+    with VideoSink(tmp_path / "lr") as sink:
+        sink.write(lr_frames)
+    with VideoSink(tmp_path / "lr.mp4", crf=0) as sink:
+        sink.write(lr_frames)
+    expected = pipeline_frames(stage, lr_frames)
+    assert (
+        main(["upscale", str(tmp_path / "lr"), "-o", str(tmp_path / "sr"), "--scale", "2", "--model", str(stage)]) == 0
+    )
+    np.testing.assert_array_equal(read_frames(tmp_path / "sr"), expected)
+
+    decoded = read_video(tmp_path / "lr.mp4")
+    assert (
+        main(
+            [
+                "upscale",
+                str(tmp_path / "lr.mp4"),
+                "-o",
+                str(tmp_path / "sr_mp4"),
+                "--scale",
+                "2",
+                "--model",
+                str(stage),
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(read_frames(tmp_path / "sr_mp4"), pipeline_frames(stage, decoded))
+
+
+def test_long_input_runs_in_overlapping_chunks(tmp_path, stage, lr_frames, capsys):
+    with VideoSink(tmp_path / "lr") as sink:
+        sink.write(lr_frames)
+    args = [
+        "upscale",
+        str(tmp_path / "lr"),
+        "-o",
+        str(tmp_path / "sr.mp4"),
+        "--scale",
+        "2",
+        "--model",
+        str(stage),
+        "--chunk-frames",
+        "10",
+        "--chunk-overlap",
+        "2",
+        "--self-ensemble",
+        "1",
+    ]
+    assert main(args) == 0
+    assert "24 frames 40x32 -> 80x64" in capsys.readouterr().out
+    output = read_video(tmp_path / "sr.mp4")
+    assert output.shape == (24, 64, 80, 3)
+    whole = pipeline_frames(stage, lr_frames)  # a different ensemble size: only a sanity bound
+    assert float(psnr(output, whole).mean()) > 15
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        main(args)
+    assert main([*args, "--overwrite", "--self-ensemble", "2"]) == 0
+    assert read_video(tmp_path / "sr.mp4").shape == (24, 64, 80, 3)
+
+
+def test_several_inputs_go_to_a_folder(tmp_path, stage, lr_frames):
+    for name in ("a", "b"):
+        with VideoSink(tmp_path / name) as sink:
+            sink.write(lr_frames[:3])
+    assert (
+        main(
+            [
+                "upscale",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "-o",
+                str(tmp_path / "out"),
+                "--scale",
+                "2",
+                "--model",
+                str(stage),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b"]
+    with pytest.raises(ValueError, match="several inputs go to a folder"):
+        main(["upscale", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "x.mp4"), "--scale", "2"])
+
+
+def test_bad_arguments_fail_before_the_model_loads(tmp_path, stage, lr_frames):
+    with VideoSink(tmp_path / "lr") as sink:
+        sink.write(lr_frames[:2])
+    base = ["upscale", str(tmp_path / "lr"), "-o", str(tmp_path / "sr"), "--model", str(stage)]
+    for extra, message in (
+        (["--scale", "0.5"], "`--scale`"),
+        (["--scale", "2", "--chunk-overlap", "40"], "`--chunk-overlap`"),
+        (["--scale", "2", "--tile", "16", "--tile-overlap", "16"], "`--tile-overlap`"),
+        (["--scale", "2", "--self-ensemble", "9"], "`--self-ensemble`"),
+        (["--scale", "2", "--device", "cuda:7"], "`--device`"),
+        (["--scale", "2", "--model", str(tmp_path)], "`--model`"),
+        (["--size", "16", "16"], "must not be smaller"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            main([*base, *extra])
+    with pytest.raises(ValueError, match="`input`"):
+        main(["upscale", str(tmp_path / "missing"), "-o", str(tmp_path / "sr"), "--scale", "2", "--model", str(stage)])
+    assert not (tmp_path / "sr").exists()
+
+
+def test_a_killed_upscale_leaves_no_output(tmp_path, stage, lr_frames):
+    with VideoSink(tmp_path / "lr") as sink:
+        sink.write(np.concatenate([lr_frames] * 4))
+    command = [
+        sys.executable,
+        "-m",
+        "cascade_vsr.cli",
+        "upscale",
+        str(tmp_path / "lr"),
+        "-o",
+        str(tmp_path / "sr.mp4"),
+        "--scale",
+        "2",
+        "--model",
+        str(stage),
+        "--chunk-frames",
+        "4",
+        "--chunk-overlap",
+        "1",
+    ]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".sr.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(tmp_path.glob(".sr.partial-*")), "the run never started writing"
+        os.kill(process.pid, sig)
+        process.wait(timeout=60)
+        assert not (tmp_path / "sr.mp4").exists()
+        # SIGTERM removes its partial output at once; after SIGKILL the next writer of the path removes it
+        assert bool(list(tmp_path.glob(".sr.partial-*"))) == (sig == signal.SIGKILL)
+    VideoSink(tmp_path / "sr.mp4")
+    assert not list(tmp_path.glob(".sr.partial-*"))
+
+
+def test_tiled_output_is_close_to_untiled_with_the_demo_model(tmp_path):
+    frames = read_video(sample_video_path("bigbuckbunny.mp4"), start=100, num_frames=3)
+    ground_truth = resize_frames(frames, (96, 160), crop_to_aspect=True)
+    lr = resize_frames(ground_truth, (48, 80), mode="area")
+    with VideoSink(tmp_path / "lr") as sink:
+        sink.write(lr)
+    base = ["upscale", str(tmp_path / "lr"), "--scale", "2", "--model", str(demo_model_path()), "--self-ensemble", "1"]
+    assert main([*base, "-o", str(tmp_path / "whole")]) == 0
+    assert main([*base, "-o", str(tmp_path / "tiled"), "--tile", "32", "--tile-overlap", "16"]) == 0
+    whole, tiled = read_frames(tmp_path / "whole"), read_frames(tmp_path / "tiled")
+    assert whole.shape == tiled.shape == (3, 96, 160, 3)
+    assert float(psnr(tiled, whole).mean()) > 35  # tiles see less context: close to, not equal to, the whole frame
+    quality = [float(psnr(output, ground_truth).mean()) for output in (whole, tiled)]
+    assert abs(quality[0] - quality[1]) < 0.5, quality
