@@ -9,7 +9,7 @@
    key-padding mask (34 and 60 are not multiples of 12 and 9) and a batched matmul + softmax over the same
    tiles (the alternative kernel for small tiles) are timed too.
 2. Grid 20 x 34 x 60 (77 frames) with temporal_unit=5: full SDPA over all frames vs sparse_topk.
-3. The analytic matmul FLOPs (cascade_vsr.flops) of the default ~1B config at 5 x 68 x 120 tokens
+3. The analytic matmul FLOPs (cascade_vsr.models.flops) of the default ~1B config at 5 x 68 x 120 tokens
    (17 frames of 1088 x 1920) per mode, next to SimpleGVR table 2 (1612.5 / 452.6 / 377.1 GFLOPs).
 
 All timings of one run share the machine's load, so their ratios are comparable; absolute times are not.
@@ -37,15 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from cascade_vsr import CascadeVSRTransformer3DModel
-from cascade_vsr.models.attention import (
-    adaptive_window_size,
-    full_attention,
-    partition_axis,
-    sparse_topk_attention,
-    window_attention,
-    window_token_mask,
-)
+from cascade_vsr.models.attention import adaptive_window_size, full_attention, sparse_topk_attention, window_attention
 from cascade_vsr.models.flops import transformer_flops
+from cascade_vsr.models.token_layout import partition_axis, window_token_mask
 
 HEADS, HEAD_DIM = 8, 64
 SPARSE_WINDOW, TOPK = (12, 9), 1

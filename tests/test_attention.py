@@ -1,7 +1,7 @@
 """Attention modes against a naive dense reference with explicit (N x N) boolean masks.
 
-The masks here are built token by token from coordinates, independently of the batched layouts in
-cascade_vsr/attention.py.
+The masks here are built token by token from coordinates, independently of the batched layouts of
+cascade_vsr/models/token_layout.py that cascade_vsr/models/attention.py runs on.
 """
 
 import itertools
@@ -12,13 +12,19 @@ import torch
 from cascade_vsr.models.attention import (
     adaptive_window_size,
     full_attention,
-    partition_axis,
     select_units,
     self_attention,
     sparse_topk_attention,
-    temporal_block_ids,
     window_attention,
+)
+from cascade_vsr.models.attention_spec import AttentionSpec, layer_attention_specs
+from cascade_vsr.models.token_layout import (
+    partition_axis,
+    sparse_unit_layout,
+    temporal_block_ids,
+    temporal_block_sizes,
     window_lengths,
+    window_token_mask,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,9 +200,10 @@ def test_temporal_unit_at_least_t_is_no_temporal_unit(mode, shift):
     grid = (3, 4, 5)
     q, k, v = qkv(grid)
     options = dict(window=(2, 3), topk=1) if mode == "sparse_topk" else {}
-    base = self_attention(q, k, v, grid, mode, shift, **options)
+    base = self_attention(q, k, v, grid, AttentionSpec(mode, shift, **options))
     for unit in (3, 4):
-        torch.testing.assert_close(self_attention(q, k, v, grid, mode, shift, temporal_unit=unit, **options), base)
+        spec = AttentionSpec(mode, shift, temporal_unit=unit, **options)
+        torch.testing.assert_close(self_attention(q, k, v, grid, spec), base)
 
 
 @pytest.mark.parametrize("mode", ["full", "sparse_topk"])
@@ -206,11 +213,12 @@ def test_shifted_temporal_units_never_connect_first_and_last_frame(mode, unit):
     q, k, v = qkv(grid)
     options = dict(window=(2, 2), topk=100) if mode == "sparse_topk" else {}
     frame = grid[1] * grid[2]
-    out = self_attention(q, k, v, grid, mode, True, temporal_unit=unit, **options)
+    spec = AttentionSpec(mode, True, temporal_unit=unit, **options)
+    out = self_attention(q, k, v, grid, spec)
     k2, v2 = k.clone(), v.clone()
     k2[..., -frame:, :] += 5.0
     v2[..., -frame:, :] += 5.0
-    changed = self_attention(q, k2, v2, grid, mode, True, temporal_unit=unit, **options)
+    changed = self_attention(q, k2, v2, grid, spec)
     torch.testing.assert_close(changed[..., :frame, :], out[..., :frame, :], rtol=0, atol=0)
     expected = dense_reference(q, k, v, temporal_mask(grid, unit, True))
     if mode == "full":
@@ -263,9 +271,110 @@ def test_adaptive_window_size_follows_seedvr2_equations():
     assert adaptive_window_size((1, 80, 45)) == (1, 27, 15)  # portrait
     grid = (3, 9, 16)
     q, k, v = qkv(grid)
-    out = self_attention(q, k, v, grid, "window", True, window_reference=(9, 12))
+    out = self_attention(q, k, v, grid, AttentionSpec("window", True, window_reference=(9, 12)))
     window = adaptive_window_size(grid, (9, 12))
     torch.testing.assert_close(out, dense_reference(q, k, v, window_mask(grid, window, True)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host-side layout numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "grid,window,topk,unit,shift",
+    [
+        ((3, 5, 7), (2, 3), 1, None, False),  # ragged units
+        ((4, 4, 6), (2, 3), 1, None, False),  # whole units, every unit has candidates
+        ((5, 4, 6), (2, 3), 7, 2, False),  # whole units, more slots than the last block has candidates
+        ((5, 4, 6), (4, 6), 1, 2, True),  # one unit per frame: the one-frame block has no candidate
+        ((3, 4, 6), (4, 6), 0, None, False),  # topk 0: no slots to fill
+        ((1, 4, 6), (4, 6), 3, None, False),  # a single unit
+    ],
+)
+def test_sparse_unit_layout_numbers_match_the_tensors_they_describe(grid, window, topk, unit, shift):
+    """Reference: count per unit, from token coordinates, the real tokens and the candidates (units of the same
+    temporal block), as the attention would see them in its tensors."""
+    layout = sparse_unit_layout(grid, window, topk, unit, shift)
+    wh, ww = min(window[0], grid[1]), min(window[1], grid[2])
+    units = sorted({(t, y // wh, x // ww) for t, y, x in coords(grid)})
+    candidates = [
+        sum(block_of_frame(o[0], grid[0], unit, shift) == block_of_frame(u[0], grid[0], unit, shift) for o in units)
+        - 1
+        for u in units
+    ]
+    real_tokens = window_token_mask(grid, layout.parts).sum(-1)
+    assert layout.num_units == len(units) and layout.unit_tokens == wh * ww
+    assert layout.slots == 1 + min(topk, max(candidates))
+    assert layout.padded == bool((real_tokens < wh * ww).any())
+    assert layout.masked == (layout.padded or min(candidates) < layout.slots - 1)
+    frames = temporal_block_ids(grid[0], unit, shift)
+    assert temporal_block_sizes(grid[0], unit, shift) == frames.bincount().tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The per-layer spec
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_attention_spec_fills_the_defaults_of_its_mode_only():
+    assert AttentionSpec("sparse_topk") == AttentionSpec("sparse_topk", window=(12, 9), topk=1)
+    window = AttentionSpec("window", window=[2, 3, 4])
+    assert window.window == (2, 3, 4) and window.window_reference == (45, 80) and window.num_windows == (1, 3, 3)
+    assert window.max_frames == 30 and window.topk is None and window.temporal_unit is None
+    full = AttentionSpec()
+    assert (full.mode, full.shift, full.backend, full.window, full.topk) == ("full", False, "sdpa", None, None)
+    hash(AttentionSpec("sparse_topk", temporal_unit=5))  # frozen: a spec is a value
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="window", temporal_unit=5), r"unknown attention options for mode 'window': \['temporal_unit'\]"),
+        (dict(mode="sparse_topk", window=(3, 4, 5)), "window"),
+        (dict(mode="window", window=(3, 4)), "window"),
+        (dict(mode="sparse_topk", topk=-1), "topk"),
+        (dict(mode="window", max_frames=0), "max_frames"),
+        (dict(mode="window", num_windows=(1, 3)), "num_windows"),
+        (dict(mode="full", shift=1), "shift"),
+        (dict(mode="window", backend="flash"), r"'flash' cannot run mode 'window', which accepts 'sdpa', 'flex'"),
+        (dict(mode="full", temporal_unit=2, backend="native"), "mode 'full' with temporal_unit=2"),
+        (dict(mode="full", backend="nope"), r"'nope' cannot run mode 'full', which accepts 'sdpa', 'flash'"),
+    ],
+)
+def test_attention_spec_refuses_what_its_mode_cannot_use(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttentionSpec(**kwargs)
+
+
+def test_spec_backends_per_mode():
+    assert AttentionSpec("window").accepted_backends == ("sdpa", "flex")
+    assert AttentionSpec("full", temporal_unit=3).accepted_backends == ("sdpa", "flex")
+    full = AttentionSpec("full").accepted_backends
+    assert full[0] == "sdpa" and {"native", "flash", "sage", "flex"} <= set(full)
+    assert AttentionSpec("sparse_topk").with_backend("flex").backend == "flex"
+    with pytest.raises(ValueError, match="mode 'sparse_topk'"):
+        AttentionSpec("sparse_topk").with_backend("native")
+
+
+def test_layer_attention_specs_shift_odd_layers_and_scope_only_full_and_sparse_layers():
+    specs = layer_attention_specs(["full", "sparse_topk", "window", "full"], 4, temporal_unit=5, window_size=(1, 2, 2))
+    assert [spec.shift for spec in specs] == [False, True, False, True]
+    assert [spec.temporal_unit for spec in specs] == [5, 5, None, 5]
+    assert specs[2] == AttentionSpec("window", window=(1, 2, 2))
+    assert layer_attention_specs("window", 2)[1] == AttentionSpec("window", shift=True)
+    with pytest.raises(ValueError, match="attention_mode.*list of 3"):
+        layer_attention_specs(["full"], 3)
+    with pytest.raises(ValueError, match=r"attention_mode\[1\]"):
+        layer_attention_specs(["full", "swin"], 2)
+
+
+def test_full_attention_on_a_diffusers_backend_matches_sdpa():
+    grid = (2, 3, 4)
+    q, k, v = qkv(grid, dtype=torch.float32)
+    native = self_attention(q, k, v, grid, AttentionSpec(backend="native"))
+    torch.testing.assert_close(native, self_attention(q, k, v, grid), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(native, dense_reference(q, k, v, torch.ones(1, 1, 24, 24, dtype=torch.bool)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,6 +392,10 @@ def test_flex_backend_agrees_with_sdpa_forward():
             torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-5)
             sdpa = window_attention(q, k, v, grid, (2, 2, 3), shift)
             flex = window_attention(q, k, v, grid, (2, 2, 3), shift, backend="flex")
+            torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-5)
+            spec = AttentionSpec("full", shift, temporal_unit=2)
+            sdpa = self_attention(q, k, v, grid, spec)
+            flex = self_attention(q, k, v, grid, spec.with_backend("flex"))
             torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-5)
 
 
@@ -309,9 +422,14 @@ def test_flex_backend_refuses_backward_on_cpu():
         (lambda q, k, v: sparse_topk_attention(q, k, v, (2, 3, 4), backend="xformers"), "backend"),
         (lambda q, k, v: window_attention(q, k, v, (2, 3, 4), window=(1, -2, 2)), "window"),
         (lambda q, k, v: window_attention(q, k, v, (4, 3, 3), window=(1, 2, 2)), "grid"),
-        (lambda q, k, v: self_attention(q, k, v, (2, 3, 4), "full", temporal_unit=-3), "temporal_unit"),
-        (lambda q, k, v: self_attention(q, k, v, (2, 3, 4), "swin"), "mode"),
-        (lambda q, k, v: self_attention(q, k, v, (2, 3, 4), "full", topk=1), "unknown attention options"),
+        (lambda q, k, v: self_attention(q, k, v, (2, 3, 4), AttentionSpec("full", temporal_unit=-3)), "temporal_unit"),
+        (lambda q, k, v: self_attention(q, k, v, (2, 3, 4), AttentionSpec("swin")), "mode"),
+        (
+            lambda q, k, v: self_attention(q, k, v, (2, 3, 4), AttentionSpec("full", topk=1)),
+            "unknown attention options",
+        ),
+        (lambda q, k, v: self_attention(q, k, v, (2, 3, 5), AttentionSpec("window")), "grid"),
+        (lambda q, k, v: self_attention(q, k, v, (2, 3, 4), "full"), "spec"),
         (lambda q, k, v: adaptive_window_size((2, 3, 4), reference=(0, 4)), "reference"),
         (lambda q, k, v: adaptive_window_size((2, 3, 4), max_frames=0), "max_frames"),
     ],

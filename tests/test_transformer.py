@@ -3,10 +3,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from einops import rearrange
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
-from cascade_vsr.models.transformer import apply_rope, rope_cos_sin
+from cascade_vsr.models.attention_spec import AttentionSpec
+from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, rope_cos_sin
 
 from .conftest import TINY_TRANSFORMER, TINY_UPSAMPLER, randomize_
 
@@ -256,13 +259,38 @@ def test_preconditioned_model_ignores_the_pure_noise_of_the_first_step():
     assert not torch.allclose(first, condition * 0.9 / 0.82, atol=1e-3)  # the prior mean plus a real residual
 
 
-def test_patch_padding_is_cropped_and_does_not_leak_across_the_crop(tiny_transformer):
-    """Odd sizes are padded inside; the output has exactly the input size and is finite."""
+@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
+def test_patch_padding_is_zeros_at_the_end_and_the_crop_keeps_exactly_the_real_region(patch_size):
+    """Sizes the patch does not divide are padded inside the model and the output is cropped back. The padded pixels
+    share tokens and attention with the real ones, so they do reach the real outputs; what the model promises is that
+    the padding is zeros at the end of each axis and that the crop returns the real region: the output equals that of
+    the same input zero-padded by hand to a size that needs no padding, cropped, in values and in input gradients."""
+    model = randomize_(CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "patch_size": patch_size})).eval()
     inputs = _inputs(batch=1, frames=3, height=7, width=9)
-    out = tiny_transformer(**inputs).sample
-    assert out.shape == inputs["hidden_states"].shape
-    loss = F.mse_loss(out, torch.zeros_like(out))
-    loss.backward()
+    padding = (0, 1, 0, 1, 0, patch_size[0] - 1)  # to (3 or 4, 8, 10)
+    padded = {
+        **inputs,
+        **{name: F.pad(inputs[name], padding) for name in ("hidden_states", "condition")},
+    }
+    weight = torch.randn(inputs["hidden_states"].shape)
+    gradients = []
+    for given in (inputs, padded):
+        given["hidden_states"] = given["hidden_states"].clone().requires_grad_(True)
+        out = model(**given).sample
+        assert out.shape == given["hidden_states"].shape
+        real = out[:, :, :3, :7, :9]
+        (real * weight).sum().backward()
+        gradients.append((real.detach(), given["hidden_states"].grad[:, :, :3, :7, :9]))
+    (out, grad), (out_padded, grad_padded) = gradients
+    torch.testing.assert_close(out, out_padded, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_padded, rtol=0, atol=0)
+    # The padding values matter (so the equality above is no accident of an insensitive model): other values there
+    # change the real region.
+    padded["hidden_states"] = padded["hidden_states"].detach().clone()
+    padded["hidden_states"][:, :, :, -1] = 5.0
+    with torch.no_grad():
+        changed = model(**padded).sample[:, :, :3, :7, :9]
+    assert not torch.allclose(changed, out, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,19 +321,73 @@ def test_every_attention_mode_runs_forward_and_backward_at_odd_sizes(name, frame
     assert model.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
 
 
-def test_attention_options_come_from_the_config():
+def test_attention_specs_come_from_the_config():
     model = CascadeVSRTransformer3DModel(
         **{**TINY_TRANSFORMER, "attention_mode": ["sparse_topk", "window"], "sparse_window": (6, 5)},
         sparse_topk=3,
         temporal_unit=4,
     )
-    first, second = (block.attn1 for block in model.blocks)
-    assert first.attention_options == {"window": (6, 5), "topk": 3, "temporal_unit": 4} and not first.shift
-    assert second.attention_options == {"window": None, "window_reference": (45, 80)} and second.shift
-    model.set_local_attention_backend("flex")
-    assert first.attention_options["backend"] == "flex" == second.attention_options["backend"]
-    with pytest.raises(ValueError, match="backend"):
-        model.set_local_attention_backend("cuda")
+    assert model.attention_specs == (
+        AttentionSpec("sparse_topk", shift=False, window=(6, 5), topk=3, temporal_unit=4),
+        AttentionSpec("window", shift=True, window=None, window_reference=(45, 80)),  # no temporal unit
+    )
+    assert all(spec.backend == "sdpa" for spec in model.attention_specs)
+
+
+def _cross_attention_backends(model):
+    return {block.attn2.processor._attention_backend for block in model.blocks}
+
+
+def test_set_attention_backend_reaches_every_layer_and_sdpa_restores_the_default():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    model = randomize_(
+        CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "attention_mode": ["sparse_topk", "window"]})
+    )
+    inputs = _inputs(batch=1, frames=3, height=6, width=10)
+    active = _AttentionBackendRegistry.get_active_backend()[0]
+    with torch.no_grad():
+        default = model(**inputs).sample
+        model.set_attention_backend("flex")
+        assert [spec.backend for spec in model.attention_specs] == ["flex", "flex"]
+        assert _cross_attention_backends(model) == {AttentionBackendName.FLEX}
+        assert _AttentionBackendRegistry.get_active_backend()[0] == active  # no process-wide side effect
+        flex = model(**inputs).sample
+        model.reset_attention_backend()
+        assert [spec.backend for spec in model.attention_specs] == ["sdpa", "sdpa"]
+        assert _cross_attention_backends(model) == {None}
+        back = model(**inputs).sample
+    torch.testing.assert_close(flex, default, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(back, default, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "config, backend, match",
+    [
+        (
+            dict(attention_mode="window"),
+            "flash",
+            r"'flash' cannot .* layers 0, 1 \(mode 'window', which accepts 'sdpa', 'flex'\)",
+        ),
+        (
+            dict(attention_mode=["full", "sparse_topk"]),
+            "native",
+            r"'native' cannot .* layer 1 \(mode 'sparse_topk', which accepts 'sdpa', 'flex'\)$",
+        ),
+        (
+            dict(temporal_unit=2),
+            "sage",
+            r"layers 0, 1 \(mode 'full' with temporal_unit=2, which accepts 'sdpa', 'flex'\)",
+        ),
+        (dict(), "cuda", r"`backend` must be 'sdpa' or one of diffusers' attention backends .*'native'.*got 'cuda'"),
+    ],
+)
+def test_a_backend_a_mode_cannot_use_raises_naming_the_layers_and_changes_nothing(config, backend, match):
+    model = CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, **config})
+    specs = model.attention_specs
+    with pytest.raises(ValueError, match=match):
+        model.set_attention_backend(backend)
+    assert model.attention_specs == specs and _cross_attention_backends(model) == {None}
 
 
 def test_checkpoint_of_one_mode_loads_and_runs_with_another(tmp_path, tiny_transformer):
@@ -319,7 +401,7 @@ def test_checkpoint_of_one_mode_loads_and_runs_with_another(tmp_path, tiny_trans
         ]:
             model = CascadeVSRTransformer3DModel.from_pretrained(tmp_path / "full", attention_mode=mode, **options)
             assert model.config.attention_mode == mode
-            assert all(block.attn1.attention_mode == mode for block in model.blocks)
+            assert all(spec.mode == mode for spec in model.attention_specs)
             for name, tensor in model.state_dict().items():
                 torch.testing.assert_close(tensor, tiny_transformer.state_dict()[name], rtol=0, atol=0)
             out = model(**inputs).sample
@@ -362,3 +444,112 @@ def test_temporal_unit_scopes_full_attention_layers(tiny_transformer):
 def test_bad_attention_config_raises_value_error(change, match):
     with pytest.raises(ValueError, match=match):
         CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, **change})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No host-device synchronisation in the forward and backward passes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _FailOnHostDeviceTraffic(TorchDispatchMode):
+    """Fails on every op that moves values between the host and the device: one that reads a tensor's value into
+    Python (`bool()`, `int()`, `.item()`, `.tolist()`, data-dependent shapes) or copies a tensor between the CPU
+    and the device (`.to(device)` of a host tensor). On CUDA each of these waits for the GPU to finish its queue."""
+
+    READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique", "_unique2"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.READS:
+            raise AssertionError(f"aten.{name} reads a device value on the host")
+        if name in ("_to_copy", "copy_"):
+            tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            devices = {t.device.type for t in tensors} | (
+                {torch.device(kwargs["device"]).type} if kwargs.get("device") else set()
+            )
+            if len(devices) > 1:
+                raise AssertionError(f"aten.{name} copies between {sorted(devices)}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("frames", [1, 7])
+@pytest.mark.parametrize("size", [(13, 19), (16, 20)])  # grid (frames, 7, 10) or (frames, 8, 10)
+@pytest.mark.parametrize("name", sorted(ATTENTION_CONFIGS))
+def test_forward_and_backward_never_synchronise_with_the_device(name, size, frames):
+    """There is no CPU counterpart of `torch.cuda.set_sync_debug_mode`, so the model runs on the "meta" device, which
+    has shapes but no values: any Python `if` / `int()` / `bool()` / `.item()` on a device tensor fails there, and the
+    dispatch mode above also catches host <-> device copies. Only host tensors (the CPU inputs of other tests) may have
+    their values checked. Inputs: Python numbers for the per-sample values, a text mask, grids that cut into ragged and
+    into whole units and windows (the sparse mode takes other paths when no key needs masking)."""
+    with torch.device("meta"):
+        model = CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, **ATTENTION_CONFIGS[name]})
+    shape = (2, 4, frames, *size)  # ragged and whole sparse units and windows
+    inputs = dict(
+        hidden_states=torch.empty(shape, device="meta", requires_grad=True),
+        condition=torch.empty(shape, device="meta"),
+        timestep=torch.empty(2, device="meta"),
+        noise_aug_level=0.3,
+        encoder_hidden_states=torch.empty(1, 5, 16, device="meta"),
+        encoder_attention_mask=torch.ones(1, 5, dtype=torch.bool, device="meta"),
+    )
+    with _FailOnHostDeviceTraffic():
+        out = model(**inputs, frame_offset=2.0).sample
+        out.sum().backward()
+        with torch.no_grad():  # the sparse gather writes in place without autograd
+            inference = model(**{**inputs, "timestep": 500.0}).sample
+    assert out.shape == inference.shape == inputs["hidden_states"].grad.shape == shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE tables
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid, frame_offset", [((3, 4, 5), 0.0), ((2, 7, 9), 1000.0), ((1, 1, 6), 12345.5)])
+def test_rope_tables_round_the_float64_angle_of_every_token_once(grid, frame_offset):
+    """Reference: the angle of every (token, channel) in float64 from the token's coordinates, its cos / sin in float64
+    and one rounding to float32. The per-axis tables must give exactly these numbers."""
+    head_dim, theta = 32, 10000.0
+    t_dim, s_dim = head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6)
+    t, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    angles = []
+    for pos, dim in ((t + frame_offset, t_dim), (h, s_dim), (w, s_dim)):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles.append((pos.reshape(-1, 1) * freqs).repeat_interleave(2, dim=-1))
+    angles = torch.cat(angles, dim=1)
+    cos, sin = rope_cos_sin(grid, head_dim, theta, frame_offset)
+    assert cos.dtype == sin.dtype == torch.float32
+    assert torch.equal(cos, angles.cos().float()) and torch.equal(sin, angles.sin().float())
+
+
+def test_rope_module_keeps_the_tables_of_the_last_grid_and_offset():
+    rope = RotaryPositionEmbedding3D(12)
+    first = rope((2, 3, 4), 0.0)
+    assert rope((2, 3, 4), 0.0) is first  # the steps of a sampler at one size build it once
+    for grid, offset in (((2, 3, 5), 0.0), ((2, 3, 4), 1.0)):
+        other = rope(grid, offset)
+        assert other is not first
+        assert all(torch.equal(a, b) for a, b in zip(other, rope_cos_sin(grid, 12, frame_offset=offset)))
+    assert not list(rope.parameters()) and not list(rope.buffers())
+
+
+def test_rope_tables_built_under_inference_mode_do_not_break_a_later_backward(tiny_transformer):
+    inputs = _inputs(batch=1, frames=2, height=6, width=6)
+    with torch.inference_mode():
+        tiny_transformer(**inputs)
+    tiny_transformer(**inputs).sample.sum().backward()  # same grid: the inference-mode tables must not be reused
+    assert tiny_transformer.blocks[0].attn1.to_q.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(frame_offset=torch.tensor(1.0)), "frame_offset.*real number"),
+        (dict(frame_offset=float("nan")), "frame_offset"),
+        (dict(attention_kwargs={"scale": 0.5}), "attention_kwargs.*None or empty.*scale"),
+    ],
+)
+def test_bad_call_options_raise_value_errors(tiny_transformer, change, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_transformer(**_inputs(batch=1, frames=1, height=4, width=4), **change)

@@ -4,10 +4,11 @@ Convention (the one of `torch.utils.flop_counter.FlopCounterMode`): a matmul of 
 2*m*k*n FLOPs; biases, norms, softmax, RoPE, activations, gathers and top-k sorting are not matmuls and are
 not counted. Attention costs 4 * queries * keys * head_dim per head (scores and values).
 
-Attention is counted as executed by `cascade_vsr.attention`. Windows and temporal units are exact: each ragged
-edge window costs its own size squared (the SDPA backend runs equally shaped windows together, unpadded). For
-`sparse_topk` a ragged unit is padded to the full tile and the padding is masked, not skipped, so its FLOPs are
-spent: every unit attends to (1 + k) units of `window` tokens, and the top-k scoring is one (U x D) @ (D x U)
+Attention is counted as `cascade_vsr.models.attention` executes it on its default "sdpa" backend, layer by layer
+from the same `AttentionSpec`s the model builds. Windows and temporal units are exact: each ragged edge window
+costs its own size squared (equally shaped windows run together, unpadded). For `sparse_topk` a ragged unit is
+padded to the full tile and the padding is masked, not skipped, so its FLOPs are spent: every unit attends to
+`slots` units of `window` tokens (`token_layout.sparse_unit_layout`), and the top-k scoring is one (U x D) @ (D x U)
 unit score matmul per head over all U units of the video (temporal units only mask it).
 """
 
@@ -17,13 +18,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cascade_vsr.models.attention import (
-    adaptive_window_size,
-    check_attention_mode,
-    partition_axis,
-    temporal_block_ids,
-    window_lengths,
-)
+from cascade_vsr.models.attention import adaptive_window_size
+from cascade_vsr.models.attention_spec import AttentionSpec, layer_attention_specs
+from cascade_vsr.models.token_layout import partition_axis, sparse_unit_layout, window_lengths
 
 
 def _matmul(m: int, k: int, n: int) -> int:
@@ -42,32 +39,24 @@ def _window_pairs(grid: Sequence[int], window: Sequence[int], shift: bool) -> in
     )
 
 
-def attention_pairs(grid: Sequence[int], mode: str, shift: bool, config: Mapping[str, Any]) -> tuple[int, int]:
-    """(query-key pairs computed by one head's self-attention, unit-score pairs of the top-k selection).
-
-    Exact windows, padded sparse units (see the module docstring).
-    """
+def attention_pairs(grid: Sequence[int], spec: AttentionSpec) -> tuple[int, int]:
+    """(query-key pairs computed by one head's self-attention, unit-score pairs of the top-k selection) of a layer
+    of `spec` on a (T, H, W) token grid. Exact windows, padded sparse units (see the module docstring)."""
+    grid = tuple(grid)
     frames, height, width = grid
     num_tokens = frames * height * width
-    temporal_unit = config.get("temporal_unit")
-    if mode == "full":
-        if temporal_unit is None or temporal_unit >= frames:
+    if spec.mode == "full":
+        if spec.temporal_unit is None or spec.temporal_unit >= frames:
             return num_tokens * num_tokens, 0
-        return _window_pairs(grid, (temporal_unit, height, width), shift), 0
-    if mode == "window":
-        window = config.get("window_size")
+        return _window_pairs(grid, (spec.temporal_unit, height, width), spec.shift), 0
+    if spec.mode == "window":
+        window = spec.window
         if window is None:
-            window = adaptive_window_size(tuple(grid), tuple(config.get("window_reference", (45, 80))))
-        return _window_pairs(grid, window, shift), 0
-    wh, ww = config.get("sparse_window", (12, 9))
-    (wh, _, nh), (ww, _, nw) = partition_axis(height, wh), partition_axis(width, ww)
-    units_per_frame = nh * nw
-    units = frames * units_per_frame
-    block_frames = temporal_block_ids(frames, temporal_unit, shift).bincount()
-    most_candidates = int(block_frames.max()) * units_per_frame - 1
-    selected = 1 + min(config.get("sparse_topk", 1), most_candidates)
-    tile = wh * ww
-    return units * tile * selected * tile, (units * units if selected > 1 else 0)
+            window = adaptive_window_size(grid, spec.window_reference, spec.num_windows, spec.max_frames)
+        return _window_pairs(grid, window, spec.shift), 0
+    layout = sparse_unit_layout(grid, spec.window, spec.topk, spec.temporal_unit, spec.shift)
+    tile, units = layout.unit_tokens, layout.num_units
+    return units * tile * layout.slots * tile, (units * units if layout.slots > 1 else 0)
 
 
 def transformer_flops(
@@ -90,12 +79,16 @@ def transformer_flops(
     if channels != config["latent_channels"]:
         raise ValueError(f"`latent_shape` must have {config['latent_channels']} channels, got {channels}")
     layers = config["num_layers"]
-    modes = attention_mode if attention_mode is not None else config.get("attention_mode", "full")
-    modes = [modes] * layers if isinstance(modes, str) else list(modes)
-    if len(modes) != layers:
-        raise ValueError(f"`attention_mode` must be a string or a list of {layers} strings, got {len(modes)}")
-    for i, mode in enumerate(modes):
-        check_attention_mode(mode, f"attention_mode[{i}]")
+    window_size = config.get("window_size")
+    specs = layer_attention_specs(
+        attention_mode if attention_mode is not None else config.get("attention_mode", "full"),
+        layers,
+        temporal_unit=config.get("temporal_unit"),
+        sparse_window=tuple(config.get("sparse_window", (12, 9))),
+        sparse_topk=config.get("sparse_topk", 1),
+        window_size=None if window_size is None else tuple(window_size),
+        window_reference=tuple(config.get("window_reference", (45, 80))),
+    )
 
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     dim, ffn, text_dim = heads * head_dim, config["ffn_dim"], config["text_dim"]
@@ -122,8 +115,8 @@ def transformer_flops(
     cross_attention = layers * 4 * batch * heads * math.prod(grid) * text_len * head_dim
 
     self_attention = topk_scoring = 0
-    for i, mode in enumerate(modes):
-        pairs, unit_pairs = attention_pairs(grid, mode, bool(i % 2), config)
+    for spec in specs:
+        pairs, unit_pairs = attention_pairs(grid, spec)
         self_attention += 4 * batch * heads * pairs * head_dim
         topk_scoring += 2 * batch * heads * unit_pairs * head_dim
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,71 +25,17 @@ from cascade_vsr.core.flow import (
     timestep_to_sigma,
 )
 from cascade_vsr.core.validation import check_latents, check_per_sample
-from cascade_vsr.models.attention import (
-    ATTENTION_BACKENDS,
-    check_attention_mode,
+from cascade_vsr.models.attention import self_attention
+from cascade_vsr.models.attention_spec import (
+    DEFAULT_BACKEND,
+    AttentionSpec,
     check_temporal_unit,
     check_topk,
     check_window,
-    self_attention,
+    diffusers_backends,
+    layer_attention_specs,
 )
-
-# ---------------------------------------------------------------------------------------------------------------
-# 3D rotary position embedding
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
-    """Split an (even) head dim between the t, h and w axes: h and w get 1/3 each, t the rest."""
-    if head_dim % 2 or head_dim < 6:
-        raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {head_dim}")
-    spatial = 2 * (head_dim // 6)
-    return head_dim - 2 * spatial, spatial, spatial
-
-
-def rope_cos_sin(
-    grid: Sequence[int],
-    head_dim: int,
-    theta: float = 10000.0,
-    frame_offset: float = 0.0,
-    device: torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the 3D RoPE angles for a (T, H, W) token grid, each of shape (T*H*W, head_dim).
-
-    Channel pairs (2i, 2i+1) rotate together. Positions are token indices, so attention scores depend
-    only on relative offsets: any T, H, W works without retraining, and `frame_offset` (streaming) is free.
-    Angles are computed in float64 so that large offsets keep their precision.
-    """
-    num_frames, height, width = grid
-    positions = (
-        torch.arange(num_frames, device=device, dtype=torch.float64) + frame_offset,
-        torch.arange(height, device=device, dtype=torch.float64),
-        torch.arange(width, device=device, dtype=torch.float64),
-    )
-    angles = []
-    for pos, dim in zip(positions, rope_axis_dims(head_dim)):
-        inv_freq = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
-        angles.append(torch.outer(pos, inv_freq).repeat_interleave(2, dim=-1))
-    t_angles, h_angles, w_angles = angles
-    angles = torch.cat(
-        [
-            t_angles[:, None, None, :].expand(num_frames, height, width, -1),
-            h_angles[None, :, None, :].expand(num_frames, height, width, -1),
-            w_angles[None, None, :, :].expand(num_frames, height, width, -1),
-        ],
-        dim=-1,
-    )
-    angles = rearrange(angles, "t h w d -> (t h w) d")
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of x (B, heads, N, D) by the angles whose cos/sin are (N, D)."""
-    x_float = x.float()
-    pairs = rearrange(x_float, "... (d two) -> ... d two", two=2)
-    rotated = rearrange(torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1), "... d two -> ... (d two)")
-    return (x_float * cos + rotated * sin).type_as(x)
-
+from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, check_frame_offset, rope_axis_dims
 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention
@@ -98,10 +43,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CascadeVSRAttnProcessor:
-    """Projections, q/k RMSNorm and RoPE; self-attention goes through `self_attention` (per-layer mode).
+    """Projections, q/k RMSNorm and RoPE around the attention itself.
 
-    Full attention and text cross-attention go through diffusers' `dispatch_attention_fn`, so
-    `model.set_attention_backend(...)` (flash, sage, ...) applies to them.
+    Self-attention runs `self_attention` with the layer's `AttentionSpec` (its mode and backend). Cross-attention to
+    the text runs diffusers' `dispatch_attention_fn` on `_attention_backend` (None: diffusers' default backend).
+    Both are set by `CascadeVSRTransformer3DModel.set_attention_backend`.
     """
 
     _attention_backend = None
@@ -122,29 +68,22 @@ class CascadeVSRAttnProcessor:
         value = rearrange(attn.to_v(context), "b n (h d) -> b n h d", h=attn.heads)
         query, key = attn.norm_q(query), attn.norm_k(key)
 
-        plain_full = attn.attention_mode == "full" and attn.attention_options.get("temporal_unit") is None
-        if encoder_hidden_states is not None or (plain_full and self._attention_backend):
-            # Text cross-attention, or full self-attention on a user-selected diffusers backend.
-            if rotary_emb is not None:
-                query, key = (rearrange(x, "b n h d -> b h n d") for x in (query, key))
-                query, key = apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb)
-                query, key = (rearrange(x, "b h n d -> b n h d") for x in (query, key))
+        if encoder_hidden_states is not None:  # text cross-attention: no positions on either side
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend)
             out = rearrange(out, "b n h d -> b n (h d)")
         else:
+            if attn.spec is None or rotary_emb is None or grid is None:
+                raise ValueError("self-attention needs the layer's `spec`, `rotary_emb` and the token `grid`")
             query, key, value = (rearrange(x, "b n h d -> b h n d") for x in (query, key, value))
             query, key = apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb)
-            out = self_attention(
-                query, key, value, grid, mode=attn.attention_mode, shift=attn.shift, **attn.attention_options
-            )
-            out = rearrange(out, "b h n d -> b n (h d)")
+            out = rearrange(self_attention(query, key, value, grid, attn.spec), "b h n d -> b n (h d)")
         return attn.to_out(out.type_as(hidden_states))
 
 
 class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
     """Multi-head attention with per-head RMSNorm on queries and keys.
 
-    `attention_mode`, `shift` and `attention_options` only select how self-attention is computed; they own
+    `spec` (self-attention layers only; None for cross-attention) selects how self-attention is computed. It owns
     no parameters, so a checkpoint trained with one mode loads and runs with another.
     """
 
@@ -152,16 +91,7 @@ class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
     _available_processors = [CascadeVSRAttnProcessor]
     _supports_qkv_fusion = False
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        head_dim: int,
-        eps: float = 1e-6,
-        attention_mode: str = "full",
-        shift: bool = False,
-        attention_options: dict[str, Any] | None = None,
-    ):
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6, spec: AttentionSpec | None = None):
         super().__init__()
         inner_dim = heads * head_dim
         self.heads = heads
@@ -171,9 +101,7 @@ class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
         self.to_out = nn.Linear(inner_dim, dim)
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
-        self.attention_mode = attention_mode
-        self.shift = shift
-        self.attention_options = dict(attention_options or {})
+        self.spec = spec
         self.set_processor(CascadeVSRAttnProcessor())
 
     def forward(
@@ -202,13 +130,11 @@ class CascadeVSRTransformerBlock(nn.Module):
         num_heads: int,
         head_dim: int,
         eps: float = 1e-6,
-        attention_mode: str = "full",
-        shift: bool = False,
-        attention_options: dict[str, Any] | None = None,
+        spec: AttentionSpec | None = None,
     ):
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.attn1 = CascadeVSRAttention(dim, num_heads, head_dim, eps, attention_mode, shift, attention_options)
+        self.attn1 = CascadeVSRAttention(dim, num_heads, head_dim, eps, AttentionSpec() if spec is None else spec)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.attn2 = CascadeVSRAttention(dim, num_heads, head_dim, eps)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
@@ -251,6 +177,14 @@ class CascadeVSRTransformerBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _on_device(value: torch.Tensor | float, device: torch.device) -> torch.Tensor | float:
+    """A Python int or float as a 0-dim tensor filled on `device`, of the dtype `torch.as_tensor` would give it (a
+    copy from the host would synchronise); anything else passes unchanged."""
+    if type(value) in (int, float):
+        return torch.full((), value, device=device)
+    return value
+
+
 class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
     r"""
     Conditional video DiT of SimpleGVR: predicts the flow-matching velocity of the HR latent from the noisy HR
@@ -268,8 +202,9 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         patch_size (`tuple[int, int, int]`): (t, h, w) patch; sizes it does not divide are padded and cropped.
         attention_mode (`str` or `list[str]`): Self-attention mode of every layer, or one per layer: `"full"`,
             `"sparse_topk"` (SimpleGVR sparse local attention) or `"window"` (SeedVR2 adaptive 3D windows).
-            Modes own no parameters: a checkpoint loads with any mode (`from_pretrained(path, attention_mode=...)`).
-            Odd layers shift (windows, temporal units).
+            Odd layers shift (windows, temporal units). The model turns the attention fields of its config into one
+            `AttentionSpec` per layer (`attention_specs`); specs own no parameters, so a checkpoint loads with any
+            mode (`from_pretrained(path, attention_mode=...)`). Kernels: `set_attention_backend`.
         freq_dim (`int`): Width of the sinusoidal timestep / noise-level features.
         rope_theta (`float`): Base of the rotary frequencies.
         eps (`float`): Epsilon of the norms.
@@ -332,11 +267,6 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         rope_axis_dims(attention_head_dim)
         if len(patch_size) != 3 or any(p <= 0 for p in patch_size):
             raise ValueError(f"`patch_size` must be a (t, h, w) triple of positive ints, got {patch_size}")
-        modes = [attention_mode] * num_layers if isinstance(attention_mode, str) else list(attention_mode)
-        if len(modes) != num_layers:
-            raise ValueError(f"`attention_mode` must be a string or a list of {num_layers} strings, got {len(modes)}")
-        for i, mode in enumerate(modes):
-            check_attention_mode(mode, f"attention_mode[{i}]")
         check_window(sparse_window, 2, "sparse_window")
         check_topk(sparse_topk, "sparse_topk")
         check_temporal_unit(temporal_unit, "temporal_unit")
@@ -345,6 +275,15 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         check_window(window_reference, 2, "window_reference")
         if condition_residual_std is not None and not condition_residual_std > 0:
             raise ValueError(f"`condition_residual_std` must be None or > 0, got {condition_residual_std!r}")
+        specs = layer_attention_specs(
+            attention_mode,
+            num_layers,
+            temporal_unit=temporal_unit,
+            sparse_window=tuple(sparse_window),
+            sparse_topk=sparse_topk,
+            window_size=window_size,
+            window_reference=tuple(window_reference),
+        )
 
         inner_dim = num_attention_heads * attention_head_dim
 
@@ -362,19 +301,11 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         # 10% prompt dropout of training both use it.
         self.null_text_embedding = nn.Parameter(torch.randn(1, 1, text_dim) * 0.02)
 
+        self.rope = RotaryPositionEmbedding3D(attention_head_dim, rope_theta)
         self.blocks = nn.ModuleList(
             [
-                CascadeVSRTransformerBlock(
-                    inner_dim,
-                    ffn_dim,
-                    num_attention_heads,
-                    attention_head_dim,
-                    eps,
-                    attention_mode=mode,
-                    shift=bool(i % 2),
-                    attention_options=self._attention_options(mode),
-                )
-                for i, mode in enumerate(modes)
+                CascadeVSRTransformerBlock(inner_dim, ffn_dim, num_attention_heads, attention_head_dim, eps, spec)
+                for spec in specs
             ]
         )
 
@@ -386,25 +317,60 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
 
         self.gradient_checkpointing = False
 
-    def _attention_options(self, mode: str) -> dict[str, Any]:
-        """Keyword options of `self_attention` for a layer of `mode`, read from the config."""
-        config = self.config
-        temporal_unit = config.temporal_unit
-        if mode == "full":
-            return {"temporal_unit": temporal_unit}
-        if mode == "sparse_topk":
-            return {"window": tuple(config.sparse_window), "topk": config.sparse_topk, "temporal_unit": temporal_unit}
-        window = None if config.window_size is None else tuple(config.window_size)
-        return {"window": window, "window_reference": tuple(config.window_reference)}
+    @property
+    def attention_specs(self) -> tuple[AttentionSpec, ...]:
+        """The self-attention spec of every layer: mode, shift, options and backend."""
+        return tuple(block.attn1.spec for block in self.blocks)
 
-    def set_local_attention_backend(self, backend: str = "sdpa") -> None:
-        """Run the `sparse_topk` and `window` layers on "sdpa" (default, differentiable everywhere) or "flex"
-        (FlexAttention with a block mask, compiled on CUDA; forward only on CPU)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"`backend` must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    def set_attention_backend(self, backend: str) -> None:
+        """Run the model's attention on `backend`, one name for every layer.
+
+        - `"sdpa"` (the default): torch's `scaled_dot_product_attention` everywhere. The local modes run it over
+          batched tiles (differentiable on every device); the text cross-attention goes to diffusers' default
+          backend (torch's SDPA unless `DIFFUSERS_ATTN_BACKEND` says otherwise).
+        - `"flex"`: FlexAttention everywhere. The local modes build a block mask from their windows or selection
+          (compiled on CUDA; on CPU forward only); plain full and cross-attention use diffusers' "flex" backend.
+        - any other diffusers backend ("native", "flash", "sage", ...; `AttentionBackendName`): plain full
+          self-attention and the text cross-attention only.
+
+        A backend that a layer's mode cannot use raises a ValueError naming the layers, their mode and the
+        backends it accepts; nothing is changed then. Unlike `ModelMixin.set_attention_backend`, diffusers'
+        process-wide default backend is left as it was: every layer here is given its backend explicitly.
+        """
+        name = backend.lower() if isinstance(backend, str) else backend
+        if name not in (DEFAULT_BACKEND, *diffusers_backends()):
+            raise ValueError(
+                f"`backend` must be {DEFAULT_BACKEND!r} or one of diffusers' attention backends "
+                f"{diffusers_backends()}, got {backend!r}"
+            )
+        refused: dict[str, tuple[list[int], tuple[str, ...]]] = {}
+        for index, spec in enumerate(self.attention_specs):
+            if name not in spec.accepted_backends:
+                refused.setdefault(spec.label, ([], spec.accepted_backends))[0].append(index)
+        if refused:
+            details = "; ".join(
+                f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} ({label}, which accepts "
+                f"{', '.join(repr(a) for a in accepted)})"
+                for label, (layers, accepted) in refused.items()
+            )
+            raise ValueError(f"`backend` {name!r} cannot run the self-attention of {details}")
+
+        if name == DEFAULT_BACKEND:
+            super().reset_attention_backend()
+        else:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+            active, _ = _AttentionBackendRegistry.get_active_backend()
+            try:  # checks the backend's requirements and sets the cross-attention processors
+                super().set_attention_backend(name)
+            finally:
+                _AttentionBackendRegistry.set_active_backend(active)
         for block in self.blocks:
-            if block.attn1.attention_mode != "full":
-                block.attn1.attention_options["backend"] = backend
+            block.attn1.spec = block.attn1.spec.with_backend(name)
+
+    def reset_attention_backend(self) -> None:
+        """Back to the default backend, `"sdpa"`."""
+        self.set_attention_backend(DEFAULT_BACKEND)
 
     def null_text_embeds(self, batch_size: int, seq_len: int = 1) -> torch.Tensor:
         """The learned null prompt as (batch_size, seq_len, text_dim) encoder hidden states."""
@@ -417,6 +383,8 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor | None,
         encoder_attention_mask: torch.Tensor | None,
     ) -> None:
+        """Shapes and types of the inputs. Only host (CPU) tensors have their values checked (the text mask's rows):
+        on an accelerator that check would read device memory and synchronise every forward pass."""
         channels = self.config.latent_channels
         check_latents(hidden_states, "hidden_states", channels=channels)
         check_latents(condition, "condition", channels=channels)
@@ -455,7 +423,10 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
                     f"`encoder_attention_mask` must have shape {expected} (B, L of encoder_hidden_states), "
                     f"got {tuple(encoder_attention_mask.shape)}"
                 )
-            if not encoder_attention_mask.bool().any(dim=1).all():
+            # Reading the values of a device tensor would synchronise every forward pass: host tensors only.
+            if encoder_attention_mask.device.type == "cpu" and not bool(
+                encoder_attention_mask.bool().any(dim=1).all()
+            ):
                 raise ValueError("`encoder_attention_mask` must keep at least one text token in every row")
 
     def forward(
@@ -478,18 +449,25 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
             noise_aug_level (`torch.Tensor` of shape `(B,)` or `(1,)`): Noise level s of the condition, in [0, 1].
             encoder_hidden_states (`torch.Tensor` of shape `(B, L, text_dim)`, *optional*): Text embeddings of
                 the upstream text encoder; `None` uses the learned null embedding.
-            encoder_attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real text tokens.
+            encoder_attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real text tokens; every
+                row keeps at least one (checked for CPU tensors only, see `_check_inputs`).
             frame_offset (`float`): Added to every frame position of the RoPE (streaming inference).
-            attention_kwargs (`dict`, *optional*): Reserved for LoRA scale and attention options.
+            attention_kwargs (`dict`, *optional*): Part of diffusers' calling convention; this model takes no
+                per-call attention options (backends: `set_attention_backend`), so it must be None or empty.
             return_dict (`bool`): Return a `Transformer2DModelOutput` instead of a tuple.
 
         Returns:
             The predicted velocity `eps - z_0`, with the shape of `hidden_states`.
         """
         self._check_inputs(hidden_states, condition, encoder_hidden_states, encoder_attention_mask)
+        check_frame_offset(frame_offset)
+        if attention_kwargs:
+            raise ValueError(f"`attention_kwargs` must be None or empty, got {sorted(attention_kwargs)}")
         batch_size, _, num_frames, height, width = hidden_states.shape
-        timestep = check_per_sample(timestep, "timestep", batch_size).to(hidden_states.device)
-        noise_aug_level = check_per_sample(noise_aug_level, "noise_aug_level", batch_size).to(hidden_states.device)
+        device = hidden_states.device
+        timestep = check_per_sample(_on_device(timestep, device), "timestep", batch_size).to(device)
+        level = _on_device(noise_aug_level, device)
+        noise_aug_level = check_per_sample(level, "noise_aug_level", batch_size).to(device)
 
         # 1. Patchify, padding sizes that the patch does not divide.
         p_t, p_h, p_w = self.config.patch_size
@@ -504,9 +482,7 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = tuple(x.shape[2:])
         x = rearrange(x, "b d t h w -> b (t h w) d")
-        rotary_emb = rope_cos_sin(
-            grid, self.config.attention_head_dim, self.config.rope_theta, frame_offset, device=x.device
-        )
+        rotary_emb = self.rope(grid, frame_offset, device=x.device)
 
         # 2. Conditioning: timestep + noise-level embedding -> shared AdaLN-zero modulation; text projection.
         time_features = self.time_proj(timestep.float())

@@ -21,9 +21,9 @@ def resize_frames(
 
     Any target size works, including non-integer factors (64x112 -> 135x240). With `space_to_depth_factor`
     f > 1 the latents are pixel-unshuffled video (channels = C/f² colours x f² pixel phases): interpolating
-    them channel by channel would blend the same phase of neighbouring f x f blocks, which is not a resize of
-    the picture (22.4 dB vs 31.2 dB for bicubic on bigbuckbunny at 2x). The resize then happens on the pixel
-    grid: shuffle to pixels, interpolate to `size` x f, unshuffle.
+    them channel by channel would blend the same phase of neighbouring f x f blocks, samples f pixels apart,
+    which is not a resize of the picture. The resize then happens on the pixel grid: shuffle to pixels,
+    interpolate to `size` x f, unshuffle.
     """
     batch = latents.shape[0]
     frames = rearrange(latents, "b c t h w -> (b t) c h w")

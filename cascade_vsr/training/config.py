@@ -191,7 +191,7 @@ UPSAMPLER_TRAINING = ("joint", "frozen", "resize")
 
 def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     """Cheap checks with messages that name the field; the models and the dataset check the rest."""
-    from cascade_vsr.models.attention import check_attention_mode
+    from cascade_vsr.models.attention_spec import check_attention_mode
     from cascade_vsr.models.upsampler import RESIZE_MODES
 
     check_attention_mode(model.attention_mode, "attention_mode")

@@ -1,0 +1,108 @@
+"""3D rotary position embedding (RoPE) over a (T, H, W) token grid."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Split an (even) head dim between the t, h and w axes: h and w get 1/3 each, t the rest."""
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {head_dim}")
+    spatial = 2 * (head_dim // 6)
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+def check_frame_offset(frame_offset: float) -> float:
+    """A finite real number of latent frames (a Python or NumPy number: a tensor would be read on the host)."""
+    if not isinstance(frame_offset, numbers.Real) or isinstance(frame_offset, bool) or not math.isfinite(frame_offset):
+        raise ValueError(f"`frame_offset` must be a finite real number (latent frames), got {frame_offset!r}")
+    return float(frame_offset)
+
+
+def _axis_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (float32, (len(positions), dim)) of one axis' angles position * theta^(-2i / dim), computed in
+    float64; channel pairs (2i, 2i+1) share an angle."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
+    angles = torch.outer(positions, inv_freq).repeat_interleave(2, dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rope_cos_sin(
+    grid: Sequence[int],
+    head_dim: int,
+    theta: float = 10000.0,
+    frame_offset: float = 0.0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the 3D RoPE angles for a (T, H, W) token grid, each of shape (T*H*W, head_dim).
+
+    The head dim is split between the t, h and w axes (`rope_axis_dims`); channel pairs (2i, 2i+1) rotate
+    together. Positions are token indices, so attention scores depend only on relative offsets: any T, H, W works
+    without retraining, and `frame_offset` (streaming) is free. Every angle depends on one axis' position only, so
+    the float64 angles and their cos / sin are computed per axis (T + H + W rows, with large offsets keeping their
+    precision) and the float32 tables are assembled per token.
+    """
+    num_frames, height, width = grid
+    positions = (
+        torch.arange(num_frames, device=device, dtype=torch.float64) + frame_offset,
+        torch.arange(height, device=device, dtype=torch.float64),
+        torch.arange(width, device=device, dtype=torch.float64),
+    )
+    (t_cos, t_sin), (h_cos, h_sin), (w_cos, w_sin) = (
+        _axis_cos_sin(pos, dim, theta) for pos, dim in zip(positions, rope_axis_dims(head_dim))
+    )
+
+    def assemble(t_table: torch.Tensor, h_table: torch.Tensor, w_table: torch.Tensor) -> torch.Tensor:
+        table = torch.cat(
+            [
+                t_table[:, None, None, :].expand(num_frames, height, width, -1),
+                h_table[None, :, None, :].expand(num_frames, height, width, -1),
+                w_table[None, None, :, :].expand(num_frames, height, width, -1),
+            ],
+            dim=-1,
+        )
+        return rearrange(table, "t h w d -> (t h w) d")
+
+    return assemble(t_cos, h_cos, w_cos), assemble(t_sin, h_sin, w_sin)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of x (B, heads, N, D) by the angles whose cos/sin are (N, D)."""
+    x_float = x.float()
+    pairs = rearrange(x_float, "... (d two) -> ... d two", two=2)
+    rotated = rearrange(torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1), "... d two -> ... (d two)")
+    return (x_float * cos + rotated * sin).type_as(x)
+
+
+class RotaryPositionEmbedding3D(nn.Module):
+    """The (cos, sin) tables of `rope_cos_sin`, kept for the last grid, frame offset and device.
+
+    The tables depend on the token grid only, so the steps of a sampler at one size pay for them once. They are
+    no parameters or buffers: the state dict has none of them, and a grid, offset or device of another call builds
+    new ones. Tables built under `torch.inference_mode()` are inference tensors, which autograd may not save, so
+    the inference-mode flag is part of the key.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        rope_axis_dims(head_dim)
+        self.head_dim = head_dim
+        self.theta = theta
+        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def forward(
+        self, grid: Sequence[int], frame_offset: float = 0.0, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        frame_offset = check_frame_offset(frame_offset)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (tuple(grid), frame_offset, device, torch.is_inference_mode_enabled())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, rope_cos_sin(grid, self.head_dim, self.theta, frame_offset, device))
+        return self._cache[1]
