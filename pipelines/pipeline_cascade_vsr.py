@@ -40,13 +40,14 @@ from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D, resize_frames
 from cascade_vsr.pipelines.adapters import LatentAdapter, get_adapter
-from cascade_vsr.pipelines.sampling import check_sampling, resolve_sampling
+from cascade_vsr.pipelines.sampling import check_sampling, resolve_sampling, set_schedule
 from cascade_vsr.pipelines.self_ensemble import (
-    NUM_TRANSFORMS,
+    check_self_ensemble,
     dihedral_transform,
     generator_for_run,
     swaps_height_width,
 )
+from cascade_vsr.pipelines.target_size import check_target_size, resolve_target_size
 
 OUTPUT_TYPES = ("latent", "np", "pt", "pil")
 
@@ -72,11 +73,6 @@ class CascadeVSRPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
 
 
-def inverse_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """Sigmas that the scheduler's static `shift * s / (1 + (shift - 1) * s)` maps back onto `sigmas`."""
-    return sigmas / (shift - (shift - 1) * sigmas)
-
-
 def _pad_sequence(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad (B, L, D) text embeddings and their (B, L) mask with masked zeros to `length` tokens."""
     extra = length - embeds.shape[1]
@@ -88,80 +84,6 @@ def _repeat_to_batch(values: torch.Tensor, batch: int) -> torch.Tensor:
     if values.shape[0] == 1:
         return values.expand(batch, *values.shape[1:])
     return values.repeat_interleave(batch // values.shape[0], dim=0)
-
-
-def check_self_ensemble(self_ensemble: int, video: Any, output_type: str, latents: torch.Tensor | None) -> None:
-    """The self-ensemble transforms pixels and averages decoded frames, each run with its own noise."""
-    if (
-        isinstance(self_ensemble, bool)
-        or not isinstance(self_ensemble, int)
-        or not 1 <= self_ensemble <= NUM_TRANSFORMS
-    ):
-        raise ValueError(
-            f"`self_ensemble` must be an int in [1, {NUM_TRANSFORMS}] (runs on the first N flips / transposes), "
-            f"got {self_ensemble!r}"
-        )
-    if self_ensemble == 1:
-        return
-    if video is None:
-        raise ValueError(
-            f"`self_ensemble={self_ensemble}` flips and transposes pixels: pass `video`, not `lr_latents` (latent "
-            "channels do not flip with the picture)"
-        )
-    if output_type == "latent":
-        raise ValueError(
-            f"`self_ensemble={self_ensemble}` averages decoded frames: use output_type 'np', 'pt' or 'pil', not 'latent'"
-        )
-    if latents is not None:
-        raise ValueError(f"`self_ensemble={self_ensemble}` draws every run's own initial noise: do not pass `latents`")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _scale_pair(scale: Any) -> tuple[float, float] | None:
-    """`scale` as an (h, w) pair of numbers, or None when it is neither a number nor a pair of numbers."""
-    if _is_number(scale):
-        return scale, scale
-    if isinstance(scale, tuple | list) and len(scale) == 2 and all(_is_number(s) for s in scale):
-        return scale[0], scale[1]
-    return None
-
-
-def check_target_size(height: Any, width: Any, scale: Any) -> None:
-    """The target size comes as `height` and `width` (ints) or as `scale` (a number >= 1 or an (h, w) pair)."""
-    if scale is not None and (height is not None or width is not None):
-        raise ValueError("pass either `height` and `width` or `scale`, not both")
-    if scale is not None:
-        scales = _scale_pair(scale)
-        if scales is None or any(s < 1 for s in scales):
-            raise ValueError(f"`scale` must be a number >= 1 or a (height, width) pair of them, got {scale!r}")
-    elif height is None or width is None:
-        raise ValueError("pass the target size as `height` and `width` (pixels) or as `scale`")
-    elif not all(isinstance(s, int) and not isinstance(s, bool) for s in (height, width)):
-        raise ValueError(f"`height` and `width` must be ints, got {(height, width)}")
-
-
-def resolve_target_size(
-    input_size: tuple[int, int],
-    height: int | None = None,
-    width: int | None = None,
-    scale: float | tuple[float, float] | None = None,
-) -> tuple[int, int]:
-    """The output size (H, W) in pixels: `height` x `width`, or the input's (H, W) times `scale` per axis,
-    rounded; never smaller than the input."""
-    check_target_size(height, width, scale)
-    if scale is not None:
-        scales = _scale_pair(scale)
-        target = (round(input_size[0] * scales[0]), round(input_size[1] * scales[1]))
-    else:
-        target = (height, width)
-    if target[0] < input_size[0] or target[1] < input_size[1]:
-        raise ValueError(
-            f"the target size (height, width)={target} must not be smaller than the input {tuple(input_size)}"
-        )
-    return target
 
 
 class CascadeVSRPipeline(DiffusionPipeline):
@@ -270,7 +192,9 @@ class CascadeVSRPipeline(DiffusionPipeline):
             self.vae.disable_tiling()
 
     def set_attention_backend(self, backend: str) -> None:
-        """Select a diffusers attention backend ("native", "flash", "sage", ...) for the transformer."""
+        """Select the transformer's attention kernels: "sdpa" (default), "flex" (FlexAttention for the local
+        modes), or a diffusers backend ("native", "flash", "sage", ...) for full and text cross-attention; a
+        backend a layer's mode cannot use is an error naming the layer (`CascadeVSRTransformer3DModel`)."""
         self.transformer.set_attention_backend(backend)
 
     @property
@@ -576,25 +500,6 @@ class CascadeVSRPipeline(DiffusionPipeline):
         scheduler's dynamic time shift."""
         return math.prod(latent_grid) // math.prod(self.transformer.config.patch_size)
 
-    def _set_sigmas(self, sigmas: list[float] | None, num_inference_steps: int, seq_len: int, device) -> None:
-        """Default schedule linspace(1, 1/N, N) through the scheduler's shift; user `sigmas` exactly as given
-        (set_timesteps(sigmas=...) would shift them: pre-apply the inverse shift, or mu for identity)."""
-        config = self.scheduler.config
-        if sigmas is None:
-            values, mu = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps), None
-            if config.use_dynamic_shifting:
-                base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-                base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-                slope = (max_shift - base_shift) / (max_len - base_len)
-                mu = seq_len * slope + base_shift - slope * base_len
-        else:
-            values = np.asarray(sigmas, dtype=np.float64)
-            if config.use_dynamic_shifting:
-                mu = 0.0 if config.time_shift_type == "exponential" else 1.0  # identity time shift
-            else:
-                values, mu = inverse_shift(values, config.shift), None
-        self.scheduler.set_timesteps(sigmas=values.tolist(), device=device, mu=mu)
-
     def prepare_latents(
         self,
         upsampled: torch.Tensor,
@@ -859,8 +764,12 @@ class CascadeVSRPipeline(DiffusionPipeline):
             upsampled, condition = self.prepare_condition(lr, latent_size, noise_aug_strength, run_generator)
 
             # 5c. Timesteps, and the initial latents at the first one.
-            self._set_sigmas(
-                sigmas, num_inference_steps, self.sequence_length((num_latent_frames, *latent_size)), device
+            set_schedule(
+                self.scheduler,
+                sigmas,
+                num_inference_steps,
+                self.sequence_length((num_latent_frames, *latent_size)),
+                device,
             )
             timesteps = self.scheduler.timesteps
             self._num_timesteps = len(timesteps)

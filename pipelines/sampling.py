@@ -2,12 +2,16 @@
 trained to (the demo model: 2 steps, a clean condition, one noise image for all frames, an 8-run self-ensemble).
 
 They are stored in the pipeline's config (`model_index.json`, key `sampling`); a call's explicit arguments win, then
-the model's settings, then the library defaults below.
+the model's settings, then the library defaults below. `set_schedule` turns the steps or sigmas into the
+scheduler's timesteps.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
+import torch
 
 SAMPLING_DEFAULTS: dict[str, Any] = {
     "num_inference_steps": 50,
@@ -70,3 +74,29 @@ def resolve_sampling(
         resolved["sigmas"] = [float(s) for s in resolved["sigmas"]]
         resolved["num_inference_steps"] = len(resolved["sigmas"])
     return resolved
+
+
+def inverse_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Sigmas that the scheduler's static `shift * s / (1 + (shift - 1) * s)` maps back onto `sigmas`."""
+    return sigmas / (shift - (shift - 1) * sigmas)
+
+
+def set_schedule(scheduler, sigmas: list[float] | None, num_inference_steps: int, seq_len: int, device) -> None:
+    """Set `scheduler`'s timesteps: the default linspace(1, 1/N, N) through its shift (or dynamic shift for `seq_len`
+    tokens), or the user's `sigmas` exactly as given: `set_timesteps(sigmas=...)` would shift them, so the inverse
+    shift is applied first (or mu chosen for the identity)."""
+    config = scheduler.config
+    if sigmas is None:
+        values, mu = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps), None
+        if config.use_dynamic_shifting:
+            base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+            slope = (max_shift - base_shift) / (max_len - base_len)
+            mu = seq_len * slope + base_shift - slope * base_len
+    else:
+        values = np.asarray(sigmas, dtype=np.float64)
+        if config.use_dynamic_shifting:
+            mu = 0.0 if config.time_shift_type == "exponential" else 1.0  # identity time shift
+        else:
+            values, mu = inverse_shift(values, config.shift), None
+    scheduler.set_timesteps(sigmas=values.tolist(), device=device, mu=mu)

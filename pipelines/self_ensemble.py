@@ -8,6 +8,8 @@ transformed back, their mean is better than any one run. The 8 transforms are th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 NUM_TRANSFORMS = 8
@@ -54,3 +56,29 @@ def generator_for_run(
     if isinstance(generator, list):
         return [generator_for_run(g, run) for g in generator]
     return torch.Generator(device=generator.device).manual_seed(generator.initial_seed() + run)
+
+
+def check_self_ensemble(self_ensemble: int, video: Any, output_type: str, latents: torch.Tensor | None) -> None:
+    """The self-ensemble transforms pixels and averages decoded frames, each run with its own noise."""
+    if (
+        isinstance(self_ensemble, bool)
+        or not isinstance(self_ensemble, int)
+        or not 1 <= self_ensemble <= NUM_TRANSFORMS
+    ):
+        raise ValueError(
+            f"`self_ensemble` must be an int in [1, {NUM_TRANSFORMS}] (runs on the first N flips / transposes), "
+            f"got {self_ensemble!r}"
+        )
+    if self_ensemble == 1:
+        return
+    if video is None:
+        raise ValueError(
+            f"`self_ensemble={self_ensemble}` flips and transposes pixels: pass `video`, not `lr_latents` (latent "
+            "channels do not flip with the picture)"
+        )
+    if output_type == "latent":
+        raise ValueError(
+            f"`self_ensemble={self_ensemble}` averages decoded frames: use output_type 'np', 'pt' or 'pil', not 'latent'"
+        )
+    if latents is not None:
+        raise ValueError(f"`self_ensemble={self_ensemble}` draws every run's own initial noise: do not pass `latents`")

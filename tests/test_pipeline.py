@@ -13,7 +13,8 @@ from cascade_vsr import CascadeVSRPipeline, CascadeVSRPipelineOutput, CascadeVSR
 from cascade_vsr import testing as tu
 from cascade_vsr.core.color import adain_color_fix, wavelet_color_fix
 from cascade_vsr.pipelines.adapters import get_adapter
-from cascade_vsr.pipelines.pipeline_cascade_vsr import inverse_shift, resolve_target_size
+from cascade_vsr.pipelines.sampling import inverse_shift
+from cascade_vsr.pipelines.target_size import resolve_target_size
 from tests.conftest import randomize_
 
 LR_SIZE = (16, 32)  # pixels of the upstream call: 2 x 4 latents for the (4, 8, 8) VAEs
