@@ -7,6 +7,8 @@ until a name is used). The code lies in floors, each importing only the floors b
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_exports
@@ -19,7 +21,16 @@ __all__ = [
     "CascadeVSRTransformer3DModel",
     "LatentUpsampler3D",
     "SpaceToDepthAutoencoder",
+    "demo_model_path",
 ]
+
+
+def demo_model_path() -> Path:
+    """The folder of the demo model, which ships with the package (the package data of `cascade_vsr.demo_model`):
+    `CascadeVSRPipeline.from_pretrained(demo_model_path())` is a working pixel-space stage with its own settings."""
+    spec = importlib.util.find_spec("cascade_vsr.demo_model")
+    return Path(next(iter(spec.submodule_search_locations)))
+
 
 __getattr__, __dir__ = lazy_exports(
     __name__,

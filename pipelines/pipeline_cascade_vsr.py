@@ -86,6 +86,29 @@ def _repeat_to_batch(values: torch.Tensor, batch: int) -> torch.Tensor:
     return values.repeat_interleave(batch // values.shape[0], dim=0)
 
 
+def unit_range_frames(video: Any) -> Any:
+    """Pixel frames on the [0, 1] scale `VideoProcessor` expects: uint8 arrays and tensors are divided by 255
+    (explicitly, here), float ones must already lie in [0, 1] (values on [0, 255] would saturate); PIL images and
+    lists of them pass unchanged."""
+    if isinstance(video, list | tuple):
+        return [unit_range_frames(item) for item in video]
+    if isinstance(video, np.ndarray | torch.Tensor):
+        if video.dtype in (np.uint8, torch.uint8):
+            return video.astype(np.float32) / 255 if isinstance(video, np.ndarray) else video.float() / 255
+        floating = (
+            np.issubdtype(video.dtype, np.floating) if isinstance(video, np.ndarray) else video.is_floating_point()
+        )
+        if not floating:
+            raise ValueError(f"`video` must be uint8 or float frames, got dtype {video.dtype}")
+        low, high = float(video.min()), float(video.max())
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"`video` as floats must lie in [0, 1], got values in [{low:.4g}, {high:.4g}] (pass uint8 frames "
+                "on [0, 255] as uint8: they are divided by 255)"
+            )
+    return video
+
+
 class CascadeVSRPipeline(DiffusionPipeline):
     r"""
     Latent video super-resolution stage (SimpleGVR) for diffusers text-to-video pipelines.
@@ -456,8 +479,8 @@ class CascadeVSRPipeline(DiffusionPipeline):
 
     def preprocess_video(self, adapter: LatentAdapter, video: Any) -> torch.Tensor:
         """Pixel frames (anything `VideoProcessor.preprocess_video` reads) -> (B, 3, T, H, W) in [-1, 1], checked:
-        RGB, finite, and a frame count and size that the VAE encodes."""
-        video = self.video_processor.preprocess_video(video)
+        RGB, finite, in range (`unit_range_frames`), and a frame count and size that the VAE encodes."""
+        video = self.video_processor.preprocess_video(unit_range_frames(video))
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"`video` must be RGB frames, got a video of shape {tuple(video.shape)}")
         if not torch.isfinite(video).all():

@@ -398,3 +398,17 @@ def test_chain_after_other_families(family):
         ),
     )
     assert torch.equal(round_trip, latents)
+
+
+def test_uint8_video_is_divided_by_255_and_float_video_outside_unit_range_is_refused():
+    from cascade_vsr.pipelines.pipeline_cascade_vsr import unit_range_frames
+
+    frames = np.random.default_rng(0).integers(0, 256, (2, 8, 12, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(unit_range_frames(frames), frames.astype(np.float32) / 255)
+    tensor = torch.from_numpy(frames)
+    torch.testing.assert_close(unit_range_frames([tensor])[0], tensor.float() / 255, rtol=0, atol=0)
+    for bad in (frames.astype(np.float32), torch.full((1, 2, 3, 8, 8), -0.5)):
+        with pytest.raises(ValueError, match=r"`video` as floats must lie in \[0, 1\]"):
+            unit_range_frames(bad)
+    with pytest.raises(ValueError, match="uint8 or float"):
+        unit_range_frames(np.zeros((2, 8, 8, 3), dtype=np.int32))

@@ -60,3 +60,12 @@ def test_pipeline_on_pixels_video_and_latent_inputs_agree(tmp_path):
     again = reloaded(lr_latents=lr_latents, generator=torch.Generator().manual_seed(0), **kwargs).frames
     # same weights, same noise; only the float32 summation order may differ (weights loaded into other memory)
     torch.testing.assert_close(again, from_latents)
+
+
+def test_uint8_video_equals_the_same_frames_as_floats():
+    pipe = _pipe()
+    frames = torch.randint(0, 256, (1, 4, 3, 16, 24), dtype=torch.uint8)
+    kwargs = dict(scale=2.0, num_inference_steps=1, output_type="pt")
+    as_uint8 = pipe(video=frames, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    as_float = pipe(video=frames.float() / 255, generator=torch.Generator().manual_seed(0), **kwargs).frames
+    torch.testing.assert_close(as_uint8, as_float, rtol=0, atol=0)

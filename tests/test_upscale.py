@@ -14,9 +14,8 @@ import pytest
 import torch
 from einops import rearrange
 
-from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D
+from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D, demo_model_path
 from cascade_vsr.cli import main
-from cascade_vsr.commands.demo import demo_model_path
 from cascade_vsr.core.metrics import psnr
 from cascade_vsr.core.streams import VideoSink
 from cascade_vsr.core.video import read_frames, read_video, resize_frames, sample_video_path

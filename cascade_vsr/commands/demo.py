@@ -14,8 +14,9 @@ and writes to --output-dir:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
+
+from cascade_vsr import demo_model_path
 
 HELP = "Super-resolve held-out real clips with the demo model and bicubic; write videos, crops and metrics."
 
@@ -26,12 +27,6 @@ LABELS = {"bicubic": "bicubic", "cascade_vsr": "cascade-vsr", "ground_truth": "g
 SCALE = 2  # LR = HR downsampled 2x
 MULTIPLE = 8  # HR sizes: the LR must be a multiple of the space-to-depth factor 4
 SELF_ENSEMBLE_SIZES = (1, 2, 4, 6, 8)  # the first N of the 8 flips / transposes (the pipeline's `self_ensemble`)
-
-
-def demo_model_path() -> Path:
-    """The demo model's folder, which ships with the package (the package data of `cascade_vsr.demo_model`)."""
-    spec = importlib.util.find_spec("cascade_vsr.demo_model")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cascade_vsr.commands.demo import demo_model_path
+    from cascade_vsr import demo_model_path
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders of frames or globs of frames")
     parser.add_argument("--output", "-o", type=Path, required=True, help="video file or folder (a folder for several)")
