@@ -257,23 +257,6 @@ def super_resolve(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def format_table(clips: dict) -> str:
-    rows = [f"{'clip':<14}{'method':<14}{'PSNR (dB)':>10}{'SSIM':>8}{'warp err':>10}{'rel. warp':>11}"]
-    for name, clip in clips.items():
-        for method in (*METHODS, "ground_truth"):
-            m = clip["metrics"][method]
-            psnr = f"{m['psnr']:10.2f}{m['ssim']:8.4f}" if "psnr" in m else f"{'':>10}{'':>8}"
-            rows.append(
-                f"{name:<14}{LABELS[method]:<14}{psnr}{m['warping_error']:10.3f}{m['relative_warping_error']:11.3f}"
-            )
-    return "\n".join(rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Pictures: side-by-side video, zoomed crops
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -352,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     import cv2
     import torch
 
-    from cascade_vsr.core.metrics import clip_metrics
+    from cascade_vsr.core.metrics import clip_metrics, metrics_table
     from cascade_vsr.core.video import write_video
 
     check_args(args)
@@ -427,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     partial = args.output_dir / "metrics.partial.json"
     partial.write_text(json.dumps(summary, indent=2) + "\n")
     partial.replace(args.output_dir / "metrics.json")
-    print(format_table(clips))
+    print(metrics_table({name: clip["metrics"] for name, clip in clips.items()}, labels=LABELS))
     print(
         f"wrote {args.output_dir}/ ({', '.join(f'{n}.mp4' for n in clips)}, crops.png, metrics.json) in "
         f"{summary['wall_time_seconds']:.1f} s"
