@@ -152,6 +152,7 @@ def test_wheel_installs_one_top_level_name(tmp_path):
         "cascade_vsr/degradations/make_pairs.py",
         "cascade_vsr/demo_model/model_index.json",
         "cascade_vsr/demo_model/transformer/diffusion_pytorch_model.safetensors",
+        "cascade_vsr/demo_model/vae/config.json",
     ):
         assert expected in names, expected
     assert not any("testing_utils" in name or name.startswith("tests/") for name in names)

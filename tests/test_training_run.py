@@ -293,3 +293,19 @@ def test_cli_train_bf16_checkpointing_accumulation(pairs, tmp_path, request):
     assert model_index["upsampler"] == ["cascade_vsr.models.upsampler", "LatentUpsampler3D"]
     assert model_index["transformer"] == ["cascade_vsr.models.transformer", "CascadeVSRTransformer3DModel"]
     assert (tmp_path / "out/export/scheduler/scheduler_config.json").is_file()
+
+
+def test_train_config_sampling_is_what_the_export_recommends():
+    from cascade_vsr.training.config import TrainConfig
+
+    config = TrainConfig(
+        noise_aug_min=0.1, noise_aug_max=0.3, sampling_num_inference_steps=4, sampling_self_ensemble=2
+    )
+    assert config.sampling() == {
+        "num_inference_steps": 4,
+        "noise_aug_strength": pytest.approx(0.2),  # the middle of the training range when not given
+        "noise_frame_correlation": 0.0,
+        "guidance_scale": 1.0,
+        "self_ensemble": 2,
+    }
+    assert TrainConfig(sampling_noise_aug_strength=0.0).sampling()["noise_aug_strength"] == 0.0

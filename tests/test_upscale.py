@@ -215,3 +215,40 @@ def test_tiled_output_is_close_to_untiled_with_the_demo_model(tmp_path):
     assert float(psnr(tiled, whole).mean()) > 35  # tiles see less context: close to, not equal to, the whole frame
     quality = [float(psnr(output, ground_truth).mean()) for output in (whole, tiled)]
     assert abs(quality[0] - quality[1]) < 0.5, quality
+
+
+def test_the_stage_folder_carries_its_sampling_settings(stage):
+    pipe = CascadeVSRPipeline.from_pretrained(stage, local_files_only=True)
+    assert pipe.sampling_settings() == {**SAMPLING, "sigmas": None, "guidance_scale": 1.0}
+    # explicit arguments win; the model's self-ensemble applies to pixel input and output only
+    assert pipe.sampling_settings(num_inference_steps=4)["num_inference_steps"] == 4
+    assert pipe.sampling_settings(pixels_in_and_out=False)["self_ensemble"] == 1
+
+
+def test_reference_prints_the_evaluate_table(tmp_path, stage, lr_frames, capsys):
+    ground_truth = resize_frames(lr_frames[:3], (64, 80), mode="bicubic")
+    with VideoSink(tmp_path / "lr") as sink:
+        sink.write(lr_frames[:3])
+    with VideoSink(tmp_path / "gt") as sink:
+        sink.write(ground_truth)
+    assert (
+        main(
+            [
+                "upscale",
+                str(tmp_path / "lr"),
+                "-o",
+                str(tmp_path / "sr"),
+                "--scale",
+                "2",
+                "--model",
+                str(stage),
+                "--reference",
+                str(tmp_path / "gt"),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    sr = read_frames(tmp_path / "sr")
+    expected = float(psnr(sr, ground_truth).mean())
+    assert "cascade-vsr" in printed and "bicubic" in printed and f"{expected:10.2f}" in printed
