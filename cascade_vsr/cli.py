@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command -> module implementing it
@@ -35,9 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command; errors propagate as exceptions (for tests and scripts that call it)."""
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 
 
+# Errors that mean "the input was wrong": our own argument checks raise ValueError, missing files raise
+# FileNotFoundError. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The `cascade-vsr` command: a user error prints one line `cascade-vsr COMMAND: error: ...` and exits 2, as
+    argparse does; `--debug` (or CASCADE_VSR_DEBUG=1) shows its traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CASCADE_VSR_DEBUG", "") not in ("", "0")
+    argv = [word for word in argv if word != "--debug"]
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        command = next((word for word in argv if word in COMMANDS), None)
+        prefix = f"cascade-vsr {command}" if command else "cascade-vsr"
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -152,7 +152,7 @@ def load_stage(model: Path, device: str, dtype: str):
 
     from cascade_vsr import CascadeVSRPipeline
 
-    pipe = CascadeVSRPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), local_files_only=True)
+    pipe = CascadeVSRPipeline.from_pretrained(model, dtype=getattr(torch, dtype), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
