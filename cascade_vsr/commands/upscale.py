@@ -99,7 +99,7 @@ def check_device(device: str | None) -> None:
 
 
 def output_paths(inputs: list[str], output: Path, overwrite: bool) -> list[tuple[str, Path]]:
-    """(input, output path) per input; several inputs write `<output>/<input name>.<ext of the first>` or PNG folders."""
+    """(input, output path) per input; several inputs go into the folder `output`, one output per input."""
     from cascade_vsr.core.streams import VideoSource
 
     sources = [VideoSource(item) for item in inputs]  # ValueError naming an unreadable input
@@ -108,7 +108,11 @@ def output_paths(inputs: list[str], output: Path, overwrite: bool) -> list[tuple
     else:
         if output.exists() and not output.is_dir():
             raise ValueError(f"`--output` {str(output)!r} must be a folder for several inputs")
-        pairs = [(item, output / source.name) for item, source in zip(inputs, sources)]
+        # a video keeps its container (a.mp4 -> OUT/a.mp4), frames give a PNG folder (frames/ -> OUT/frames)
+        pairs = [
+            (item, output / (source.name + (source.source.suffix if not source.files else "")))
+            for item, source in zip(inputs, sources)
+        ]
         names = [path.name for _, path in pairs]
         if len(set(names)) != len(names):
             raise ValueError(
