@@ -125,41 +125,11 @@ def test_several_inputs_go_to_a_folder(tmp_path, stage, lr_frames):
     for name in ("a", "b"):
         with VideoSink(tmp_path / name) as sink:
             sink.write(lr_frames[:3])
-    assert (
-        main(
-            [
-                "upscale",
-                str(tmp_path / "a"),
-                str(tmp_path / "b"),
-                "-o",
-                str(tmp_path / "out"),
-                "--scale",
-                "2",
-                "--model",
-                str(stage),
-            ]
-        )
-        == 0
-    )
     with VideoSink(tmp_path / "c.mp4", crf=0) as sink:
         sink.write(lr_frames[:3])
-    assert (
-        main(
-            [
-                "upscale",
-                str(tmp_path / "a"),
-                str(tmp_path / "c.mp4"),
-                "-o",
-                str(tmp_path / "out"),
-                "--scale",
-                "2",
-                "--model",
-                str(stage),
-                "--overwrite",
-            ]
-        )
-        == 0
-    )
+    options = ["-o", str(tmp_path / "out"), "--scale", "2", "--model", str(stage)]
+    assert main(["upscale", str(tmp_path / "a"), str(tmp_path / "b"), *options]) == 0
+    assert main(["upscale", str(tmp_path / "a"), str(tmp_path / "c.mp4"), *options, "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c.mp4"]
     with pytest.raises(ValueError, match="several inputs go to a folder"):
         main(["upscale", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "x.mp4"), "--scale", "2"])

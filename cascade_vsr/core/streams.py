@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade_vsr.core.video import check_video, frame_files, video_info
+from cascade_vsr.core.video import check_video, frame_files, read_image_files, video_info
 
 # extension -> (video codec, pixel format); anything else is an error naming the extension
 CONTAINER_CODECS = {
@@ -67,10 +67,8 @@ class VideoSource:
         if size < 1:
             raise ValueError(f"`size` must be a positive number of frames, got {size}")
         if self.files:
-            from cascade_vsr.core.video import read_frames
-
             for start in range(0, len(self.files), size):
-                yield read_frames(self.source, start=start, num_frames=size)
+                yield read_image_files(self.files[start : start + size])
             return
         import av
 

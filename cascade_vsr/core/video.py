@@ -207,7 +207,6 @@ def frame_files(source: str | Path) -> list[Path]:
 def read_frames(source: str | Path, start: int = 0, num_frames: int | None = None) -> np.ndarray:
     """uint8 RGB frames (T, H, W, 3) [start, start + num_frames) of a video file, a folder of PNG / JPEG frames or a
     glob pattern of them (frames in name order, all of one size)."""
-    import cv2
 
     files = frame_files(source)
     if not files:
@@ -221,6 +220,13 @@ def read_frames(source: str | Path, start: int = 0, num_frames: int | None = Non
     files = files[start : None if num_frames is None else start + num_frames]
     if not files:
         raise ValueError(f"`source` {str(source)!r} has no frames in the range start={start}, num_frames={num_frames}")
+    return read_image_files(files)
+
+
+def read_image_files(files: list[Path]) -> np.ndarray:
+    """uint8 RGB frames (T, H, W, 3) of image files, in the given order, all of one size."""
+    import cv2
+
     frames = []
     for file in files:  # one decode per image file
         image = cv2.imread(str(file), cv2.IMREAD_COLOR)
@@ -229,5 +235,5 @@ def read_frames(source: str | Path, start: int = 0, num_frames: int | None = Non
         frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
     sizes = {frame.shape for frame in frames}
     if len(sizes) > 1:
-        raise ValueError(f"`source` {str(source)!r}: frames must share one size, got {sorted(sizes)}")
+        raise ValueError(f"frames must share one size, got {sorted(sizes)} in {str(files[0].parent)!r}")
     return np.stack(frames)
