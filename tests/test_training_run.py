@@ -233,15 +233,31 @@ def test_ddp_two_cpu_processes(pairs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "ddp.py")]
-    result = subprocess.run(
-        [*command, str(tmp_path / "config.json"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def launch() -> None:
+        result = subprocess.run(
+            [*command, str(tmp_path / "config.json"), str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        # and training moved the weights (the zero-initialised output layer is no longer zero)
+        assert rank0["transformer.proj_out.weight"].abs().sum() > 0
+
+    launch()
     assert [r["step"] for r in read_log(tmp_path / "out")] == [1, 2]
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    # and training moved the weights (the zero-initialised output layer is no longer zero)
-    assert rank0["transformer.proj_out.weight"].abs().sum() > 0
+    # resumed on two processes: every rank restores the checkpoint the main process wrote (unwrapped names)
+    saved = load_file(tmp_path / "out/checkpoints/checkpoint-2/model.safetensors")
+    assert all(k.startswith(("upsampler.", "transformer.")) for k in saved)
+    config.update(max_train_steps=3, resume_from_checkpoint="latest")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    launch()
+    assert [r["step"] for r in read_log(tmp_path / "out")] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
 
 
 def test_calibration_writes_a_distribution_that_sampling_follows(tmp_path):

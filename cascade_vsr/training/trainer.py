@@ -11,8 +11,12 @@ One optimizer step, per (micro-)batch (SimpleGVR sections 4.1 and 4.3):
     text -> null embedding with probability text_dropout (always when the clip has no prompt)
 
 Every random draw of a step comes from a generator seeded by (seed, rank, step, micro-batch), and the data
-order and crops are a pure function of (seed, epoch): together with accelerate's `save_state` of the models,
-optimizer, LR schedule, EMA and position, a resumed run replays exactly the steps of an uninterrupted one.
+order and crops are a pure function of (seed, epoch): together with the checkpoint of the models, optimizer, LR
+schedule, EMA, RNG and position (`training.checkpoint`: safetensors and JSON, never pickle), a resumed run replays
+exactly the steps of an uninterrupted one.
+
+A non-finite loss or gradient stops the run at that step, before the optimizer applies it, naming the step and the
+clips of the batch: nothing non-finite is checkpointed or exported.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import contextlib
 import json
 import logging
 import math
-import shutil
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,13 +43,19 @@ from cascade_vsr.core.flow import (
 )
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D
+from cascade_vsr.training import checkpoint as ckpt
 from cascade_vsr.training.config import DataConfig, ModelConfig, TrainConfig, validate
 from cascade_vsr.training.data import PairLatentDataset, collate_pairs
 from cascade_vsr.training.samplers import BucketBatchSampler, make_timestep_sampler
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_PREFIX = ckpt.CHECKPOINT_PREFIX
+find_checkpoint = ckpt.find_checkpoint
+
+
+class NonFiniteTrainingError(ValueError):
+    """The loss or the gradient of a step is NaN or infinite (bad data, or a diverging run)."""
 
 
 class CascadeVSRTrainModule(nn.Module):
@@ -123,7 +133,7 @@ def clip_squared_error(error: torch.Tensor, temporal_loss_weight: float = 0.0) -
 
 
 class TrainState:
-    """Step and data position, checkpointed with `accelerator.register_for_checkpointing`."""
+    """Step and data position."""
 
     def __init__(self):
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -165,22 +175,6 @@ def _trackers(report_to: str) -> list[str]:
     return [report_to]
 
 
-def find_checkpoint(output_dir: str | Path, resume_from: str) -> Path:
-    """Resolve `resume_from_checkpoint` ('latest' or a folder)."""
-    if resume_from != "latest":
-        path = Path(resume_from)
-        if not path.is_dir():
-            raise ValueError(f"`resume_from_checkpoint` {resume_from!r} is not a checkpoint folder")
-        return path
-    folders = sorted(
-        (p for p in (Path(output_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
-        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]),
-    )
-    if not folders:
-        raise ValueError(f"`resume_from_checkpoint` is 'latest' but {output_dir}/checkpoints holds no checkpoint")
-    return folders[-1]
-
-
 def export_pipeline(
     path: str | Path,
     upsampler: LatentUpsampler3D,
@@ -198,6 +192,14 @@ def export_pipeline(
     from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
     from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
 
+    for model in (upsampler, transformer):
+        bad = non_finite_parameters(model)
+        if bad:
+            raise NonFiniteTrainingError(
+                f"refusing to export {type(model).__name__} with non-finite weights: {', '.join(bad[:5])}"
+                + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            )
+
     # the `space_to_depth` latent space is RGB pixel-unshuffled by 4 (pipelines.adapters.SpaceToDepthAdapter)
     vae = SpaceToDepthAutoencoder() if transformer.config.latent_space == "space_to_depth" else None
     pipeline = CascadeVSRPipeline(
@@ -211,6 +213,12 @@ def export_pipeline(
     return Path(path)
 
 
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of `model` that hold a NaN or an infinity."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
 def _step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 1009 + micro)
@@ -220,7 +228,7 @@ def _step_generator(seed: int, rank: int, step: int, micro: int, device: torch.d
 def train(model_config: ModelConfig, data_config: DataConfig, train_config: TrainConfig) -> dict:
     """Run (or resume) a training run; returns a summary. Call under `accelerate launch` for several processes."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -293,16 +301,18 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     unwrapped = accelerator.unwrap_model(module)
     ema = EMAModel(unwrapped.parameters(), decay=train_config.ema_decay) if train_config.use_ema else None
     state = TrainState()
-    accelerator.register_for_checkpointing(lr_scheduler, state, *([ema] if ema is not None else []))
+    checkpointer = Checkpointer(accelerator, module, optimizer, lr_scheduler, ema, state)
 
     if train_config.resume_from_checkpoint:
         checkpoint = find_checkpoint(output_dir, train_config.resume_from_checkpoint)
-        accelerator.load_state(str(checkpoint))
+        checkpointer.load(checkpoint)
         logger.info("resumed from %s at step %d", checkpoint, state.step)
 
     log_path = output_dir / "log.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_temporary(output_dir / "checkpoints")
+        truncate_log(log_path, state.step)
         configs = {k: v for c in (model_config, data_config, train_config) for k, v in asdict(c).items()}
         (output_dir / "config.json").write_text(json.dumps(configs, indent=2) + "\n")
         if accelerator.log_with:
@@ -332,7 +342,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         desc="train",
         disable=not accelerator.is_local_main_process,
     )
-    losses = []
+    losses, step_clips = [], []
     start_time = time.perf_counter()
     start_step = state.step
     while state.step < train_config.max_train_steps:
@@ -359,8 +369,20 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
                 loss = module(hr, lr, noise, sigma, aug_noise, aug_level, drop, prompt_embeds, mask)
                 accelerator.backward(loss / accumulation)
             step_loss += loss.detach() / accumulation
+            step_clips.extend(batch["ids"])
 
         grad_norm = accelerator.clip_grad_norm_(module.parameters(), train_config.max_grad_norm)
+        mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+        # The reduced loss and the norm of the synchronised gradients are the same on every process, so all of
+        # them stop together.
+        if not (math.isfinite(mean_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))):
+            clips = sorted(set(gather_object(step_clips)))
+            raise NonFiniteTrainingError(
+                f"non-finite training step {state.step + 1}: loss {mean_loss}, gradient norm {grad_norm if grad_norm is None else float(grad_norm)}; "
+                f"the batch held clips {', '.join(clips)}. Nothing of this step was applied, checkpointed or "
+                "exported (check those clips' latents, or lower `learning_rate`)"
+            )
+        step_clips.clear()
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -369,7 +391,6 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         state.step += 1
         progress.update(1)
 
-        mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
         losses.append(mean_loss)
         if state.step % train_config.logging_steps == 0 or state.step == train_config.max_train_steps:
             record = {
@@ -386,7 +407,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
 
         if state.step % train_config.checkpointing_steps == 0 or state.step == train_config.max_train_steps:
-            save_checkpoint(accelerator, output_dir, state.step, train_config.checkpoints_total_limit)
+            checkpointer.save(output_dir / "checkpoints", train_config.checkpoints_total_limit)
 
     elapsed = time.perf_counter() - start_time
     progress.close()
@@ -412,15 +433,121 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     }
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """`accelerator.save_state` into checkpoints/checkpoint-<step>, pruning the oldest beyond the limit."""
-    folder = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process and total_limit is not None:
-        existing = sorted(
-            (p for p in folder.parent.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
-            key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]),
+def truncate_log(log_path: Path, step: int) -> None:
+    """Keep the log lines of steps up to `step` (the resumed one; none for a fresh run): the steps after it are
+    trained again and logged again."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines(keepends=True) if _logged_step(line) <= step]
+    temporary = log_path.with_name(f".{log_path.name}.tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, log_path)
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a torn last line of a killed run
+
+
+class Checkpointer:
+    """Saves and restores the whole training state in `training.checkpoint`'s pickle-free format."""
+
+    def __init__(self, accelerator, module: nn.Module, optimizer, lr_scheduler, ema, state: TrainState):
+        self.accelerator, self.module, self.optimizer = accelerator, module, optimizer
+        self.lr_scheduler, self.ema, self.state = lr_scheduler, ema, state
+
+    @property
+    def _sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _ema_file(self) -> str:
+        return f"ema-rank{self.accelerator.process_index}.safetensors" if self._sharded else "ema.safetensors"
+
+    def _model_configs(self) -> dict:
+        unwrapped = self.accelerator.unwrap_model(self.module)
+        return {
+            "upsampler": ckpt.json_config(unwrapped.upsampler.config),
+            "transformer": ckpt.json_config(unwrapped.transformer.config),
+        }
+
+    def save(self, folder: Path, total_limit: int | None) -> Path:
+        """Write checkpoint-<step> atomically, then prune the oldest beyond `total_limit`."""
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        accelerator = self.accelerator
+        model_state, optimizer_state = get_state_dict(
+            self.module, self.optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        for old in existing[: max(len(existing) - total_limit, 0)]:
-            shutil.rmtree(old)
-    return folder
+        manifest = {
+            "format": ckpt.FORMAT_VERSION,
+            "train_state": self.state.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "num_processes": accelerator.num_processes,
+            "sharded": self._sharded,
+            "models": self._model_configs(),
+        }
+
+        def write(temporary: Path) -> None:
+            ckpt.save_state_file(temporary / f"rng-rank{accelerator.process_index}.safetensors", ckpt.rng_state())
+            if self.ema is not None and (self._sharded or accelerator.is_main_process):
+                ckpt.save_state_file(temporary / self._ema_file(), self.ema.state_dict())
+            if accelerator.is_main_process:
+                save_file({k: v.contiguous() for k, v in model_state.items()}, str(temporary / "model.safetensors"))
+                ckpt.save_state_file(temporary / "optimizer.safetensors", optimizer_state)
+                (temporary / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+        final = folder / f"{CHECKPOINT_PREFIX}{self.state.step}"
+        ckpt.write_atomically(final, write, accelerator.is_main_process, accelerator.wait_for_everyone)
+        if accelerator.is_main_process:
+            ckpt.prune(folder, total_limit)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> None:
+        """Restore a checkpoint written by `save` (safetensors and JSON only: nothing in it can run code)."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        accelerator = self.accelerator
+        manifest = ckpt.read_manifest(path)
+        ckpt.check_same_models(path, manifest["models"], self._model_configs())
+        if manifest["sharded"] != self._sharded or (
+            self._sharded and manifest["num_processes"] != accelerator.num_processes
+        ):
+            raise ValueError(
+                f"checkpoint {str(path)!r} keeps per-rank EMA shards of {manifest['num_processes']} FSDP processes; "
+                f"resume it with the same launch configuration"
+            )
+        try:
+            model_state = load_file(str(path / "model.safetensors"))
+        except Exception as error:
+            raise ValueError(f"checkpoint file {str(path / 'model.safetensors')!r} is not readable: {error}") from None
+        optimizer_state = ckpt.load_state_file(path / "optimizer.safetensors")
+        set_state_dict(
+            self.module,
+            self.optimizer.optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optimizer_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        self.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+        if accelerator.scaler is not None and manifest["grad_scaler"] is not None:
+            accelerator.scaler.load_state_dict(manifest["grad_scaler"])
+        if self.ema is not None:
+            ema_path = path / self._ema_file()
+            if not ema_path.is_file():
+                raise ValueError(
+                    f"checkpoint {str(path)!r} has no EMA weights ({ema_path.name}); set `use_ema: false`"
+                )
+            self.ema.load_state_dict(ckpt.load_state_file(ema_path))
+            self.ema.to(accelerator.device)
+        rng_path = path / f"rng-rank{accelerator.process_index}.safetensors"
+        if rng_path.is_file():  # a run resumed on more processes starts the new ranks' RNG fresh
+            ckpt.set_rng_state(ckpt.load_state_file(rng_path))
+        self.state.load_state_dict(manifest["train_state"])
