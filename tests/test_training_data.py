@@ -131,6 +131,19 @@ def test_detail_aware_sampler_follows_its_density():
         (["--noise_aug_max", "1.5"], "noise_aug_max"),
         (["--timestep_sampler", "cosine"], "timestep_sampler"),
         (["--text_dropout", "2"], "text_dropout"),
+        (["--learning_rate", "nan"], "`learning_rate` must be finite"),
+        (["--max_grad_norm", "inf"], "`max_grad_norm` must be finite"),
+        (["--seed", "-1"], "`seed`"),
+        (["--crop_size", "4"], "`crop_size` must be two positive ints"),
+        (["--crop_size", "0", "4"], "`crop_size`"),
+        (["--num_latent_frames", "0"], "`num_latent_frames`"),
+        (["--num_layers", "0"], "`num_layers`"),
+        (["--patch_size", "1", "0", "2"], "`patch_size`"),
+        (["--dataloader_num_workers", "-1"], "`dataloader_num_workers`"),
+        (["--checkpoints_total_limit", "0"], "`checkpoints_total_limit`"),
+        (["--adam_beta2", "1.0"], "`adam_beta1` and `adam_beta2`"),
+        (["--lr_scheduler", "step"], "`lr_scheduler`"),
+        (["--logging_steps", "0"], "`logging_steps`"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, match):
@@ -148,6 +161,28 @@ def test_config_files_parse(tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"data_dir": "x", "num_layers": 3, "unknown_key": 1}))
     with pytest.raises(ValueError, match="unknown_key"):
+        load_config(config)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("- data_dir: x\n", "must be a mapping of field: value, got a list"),
+        ("data_dir: x\ncrop_size: 4\n", "`crop_size` must be a list of int, got 4"),
+        ("data_dir: x\nlearning_rate: 1e-3\n", "`learning_rate` must be a number, got the string '1e-3'"),
+        ("data_dir: x\nmax_train_steps: '10'\n", "`max_train_steps` must be an integer, got the string '10'"),
+        ("data_dir: x\nuse_ema: 'no'\n", "`use_ema` must be true or false"),
+        ("data_dir: x\nmixed_precision: fp8\n", "`mixed_precision` must be one of"),
+        ("data_dir: x\nlearning_rate: .nan\n", "`learning_rate` must be finite"),
+        ("data_dir: [x\n", "cannot be parsed"),
+    ],
+)
+def test_bad_config_files(tmp_path, text, match):
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=match):
         load_config(config)
 
 

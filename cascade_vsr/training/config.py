@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cascade_vsr.training.samplers import TIMESTEP_SAMPLERS
 
@@ -186,7 +189,63 @@ class TrainConfig:
 
 
 CONFIG_CLASSES = (ModelConfig, DataConfig, TrainConfig)
+# diffusers.optimization's schedules that need no extra arguments
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 UPSAMPLER_TRAINING = ("joint", "frozen", "resize")
+
+
+def _describe(value: Any) -> str:
+    return f"the string {value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def check_field_value(name: str, value: Any, annotation: Any) -> None:
+    """Raise ValueError naming `name` unless `value` matches the field's type annotation exactly: a config file's
+    `crop_size: 4` or `learning_rate: "1e-3"` must not travel on to fail somewhere else. Floats must be finite."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return
+        options = [a for a in arguments if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return check_field_value(name, value, option)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0] if len(errors) == 1 else f"`{name}`: none of {options} accepts {_describe(value)}")
+    if origin is Literal:
+        if value not in arguments:
+            raise ValueError(f"`{name}` must be one of {list(arguments)}, got {_describe(value)}")
+        return
+    if origin is list:
+        (item,) = arguments
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"`{name}` must be a list of {item.__name__}, got {_describe(value)}")
+        for element in value:
+            check_field_value(name, element, item)
+        return
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be true or false, got {_describe(value)}")
+    elif annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`{name}` must be an integer, got {_describe(value)}")
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if isinstance(value, str) else ""
+            raise ValueError(f"`{name}` must be a number, got {_describe(value)}{hint}")
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` must be finite, got {value}")
+    elif annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"`{name}` must be a string, got {_describe(value)}")
+
+
+def check_field_types(config: Any) -> None:
+    """`check_field_value` for every field of one config dataclass."""
+    hints = typing.get_type_hints(type(config))
+    for item in fields(config):
+        check_field_value(item.name, getattr(config, item.name), hints[item.name])
 
 
 def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
@@ -194,6 +253,8 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     from cascade_vsr.models.attention_spec import check_attention_mode
     from cascade_vsr.models.upsampler import RESIZE_MODES
 
+    for config in (model, data, train):
+        check_field_types(config)
     check_attention_mode(model.attention_mode, "attention_mode")
     if model.temporal_unit is not None and model.temporal_unit <= 0:
         raise ValueError(f"`temporal_unit` must be a positive number of latent frames, got {model.temporal_unit}")
@@ -204,8 +265,50 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     if model.upsampler_resize_mode not in (None, *RESIZE_MODES):
         raise ValueError(f"`upsampler_resize_mode` must be one of {RESIZE_MODES}, got {model.upsampler_resize_mode!r}")
     model.upsampler_kwargs()  # space_to_depth latents: latent_channels must be 3 * factor**2
+    for name in ("latent_channels", "num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim"):
+        if getattr(model, name) <= 0:
+            raise ValueError(f"`{name}` must be positive, got {getattr(model, name)}")
+    if any(size <= 0 for size in model.patch_size):
+        raise ValueError(f"`patch_size` must be three positive ints (t h w), got {model.patch_size}")
+    for name, length in (("sparse_window", 2), ("window_size", 3)):
+        value = getattr(model, name)
+        if value is not None and (len(value) != length or min(value) <= 0):
+            raise ValueError(f"`{name}` must be {length} positive ints, got {value}")
+    if model.upsampler_hidden_channels <= 0 or model.upsampler_num_blocks < 0:
+        raise ValueError(
+            "`upsampler_hidden_channels` must be positive and `upsampler_num_blocks` >= 0, got "
+            f"{model.upsampler_hidden_channels}, {model.upsampler_num_blocks}"
+        )
     if not data.data_dir:
         raise ValueError("`data_dir` must name a pair dataset (cascade-vsr make-pairs output)")
+    if data.crop_size is not None and (len(data.crop_size) != 2 or min(data.crop_size) <= 0):
+        raise ValueError(f"`crop_size` must be two positive ints [h, w] in LR latent pixels, got {data.crop_size}")
+    if data.num_latent_frames is not None and data.num_latent_frames <= 0:
+        raise ValueError(f"`num_latent_frames` must be positive, got {data.num_latent_frames}")
+    if data.dataloader_num_workers < 0:
+        raise ValueError(f"`dataloader_num_workers` must be >= 0, got {data.dataloader_num_workers}")
+    if not 0 <= train.seed < 2**32:
+        raise ValueError(f"`seed` must lie in [0, 2**32), got {train.seed}")
+    if train.lr_warmup_steps < 0 or train.logging_steps <= 0:
+        raise ValueError(
+            f"`lr_warmup_steps` must be >= 0 and `logging_steps` positive, got {train.lr_warmup_steps}, "
+            f"{train.logging_steps}"
+        )
+    if train.checkpoints_total_limit is not None and train.checkpoints_total_limit < 1:
+        raise ValueError(
+            f"`checkpoints_total_limit` must be >= 1 (or null: keep all), got {train.checkpoints_total_limit}"
+        )
+    if not (0 <= train.adam_beta1 < 1 and 0 <= train.adam_beta2 < 1) or train.adam_epsilon <= 0:
+        raise ValueError(
+            "`adam_beta1` and `adam_beta2` must lie in [0, 1) and `adam_epsilon` be positive, got "
+            f"{train.adam_beta1}, {train.adam_beta2}, {train.adam_epsilon}"
+        )
+    if train.adam_weight_decay < 0 or train.logit_std <= 0:
+        raise ValueError(
+            f"`adam_weight_decay` must be >= 0 and `logit_std` positive, got {train.adam_weight_decay}, {train.logit_std}"
+        )
+    if train.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"`lr_scheduler` must be one of {LR_SCHEDULERS}, got {train.lr_scheduler!r}")
     if not (0 <= train.noise_aug_min <= train.noise_aug_max <= 1):
         raise ValueError(
             "`noise_aug_min` and `noise_aug_max` must satisfy 0 <= min <= max <= 1, got "
@@ -241,6 +344,36 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         )
 
 
+def read_config_file(path: str | Path) -> dict:
+    """The fields of a flat JSON / YAML config file, checked: a mapping of known field names to values of their
+    types (ValueError naming the file and the field otherwise)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`config` {str(path)!r} does not exist")
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"`config` must be a .json, .yaml or .yml file, got {str(path)!r}")
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"`config` {str(path)!r} cannot be parsed: {error}") from None
+    if values is None:
+        raise ValueError(f"`config` {str(path)!r} is empty: expected a mapping of field: value")
+    if not isinstance(values, dict):
+        raise ValueError(f"`config` {str(path)!r} must be a mapping of field: value, got a {type(values).__name__}")
+    annotations = {}
+    for config_class in CONFIG_CLASSES:
+        annotations.update(typing.get_type_hints(config_class))
+    unknown = sorted(str(key) for key in values if key not in annotations)
+    if unknown:
+        raise ValueError(f"`config` {str(path)!r} has unknown fields: {', '.join(unknown)}")
+    for name, value in values.items():
+        check_field_value(name, value, annotations[name])
+    return values
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> tuple[ModelConfig, DataConfig, TrainConfig]:
@@ -249,16 +382,7 @@ def load_config(
 
     parser = HfArgumentParser(CONFIG_CLASSES)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"`config` {str(path)!r} does not exist")
-        if path.suffix == ".json":
-            configs = parser.parse_json_file(str(path))
-        elif path.suffix in (".yaml", ".yml"):
-            configs = parser.parse_yaml_file(str(path))
-        else:
-            raise ValueError(f"`config` must be a .json, .yaml or .yml file, got {str(path)!r}")
-        parser.set_defaults(**{k: v for config in configs for k, v in asdict(config).items()})
+        parser.set_defaults(**read_config_file(path))
     configs = parser.parse_args_into_dataclasses(args=list(overrides or []))
     validate(*configs)
     return tuple(configs)
