@@ -180,7 +180,7 @@ def test_detailed_region_finds_the_texture():
 
 
 def test_missing_model_and_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit, match="demo/README.md"):
+    with pytest.raises(ValueError, match="`--model`: no demo model.*demo/README.md"):
         demo.run(_args(tmp_path / "nowhere", tmp_path / "out"))
     with pytest.raises(ValueError, match="--hr-size"):
         demo.run(_args(tmp_path, tmp_path / "out", hr_size=[60, 112]))

@@ -113,6 +113,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before the model loads or a frame is decoded."""
+    from cascade_vsr.core.validation import check_device, check_writable_folder
+    from cascade_vsr.core.video import sample_video_path, video_info
+
     positive = ("num_frames", "num_inference_steps", "chunk_frames", "crop_size", "zoom")
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -133,6 +137,16 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"`--{flag.replace('_', '-')}` must lie in [0, 1], got {value}")
+    for name in args.clips:
+        file, start = CLIPS[name]
+        available = video_info(sample_video_path(file))["num_frames"] - start
+        if args.num_frames > available:
+            raise ValueError(
+                f"`--num-frames` {args.num_frames}: the {name} clip has {available} frames from frame {start}"
+            )
+    check_model_folder(args.model)
+    check_writable_folder(args.output_dir, "--output-dir")
+    check_device(args.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +197,19 @@ def to_chunks(frames, chunk: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_model_folder(path: Path) -> None:
+    """A stage folder with safetensors weights, or an error that says where the demo model comes from."""
+    from cascade_vsr.core.validation import check_pretrained_source
+
+    if not (path / "model_index.json").is_file():
+        raise ValueError(
+            f"`--model`: no demo model at {path} (model_index.json missing). The trained demo model ships with the "
+            "package (demo/model/ of the repository); demo/README.md has the exact make-pairs and train commands "
+            "that reproduce it. Pass another diffusers-format pipeline folder with --model PATH."
+        )
+    check_pretrained_source(path, "--model")
+
+
 def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_window: int = 0):
     """The demo pipeline (its folder holds the lossless pixel-space autoencoder and its sampling settings); a clear
     error when the folder is missing.
@@ -192,12 +219,7 @@ def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_wind
     from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
     from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
 
-    if not (path / "model_index.json").is_file():
-        raise SystemExit(
-            f"error: no demo model at {path} (model_index.json missing). The trained demo model ships with the "
-            "package (demo/model/ of the repository); demo/README.md has the exact make-pairs and train commands "
-            "that reproduce it. Pass another diffusers-format pipeline folder with --model PATH."
-        )
+    check_model_folder(path)
     overrides = {"temporal_unit": temporal_unit} if temporal_unit else {}
     if temporal_window:
         config = CascadeVSRTransformer3DModel.load_config(path, subfolder="transformer", local_files_only=True)

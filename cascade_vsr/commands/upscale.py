@@ -55,6 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every argument, before the model loads or a frame is read."""
+    from cascade_vsr.core.validation import check_device, check_pretrained_source
+
+    for name in ("noise_aug_strength", "noise_frame_correlation"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:  # NaN fails too
+            raise ValueError(f"`--{name.replace('_', '-')}` must lie in [0, 1], got {value}")
+    if args.guidance_scale is not None and not 1 <= args.guidance_scale < float("inf"):
+        raise ValueError(
+            f"`--guidance-scale` must be a finite number >= 1 (1: no guidance), got {args.guidance_scale}"
+        )
+    if not 0 <= args.crf <= 51:
+        raise ValueError(f"`--crf` must lie in 0..51 (x264 / x265), got {args.crf}")
+    if args.bitrate is not None and args.bitrate <= 0:
+        raise ValueError(f"`--bitrate` must be positive bits/s, got {args.bitrate}")
     if args.scale is not None and not 1 <= args.scale < float("inf"):
         raise ValueError(f"`--scale` must be a finite number >= 1, got {args.scale}")
     if args.size is not None and min(args.size) < 1:
@@ -73,6 +87,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--self-ensemble` must be in 1..8, got {args.self_ensemble}")
     if args.seed < 0:
         raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+    check_pretrained_source(args.model, "--model")
     if not (args.model / "model_index.json").is_file():
         raise ValueError(f"`--model` {str(args.model)!r} is not a stage folder (no model_index.json)")
     if len(args.inputs) > 1 and args.output.suffix:
@@ -80,22 +95,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.reference is not None and len(args.inputs) > 1:
         raise ValueError("`--reference` compares one output with its ground truth: pass a single input")
     check_device(args.device)
-
-
-def check_device(device: str | None) -> None:
-    """An unusable `--device` fails here, not after the model has loaded."""
-    import torch
-
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"`--device` {device!r} is not a torch device: {error}") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0 or (parsed.index or 0) >= count:
-            raise ValueError(f"`--device` {device!r}: this machine has {count} CUDA device(s)")
 
 
 def output_paths(inputs: list[str], output: Path, overwrite: bool) -> list[tuple[str, Path]]:

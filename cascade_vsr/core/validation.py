@@ -5,9 +5,18 @@ Every check raises `ValueError` naming the argument and the expected form, befor
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+# A Hub repository id: `name` or `owner/name`, letters, digits, '-', '_', '.', not starting with '.' or '-'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Weight files that load through pickle.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def check_latents(
@@ -72,3 +81,90 @@ def check_per_sample(
                 f"`{name}` must lie in [{low}, {high}], got values in [{values.min():.4g}, {values.max():.4g}]"
             )
     return values.expand(batch_size)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` can only be a Hub repository id (not a local path): an `owner/name` whose `owner` is not a
+    local folder, or a bare `name`."""
+    if not _HUB_ID.match(name):
+        return False
+    return "/" not in name or not Path(name.split("/")[0]).is_dir()
+
+
+def check_safetensors_weights(folder: Path, argument: str) -> None:
+    """Refuse a model folder whose weights exist only as pickle files: loading them could run code."""
+    if not (folder / "config.json").is_file() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"`{argument}`: {str(folder)!r} holds pickle weights ({', '.join(pickles)}) and no .safetensors file; "
+            "only safetensors weights are loaded (pickle files can run code). Convert them with "
+            "safetensors.torch.save_file"
+        )
+
+
+def check_pretrained_source(
+    name_or_path: str | os.PathLike, argument: str = "pretrained_model_name_or_path", subfolder: str | None = None
+) -> None:
+    """Check a `from_pretrained` source before diffusers looks for it: a local path that does not exist is an
+    immediate FileNotFoundError naming it (rather than a Hub lookup that retries and blames the network); a local
+    model folder must hold safetensors weights; a Hub id passes unchanged."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ValueError(f"`{argument}` must be a path or a Hub id string, got {type(name_or_path).__name__}")
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if not path.exists():
+        if isinstance(name_or_path, os.PathLike) or not looks_like_hub_id(text):
+            raise FileNotFoundError(f"`{argument}` {text!r} does not exist (no such local folder)")
+        return
+    if not path.is_dir():
+        raise ValueError(f"`{argument}` {text!r} is a file; expected a model folder (or a Hub id)")
+    folder = path / subfolder if subfolder else path
+    if subfolder and not folder.is_dir():
+        raise FileNotFoundError(f"`{argument}` {text!r} has no {subfolder}/ folder")
+    check_safetensors_weights(folder, argument)
+    for component in folder.iterdir() if (folder / "model_index.json").is_file() else ():
+        if component.is_dir():
+            check_safetensors_weights(component, argument)
+
+
+def check_device(device: str | torch.device | None, argument: str = "--device") -> None:
+    """An unusable device fails here, before any model loads: not a device name, or a CUDA index this machine
+    lacks."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`{argument}` {device!r} is not a torch device: {error}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(f"`{argument}` {str(device)!r}: this machine has {count} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`{argument}` {str(device)!r}: MPS is not available on this machine")
+
+
+def check_writable_folder(folder: str | os.PathLike, argument: str) -> None:
+    """Check that `folder` is, or can be created as, a writable directory (without creating it)."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`{argument}` {str(folder)!r} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    try:  # a probe folder, removed at once: permission bits do not tell for root or for special file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".cascade-vsr-probe-", dir=existing))
+    except OSError as error:
+        raise ValueError(
+            f"`{argument}` {str(folder)!r}: cannot create or write in {str(existing)!r} ({error.strerror})"
+        ) from None
+
+
+def check_writable_file(file: str | os.PathLike, argument: str) -> None:
+    """Check that `file` can be written: not a directory, in a folder that exists or can be created."""
+    path = Path(file).expanduser()
+    if path.is_dir():
+        raise ValueError(f"`{argument}` {str(file)!r} is a directory; expected a file name")
+    check_writable_folder(path.parent, argument)

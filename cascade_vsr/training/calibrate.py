@@ -156,19 +156,35 @@ def calibrate(
     device: str = "cpu",
 ) -> tuple[Path, Path]:
     """Calibrate on the first `num_clips` clips of a pair dataset with an exported model."""
+    from cascade_vsr.core.validation import check_device, check_pretrained_source, check_writable_file
     from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
     from cascade_vsr.models.upsampler import LatentUpsampler3D
     from cascade_vsr.training.data import PairLatentDataset
 
     if not 0 <= noise_level <= 1:
         raise ValueError(f"`noise_level` must lie in [0, 1], got {noise_level}")
-    if num_clips <= 0:
-        raise ValueError(f"`num_clips` must be positive, got {num_clips}")
+    for name, value in (("num_clips", num_clips), ("num_steps", num_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    if num_latent_frames is not None and num_latent_frames <= 0:
+        raise ValueError(f"`num_latent_frames` must be positive, got {num_latent_frames}")
+    if not 0 < cutoff < 1 or not 0 <= floor < 1:
+        raise ValueError(f"`cutoff` must lie in (0, 1) and `floor` in [0, 1), got {cutoff}, {floor}")
+    if seed < 0:
+        raise ValueError(f"`seed` must be >= 0, got {seed}")
+    check_writable_file(output, "output")
+    check_device(device, "device")
+    check_pretrained_source(model_dir, "model", subfolder="upsampler")
+    check_pretrained_source(model_dir, "model", subfolder="transformer")
+    dataset = PairLatentDataset(data_dir, num_frames=num_latent_frames)
     upsampler = LatentUpsampler3D.from_pretrained(model_dir, subfolder="upsampler").to(device).eval()
     transformer = CascadeVSRTransformer3DModel.from_pretrained(model_dir, subfolder="transformer").to(device).eval()
-    dataset = PairLatentDataset(
-        data_dir, num_frames=num_latent_frames, latent_channels=upsampler.config.latent_channels
-    )
+    channels = {clip.lr_shape[0] for clip in dataset.clips}
+    if channels != {upsampler.config.latent_channels}:
+        raise ValueError(
+            f"`data` latents have {sorted(channels)} channels, the model's latent_channels is "
+            f"{upsampler.config.latent_channels}"
+        )
     samples = [dataset[i] for i in range(min(num_clips, len(dataset)))]
     curve = detail_gain_curve(
         upsampler,

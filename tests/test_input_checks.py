@@ -1,0 +1,153 @@
+"""Bad arguments of the commands and of the shared checks fail at once with an error that names them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cascade_vsr.cli import main as cli_main
+from cascade_vsr.core.validation import (
+    check_device,
+    check_pretrained_source,
+    check_writable_file,
+    check_writable_folder,
+    looks_like_hub_id,
+)
+
+
+def model_folder(root, weights: str = "diffusion_pytorch_model.safetensors"):
+    root.mkdir(parents=True)
+    (root / "config.json").write_text("{}")
+    if weights.endswith(".safetensors"):
+        save_file({"w": torch.zeros(1)}, str(root / weights))
+    else:
+        torch.save({"w": torch.zeros(1)}, root / weights)
+    return root
+
+
+@pytest.mark.parametrize(
+    "name, hub", [("org/model", True), ("gpt2", True), ("./nope", False), ("../x/y", False), ("a/b/c", False)]
+)
+def test_hub_ids_and_local_paths(name, hub):
+    assert looks_like_hub_id(name) is hub
+
+
+def test_missing_local_model_path_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for name in ("./nope", "outputs/stage1/export", "outputs/export", tmp_path / "missing"):
+        started = time.perf_counter()
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            check_pretrained_source(name, "model")
+        assert time.perf_counter() - started < 1
+    check_pretrained_source("org/model", "model")  # a Hub id is left to diffusers
+
+
+def test_model_folders_must_hold_safetensors(tmp_path):
+    check_pretrained_source(model_folder(tmp_path / "ok"), "model")
+    with pytest.raises(ValueError, match=r"`model`.*pickle weights \(diffusion_pytorch_model\.bin\).*safetensors"):
+        check_pretrained_source(model_folder(tmp_path / "bad", "diffusion_pytorch_model.bin"), "model")
+    # a pipeline folder: each component is checked
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    model_folder(tmp_path / "pipe" / "transformer", "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="only safetensors"):
+        check_pretrained_source(tmp_path / "pipe", "--model")
+    with pytest.raises(FileNotFoundError, match="no upsampler/ folder"):
+        check_pretrained_source(tmp_path / "pipe", "--model", subfolder="upsampler")
+    with pytest.raises(ValueError, match="is a file"):
+        check_pretrained_source(tmp_path / "pipe" / "model_index.json", "--model")
+
+
+@pytest.mark.parametrize("device, match", [("cuda:7", "CUDA device"), ("gpu", "not a torch device")])
+def test_unusable_devices(device, match):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    with pytest.raises(ValueError, match=match):
+        check_device(device)
+    check_device("cpu")
+
+
+def test_output_locations(tmp_path):
+    check_writable_folder(tmp_path / "new" / "folder", "--output-dir")
+    with pytest.raises(ValueError, match="`--output-dir` '/proc/x'"):
+        check_writable_folder("/proc/x", "--output-dir")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a directory"):
+        check_writable_folder(tmp_path / "file", "--output-dir")
+    with pytest.raises(ValueError, match="is a directory"):
+        check_writable_file(tmp_path, "output")
+    if os.geteuid() != 0:
+        (tmp_path / "locked").mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="cannot create or write"):
+            check_writable_folder(tmp_path / "locked" / "out", "--output-dir")
+
+
+@pytest.mark.parametrize(
+    "words, error, match",
+    [
+        (
+            ["--num-frames", "100000", "--clips", "carphone"],
+            ValueError,
+            r"`--num-frames` 100000: the carphone clip has",
+        ),
+        (["--output-dir", "/proc/x"], ValueError, "`--output-dir`"),
+        (["--device", "cuda:7"], ValueError, "`--device`"),
+        (["--model", "./no-such-model"], ValueError, "`--model`: no demo model at no-such-model"),
+    ],
+)
+def test_demo_checks_before_loading(tmp_path, words, error, match):
+    if "cuda:7" in words and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    started = time.perf_counter()
+    with pytest.raises(error, match=match):
+        cli_main(["demo", "--output-dir", str(tmp_path / "demo"), *words])
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    "words, match",
+    [
+        (["--crf", "100"], "`--crf`"),
+        (["--crf", "-5"], "`--crf`"),
+        (["--guidance-scale", "nan"], "`--guidance-scale`"),
+        (["--noise-aug-strength", "nan"], "`--noise-aug-strength`"),
+        (["--bitrate", "0"], "`--bitrate`"),
+        (["--scale", "inf"], "`--scale`"),
+        (["--scale", "nan"], "`--scale`"),
+    ],
+)
+def test_upscale_checks_before_loading(tmp_path, words, match):
+    from cascade_vsr.core.video import sample_video_path
+
+    source = str(sample_video_path("carphone_pristine.mp4"))
+    scale = [] if "--scale" in words else ["--scale", "2"]
+    with pytest.raises(ValueError, match=match):
+        cli_main(["upscale", source, "--output", str(tmp_path / "out.mp4"), *scale, *words])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_checks_before_inference(tmp_path):
+    (tmp_path / "curve.json").mkdir()
+    base = ["calibrate-sampler", "--data", str(tmp_path / "pairs")]
+    with pytest.raises(ValueError, match="`output`.*is a directory"):
+        cli_main([*base, "--model", str(tmp_path), "--output", str(tmp_path / "curve.json")])
+    with pytest.raises(FileNotFoundError, match="`model` './nope' does not exist"):
+        cli_main([*base, "--model", "./nope", "--output", str(tmp_path / "c.json")])
+    with pytest.raises(ValueError, match="`num_steps`"):
+        cli_main([*base, "--model", "./nope", "--output", str(tmp_path / "c.json"), "--num-steps", "0"])
+
+
+def test_train_config_with_a_missing_pretrained_model(tmp_path):
+    from cascade_vsr.training.config import load_config
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"data_dir": "x", "pretrained_model_name_or_path": "./outputs/stage1/export"}))
+    with pytest.raises(FileNotFoundError, match="`pretrained_model_name_or_path`"):
+        load_config(config)
