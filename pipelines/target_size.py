@@ -3,11 +3,17 @@ factor >= 1). Pure functions, checked before any compute."""
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import Any
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _scale_pair(scale: Any) -> tuple[float, float] | None:
@@ -25,12 +31,12 @@ def check_target_size(height: Any, width: Any, scale: Any) -> None:
         raise ValueError("pass either `height` and `width` or `scale`, not both")
     if scale is not None:
         scales = _scale_pair(scale)
-        if scales is None or any(s < 1 for s in scales):
-            raise ValueError(f"`scale` must be a number >= 1 or a (height, width) pair of them, got {scale!r}")
+        if scales is None or not all(1 <= s < math.inf for s in scales):  # NaN fails too
+            raise ValueError(f"`scale` must be a finite number >= 1 or a (height, width) pair of them, got {scale!r}")
     elif height is None or width is None:
         raise ValueError("pass the target size as `height` and `width` (pixels) or as `scale`")
-    elif not all(isinstance(s, int) and not isinstance(s, bool) for s in (height, width)):
-        raise ValueError(f"`height` and `width` must be ints, got {(height, width)}")
+    elif not all(_is_int(s) and s > 0 for s in (height, width)):
+        raise ValueError(f"`height` and `width` must be positive ints, got {(height, width)}")
 
 
 def resolve_target_size(
@@ -46,7 +52,7 @@ def resolve_target_size(
         scales = _scale_pair(scale)
         target = (round(input_size[0] * scales[0]), round(input_size[1] * scales[1]))
     else:
-        target = (height, width)
+        target = (int(height), int(width))
     if target[0] < input_size[0] or target[1] < input_size[1]:
         raise ValueError(
             f"the target size (height, width)={target} must not be smaller than the input {tuple(input_size)}"

@@ -151,3 +151,29 @@ def test_train_config_with_a_missing_pretrained_model(tmp_path):
     config.write_text(json.dumps({"data_dir": "x", "pretrained_model_name_or_path": "./outputs/stage1/export"}))
     with pytest.raises(FileNotFoundError, match="`pretrained_model_name_or_path`"):
         load_config(config)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scale=float("nan")), "`scale` must be a finite number"),
+        (dict(scale=float("inf")), "`scale` must be a finite number"),
+        (dict(scale=(2, float("nan"))), "`scale`"),
+        (dict(height=0, width=64), "positive ints"),
+        (dict(height=-32, width=64), "positive ints"),
+    ],
+)
+def test_target_size_refuses_non_finite_scales_and_non_positive_sizes(kwargs, match):
+    from cascade_vsr.pipelines.target_size import resolve_target_size
+
+    with pytest.raises(ValueError, match=match):
+        resolve_target_size((16, 32), **kwargs)
+
+
+def test_target_size_takes_numpy_numbers():
+    import numpy as np
+
+    from cascade_vsr.pipelines.target_size import resolve_target_size
+
+    assert resolve_target_size((16, 32), height=np.int64(32), width=np.int64(64)) == (32, 64)
+    assert resolve_target_size((16, 32), scale=np.float32(1.5)) == (24, 48)
