@@ -144,13 +144,16 @@ def test_calibrate_checks_before_inference(tmp_path):
         cli_main([*base, "--model", "./nope", "--output", str(tmp_path / "c.json"), "--num-steps", "0"])
 
 
-def test_train_config_with_a_missing_pretrained_model(tmp_path):
+def test_train_with_a_missing_pretrained_model(tmp_path):
     from cascade_vsr.training.config import load_config
+    from cascade_vsr.training.trainer import train
 
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"data_dir": "x", "pretrained_model_name_or_path": "./outputs/stage1/export"}))
+    started = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="`pretrained_model_name_or_path`"):
-        load_config(config)
+        train(*load_config(config, ["--output_dir", str(tmp_path / "out")]))
+    assert time.perf_counter() - started < 5 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

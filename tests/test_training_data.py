@@ -144,6 +144,7 @@ def test_detail_aware_sampler_follows_its_density():
         (["--adam_beta2", "1.0"], "`adam_beta1` and `adam_beta2`"),
         (["--lr_scheduler", "step"], "`lr_scheduler`"),
         (["--logging_steps", "0"], "`logging_steps`"),
+        (["--output_dir", "/proc/x"], "`output_dir` '/proc/x': cannot create"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, match):

@@ -250,15 +250,12 @@ def check_field_types(config: Any) -> None:
 
 def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
     """Cheap checks with messages that name the field; the models and the dataset check the rest."""
-    from cascade_vsr.core.validation import check_pretrained_source
+    from cascade_vsr.core.validation import check_writable_folder
     from cascade_vsr.models.attention_spec import check_attention_mode
     from cascade_vsr.models.upsampler import RESIZE_MODES
 
     for config in (model, data, train):
         check_field_types(config)
-    if model.pretrained_model_name_or_path is not None:
-        for subfolder in ("upsampler", "transformer"):
-            check_pretrained_source(model.pretrained_model_name_or_path, "pretrained_model_name_or_path", subfolder)
     check_attention_mode(model.attention_mode, "attention_mode")
     if model.temporal_unit is not None and model.temporal_unit <= 0:
         raise ValueError(f"`temporal_unit` must be a positive number of latent frames, got {model.temporal_unit}")
@@ -291,6 +288,7 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         raise ValueError(f"`num_latent_frames` must be positive, got {data.num_latent_frames}")
     if data.dataloader_num_workers < 0:
         raise ValueError(f"`dataloader_num_workers` must be >= 0, got {data.dataloader_num_workers}")
+    check_writable_folder(train.output_dir, "output_dir")
     if not 0 <= train.seed < 2**32:
         raise ValueError(f"`seed` must lie in [0, 2**32), got {train.seed}")
     if train.lr_warmup_steps < 0 or train.logging_steps <= 0:

@@ -41,6 +41,7 @@ from cascade_vsr.core.flow import (
     sigma_to_timestep,
     velocity_target,
 )
+from cascade_vsr.core.validation import check_pretrained_source
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D
 from cascade_vsr.training import checkpoint as ckpt
@@ -234,6 +235,11 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     from tqdm.auto import tqdm
 
     validate(model_config, data_config, train_config)
+    if model_config.pretrained_model_name_or_path is not None:
+        for subfolder in ("upsampler", "transformer"):
+            check_pretrained_source(
+                model_config.pretrained_model_name_or_path, "pretrained_model_name_or_path", subfolder
+            )
     output_dir = Path(train_config.output_dir)
     accelerator = Accelerator(
         mixed_precision=train_config.mixed_precision,
