@@ -47,7 +47,7 @@ def main() -> None:
     hr_latent = (hr_size[0] // 8, hr_size[1] // 8)
 
     def latent_path():
-        return upsampler(lr, size=hr_latent)
+        return upsampler(lr, size=hr_latent).sample
 
     def pixel_path():
         video = adapter.decode(vae, lr)

@@ -131,7 +131,7 @@ def test_preconditioned_loss_is_the_mse_of_the_normalized_posterior_residual():
     drop = torch.ones(3, dtype=torch.bool)
     with torch.no_grad():
         loss = CascadeVSRTrainModule(upsampler, preconditioned)(hr, lr, noise, sigma, aug_noise, level, drop)
-        condition = noise_augment(upsampler(lr, size=(4, 6)), level, noise=aug_noise)
+        condition = noise_augment(upsampler(lr, size=(4, 6)).sample, level, noise=aug_noise)
     noisy = add_noise(hr, noise, sigma)
 
     keep = ((1 - level) ** 2 + level**2).reshape(3, 1, 1, 1, 1)
@@ -160,7 +160,7 @@ def test_temporal_loss_adds_the_squared_frame_to_frame_change_of_the_error(pairs
     with torch.no_grad():
         plain = CascadeVSRTrainModule(upsampler, transformer)(*inputs)
         temporal = CascadeVSRTrainModule(upsampler, transformer, temporal_loss_weight=0.5)(*inputs)
-        condition = noise_augment(upsampler(lr, size=(4, 6)), level, noise=aug_noise)
+        condition = noise_augment(upsampler(lr, size=(4, 6)).sample, level, noise=aug_noise)
         velocity = transformer(add_noise(hr, noise, sigma), condition, timestep=sigma * 1000, noise_aug_level=level)
     error = velocity.sample - (noise - hr)
     squared, change = 0.0, 0.0

@@ -36,7 +36,7 @@ def test_default_config_is_about_one_billion_parameters():
 @pytest.mark.parametrize("frames", [1, 5, 20])
 def test_shapes_odd_sizes_and_noninteger_upsampling(tiny_transformer, tiny_upsampler, frames):
     lr = torch.randn(2, 4, frames, 9, 16)
-    up = tiny_upsampler(lr, size=(17, 31))  # 1.89x and 1.94x
+    up = tiny_upsampler(lr, size=(17, 31)).sample  # 1.89x and 1.94x
     inputs = _inputs(frames=frames)
     inputs["condition"] = up
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_gradients_reach_every_parameter_in_a_joint_backward():
     transformer = randomize_(CascadeVSRTransformer3DModel(**TINY_TRANSFORMER), seed=1)
     lr = torch.randn(2, 4, 3, 5, 9)
     inputs = _inputs(frames=3, height=11, width=17)
-    inputs["condition"] = upsampler(lr, size=(11, 17))
+    inputs["condition"] = upsampler(lr, size=(11, 17)).sample
     inputs["encoder_hidden_states"] = None  # the null embedding must get gradients too
     loss = transformer(**inputs).sample.square().mean()
     loss.backward()
@@ -108,7 +108,7 @@ def test_save_and_load_round_trip_uses_safetensors(tmp_path, tiny_transformer, t
     # another order, so the outputs agree to float32 rounding rather than bit for bit.
     with torch.no_grad():
         torch.testing.assert_close(transformer(**inputs).sample, tiny_transformer(**inputs).sample)
-        torch.testing.assert_close(upsampler(lr, size=(6, 10)), tiny_upsampler(lr, size=(6, 10)))
+        torch.testing.assert_close(upsampler(lr, size=(6, 10)).sample, tiny_upsampler(lr, size=(6, 10)).sample)
 
 
 def test_rope_is_relative_in_time(tiny_transformer):

@@ -13,7 +13,7 @@ from cascade_vsr import LatentUpsampler3D, SpaceToDepthAutoencoder
 def test_fresh_upsampler_is_exactly_bilinear(lr_size, hr_size, num_frames):
     upsampler = LatentUpsampler3D(latent_channels=4, hidden_channels=8, num_blocks=1)
     lr = torch.randn(2, 4, num_frames, *lr_size)
-    out = upsampler(lr, size=hr_size)
+    out = upsampler(lr, size=hr_size).sample
     assert out.shape == (2, 4, num_frames, *hr_size)
     # Independent reference: F.interpolate on each frame separately.
     for t in range(num_frames):
@@ -30,7 +30,7 @@ def test_fresh_pixel_space_upsampler_is_exactly_a_pixel_resize(mode):
         latent_channels=48, hidden_channels=8, num_blocks=1, resize_mode=mode, space_to_depth_factor=4
     )
     lr = torch.randn(2, 48, 3, 6, 10)
-    out = upsampler(lr, size=(12, 20))
+    out = upsampler(lr, size=(12, 20)).sample
     pixels = autoencoder.decode(lr).sample
     for t in range(3):
         expected_pixels = F.interpolate(pixels[:, :, t], size=(48, 80), mode=mode, align_corners=False)
@@ -45,8 +45,8 @@ def test_pixel_grid_resize_reconstructs_a_smooth_picture_that_latent_bilinear_sc
     ramp = torch.linspace(-1, 1, 160).expand(1, 3, 1, 96, 160)
     small = F.interpolate(ramp[:, :, 0], size=(48, 80), mode="area")[:, :, None]
     lr = autoencoder.encode(small).latent_dist.mode()
-    pixel_grid = LatentUpsampler3D(48, 8, 1, space_to_depth_factor=4)(lr, size=(24, 40))
-    latent_grid = LatentUpsampler3D(48, 8, 1)(lr, size=(24, 40))
+    pixel_grid = LatentUpsampler3D(48, 8, 1, space_to_depth_factor=4)(lr, size=(24, 40)).sample
+    latent_grid = LatentUpsampler3D(48, 8, 1)(lr, size=(24, 40)).sample
     interior = (slice(None), slice(None), slice(None), slice(8, -8), slice(8, -8))
     pixel_error = (autoencoder.decode(pixel_grid).sample - ramp)[interior].abs().max()
     latent_error = (autoencoder.decode(latent_grid).sample - ramp)[interior].abs().max()
@@ -55,13 +55,13 @@ def test_pixel_grid_resize_reconstructs_a_smooth_picture_that_latent_bilinear_sc
 
 def test_trained_upsampler_keeps_frames_and_depends_on_neighbours(tiny_upsampler):
     lr = torch.randn(1, 4, 20, 6, 10)
-    out = tiny_upsampler(lr, size=(13, 21))
+    out = tiny_upsampler(lr, size=(13, 21)).sample
     assert out.shape == (1, 4, 20, 13, 21)
     # Five 3x3x3 convs in a row (conv_in, 2 in the block, hr_conv, conv_out) and per-frame norms:
     # changing frame 10 changes frames 5..15 and nothing else (chunked inference stays exact).
     lr2 = lr.clone()
     lr2[:, :, 10] += 1
-    diff = (tiny_upsampler(lr2, size=(13, 21)) - out).abs().amax(dim=(0, 1, 3, 4))
+    diff = (tiny_upsampler(lr2, size=(13, 21)).sample - out).abs().amax(dim=(0, 1, 3, 4))
     assert (diff[5:16] > 0).all()
     assert (diff[:5] == 0).all() and (diff[16:] == 0).all()
 
@@ -82,3 +82,15 @@ def test_upsampler_bad_inputs():
         LatentUpsampler3D(latent_channels=4, hidden_channels=8, space_to_depth_factor=4)
     with pytest.raises(ValueError, match="num_groups"):
         LatentUpsampler3D(hidden_channels=12, num_groups=8)
+
+
+def test_return_dict_gives_the_output_dataclass_or_a_tuple_of_the_same_sample(tiny_upsampler):
+    from cascade_vsr.models.upsampler import LatentUpsampler3DOutput
+
+    lr = torch.randn(1, 4, 2, 5, 7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = tiny_upsampler(lr, size=(9, 13))
+        as_tuple = tiny_upsampler(lr, size=(9, 13), return_dict=False)
+    assert isinstance(output, LatentUpsampler3DOutput) and output.sample.shape == (1, 4, 2, 9, 13)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.equal(as_tuple[0], output.sample) and torch.equal(output[0], output.sample)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
 from einops import rearrange
 
 from cascade_vsr.core.validation import check_latents, check_spatial_size
@@ -63,6 +66,18 @@ class ResBlock3D(nn.Module):
         return hidden_states + residual
 
 
+@dataclass
+class LatentUpsampler3DOutput(BaseOutput):
+    r"""
+    Output of [`LatentUpsampler3D`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(B, C, T, H, W)`): The latents upsampled to the target latent size.
+    """
+
+    sample: torch.Tensor
+
+
 class LatentUpsampler3D(ModelMixin, ConfigMixin):
     r"""
     Upsamples base-model latents to any target latent size: 3D convs at LR, a base resize, 3D convs at HR.
@@ -83,6 +98,9 @@ class LatentUpsampler3D(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Norms stay in the model's dtype under `enable_layerwise_casting` (fp8 storage would cost accuracy and save
+    # nothing: they are tiny).
+    _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
     def __init__(
@@ -123,8 +141,11 @@ class LatentUpsampler3D(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, lr_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Upsample (B, C, T, h, w) latents to (B, C, T, *size)."""
+    def forward(
+        self, lr_latents: torch.Tensor, size: tuple[int, int], return_dict: bool = True
+    ) -> LatentUpsampler3DOutput | tuple[torch.Tensor]:
+        """Upsample (B, C, T, h, w) latents to (B, C, T, *size): a `LatentUpsampler3DOutput`, or with
+        `return_dict=False` the tuple `(sample,)` (diffusers' model convention)."""
         check_latents(lr_latents, "lr_latents", channels=self.config.latent_channels)
         size = check_spatial_size(size, "size")
 
@@ -141,4 +162,7 @@ class LatentUpsampler3D(ModelMixin, ConfigMixin):
         hidden_states = resize_frames(hidden_states, size)
         hidden_states = self.hr_conv(F.silu(self.hr_norm(hidden_states)))
         residual = self.conv_out(F.silu(hidden_states))
-        return base + residual
+        sample = base + residual
+        if not return_dict:
+            return (sample,)
+        return LatentUpsampler3DOutput(sample=sample)

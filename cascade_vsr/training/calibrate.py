@@ -73,7 +73,7 @@ def detail_gain_curve(
         lr = lr.to(device)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
         scheduler.set_timesteps(num_steps)
-        condition = upsampler(lr, size=tuple(size))
+        condition = upsampler(lr, size=tuple(size)).sample
         condition = noise_augment(condition, noise_level, noise=torch.randn(condition.shape, generator=generator))
         latents = torch.randn(condition.shape, generator=generator).to(device)
         mask = high_frequency_mask(*size, cutoff).to(device)

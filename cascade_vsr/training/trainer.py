@@ -86,7 +86,7 @@ class CascadeVSRTrainModule(nn.Module):
         prompt_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch_size = hr_latents.shape[0]
-        upsampled = self.upsampler(lr_latents, size=tuple(hr_latents.shape[-2:]))
+        upsampled = self.upsampler(lr_latents, size=tuple(hr_latents.shape[-2:])).sample
         condition = noise_augment(upsampled, aug_level, noise=aug_noise.to(upsampled.dtype))
         noisy = add_noise(hr_latents, noise, sigma)
 
