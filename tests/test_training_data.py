@@ -172,8 +172,8 @@ def test_config_files_parse(tmp_path):
         ("# only a comment\n", "is empty"),
         ("- data_dir: x\n", "must be a mapping of field: value, got a list"),
         ("data_dir: x\ncrop_size: 4\n", "`crop_size` must be a list of int, got 4"),
-        ("data_dir: x\nlearning_rate: 1e-3\n", "`learning_rate` must be a number, got the string '1e-3'"),
-        ("data_dir: x\nmax_train_steps: '10'\n", "`max_train_steps` must be an integer, got the string '10'"),
+        ("data_dir: x\nlearning_rate: fast\n", "`learning_rate` must be a number, got the string 'fast'"),
+        ("data_dir: x\nmax_train_steps: '10.5'\n", "`max_train_steps` must be an integer, got the string '10.5'"),
         ("data_dir: x\nuse_ema: 'no'\n", "`use_ema` must be true or false"),
         ("data_dir: x\nmixed_precision: fp8\n", "`mixed_precision` must be one of"),
         ("data_dir: x\nlearning_rate: .nan\n", "`learning_rate` must be finite"),
@@ -185,6 +185,13 @@ def test_bad_config_files(tmp_path, text, match):
     config.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_config(config)
+
+
+def test_numbers_written_as_strings_are_read_as_numbers(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("data_dir: x\nlearning_rate: 1e-3\nmax_train_steps: '10'\ncrop_size: ['4', 6]\n")
+    _, data, train = load_config(config)
+    assert (train.learning_rate, train.max_train_steps, data.crop_size) == (1e-3, 10, [4, 6])
 
 
 def test_bad_datasets(tmp_path):

@@ -226,7 +226,7 @@ def test_non_finite_latents_stop_the_run_at_once(pairs, tmp_path, value):
     save_file(tensors, str(path), metadata=metadata)
 
     output = tmp_path / "out"
-    with pytest.raises(NonFiniteTrainingError, match=rf"non-finite training step \d+: .*{bad['id']}"):
+    with pytest.raises(NonFiniteTrainingError, match=rf"non-finite training step \d+ \(model\): .*{bad['id']}"):
         train(*load_config(None, tiny_args(data, output, 6, *SMALL, "--checkpointing_steps", "1")))
     assert not (output / "export").exists()
     for folder in ckpt.complete_checkpoints(output / "checkpoints"):

@@ -149,6 +149,45 @@ class TrainConfig:
             "(against flicker; the optimum is unchanged). Default: the paper's plain loss."
         },
     )
+    objective: str = field(
+        default="diffusion",
+        metadata={
+            "help": "diffusion: the flow-matching loss (SimpleGVR); distill: a student learns in one step what the "
+            "teacher (pretrained_model_name_or_path) does in two (progressive distillation); adversarial: one-step "
+            "adversarial post-training of a distilled one-step model against a discriminator (SeedVR2)."
+        },
+    )
+    distill_teacher_steps: int = field(
+        default=2, metadata={"help": "distill: the teacher's Euler steps; the student learns half as many."}
+    )
+    distill_guidance_scale: float = field(default=1.0, metadata={"help": "distill: the teacher's CFG scale."})
+    discriminator_learning_rate: float = field(default=5e-5, metadata={"help": "adversarial: the discriminator's."})
+    discriminator_head_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "adversarial: 1-based trunk blocks read by the logit heads (default: SeedVR2)."},
+    )
+    discriminator_sigma: float = field(
+        default=0.0, metadata={"help": "adversarial: noise level of the latents the discriminator sees."}
+    )
+    gan_weight: float = field(default=1.0, metadata={"help": "adversarial: RpGAN weight (both networks)."})
+    l1_weight: float = field(default=1.0, metadata={"help": "adversarial: generator L1 to the HR latents."})
+    feature_matching_weight: float = field(default=1.0, metadata={"help": "adversarial: discriminator features."})
+    r1_weight: float = field(default=1000.0, metadata={"help": "adversarial: approximated R1 (real inputs)."})
+    r2_weight: float = field(default=1000.0, metadata={"help": "adversarial: approximated R2 (generated inputs)."})
+    gradient_penalty_sigma: float = field(
+        default=0.01, metadata={"help": "adversarial: std of the input perturbation of approximated R1 / R2."}
+    )
+    pixel_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "adversarial: L1 in pixels between VAE decodes of random latent crops (InfVSR)."},
+    )
+    pixel_crop_size: list[int] | None = field(
+        default=None, metadata={"help": "adversarial: (h, w) latent crop that is decoded (default: the whole)."}
+    )
+    temporal_smoothness_weight: float = field(
+        default=0.0,
+        metadata={"help": "adversarial: squared difference of frame-to-frame changes, on the decoded crops."},
+    )
     logit_mean: float = 0.0
     logit_std: float = 1.0
     timestep_curve: str | None = field(
@@ -177,10 +216,15 @@ class TrainConfig:
     )
 
     def sampling(self) -> dict:
-        """The export's recommended sampler settings (`CascadeVSRPipeline(sampling=...)`)."""
+        """The export's recommended sampler settings (`CascadeVSRPipeline(sampling=...)`): a distilled student samples
+        in half its teacher's steps and an adversarially post-trained model in one, whatever
+        `sampling_num_inference_steps` says."""
         strength = self.sampling_noise_aug_strength
+        steps = {"distill": self.distill_teacher_steps // 2, "adversarial": 1}.get(
+            self.objective, self.sampling_num_inference_steps
+        )
         return {
-            "num_inference_steps": self.sampling_num_inference_steps,
+            "num_inference_steps": steps,
             "noise_aug_strength": (self.noise_aug_min + self.noise_aug_max) / 2 if strength is None else strength,
             "noise_frame_correlation": self.sampling_noise_frame_correlation,
             "guidance_scale": self.sampling_guidance_scale,
@@ -189,6 +233,7 @@ class TrainConfig:
 
 
 CONFIG_CLASSES = (ModelConfig, DataConfig, TrainConfig)
+OBJECTIVES = ("diffusion", "distill", "adversarial")
 # diffusers.optimization's schedules that need no extra arguments
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 UPSAMPLER_TRAINING = ("joint", "frozen", "resize")
@@ -232,13 +277,32 @@ def check_field_value(name: str, value: Any, annotation: Any) -> None:
             raise ValueError(f"`{name}` must be an integer, got {_describe(value)}")
     elif annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if isinstance(value, str) else ""
-            raise ValueError(f"`{name}` must be a number, got {_describe(value)}{hint}")
+            raise ValueError(f"`{name}` must be a number, got {_describe(value)}")
         if not math.isfinite(value):
             raise ValueError(f"`{name}` must be finite, got {value}")
     elif annotation is str:
         if not isinstance(value, str):
             raise ValueError(f"`{name}` must be a string, got {_describe(value)}")
+
+
+def parse_number_strings(value: Any, annotation: Any) -> Any:
+    """Numbers written as strings in a config file (YAML reads `1e-3` as a string) become numbers where the field
+    holds numbers, as they do on the command line; anything else is returned unchanged for the type check."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in arguments if a is not type(None)]
+        numeric = [a for a in options if a in (int, float)]
+        if numeric and isinstance(value, str):
+            return parse_number_strings(value, numeric[0])
+        return parse_number_strings(value, options[0]) if len(options) == 1 else value
+    if origin is list and isinstance(value, list):
+        return [parse_number_strings(item, arguments[0]) for item in value]
+    if annotation in (int, float) and isinstance(value, str):
+        try:
+            return annotation(value)
+        except ValueError:
+            return value
+    return value
 
 
 def check_field_types(config: Any) -> None:
@@ -309,6 +373,32 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         raise ValueError(
             f"`adam_weight_decay` must be >= 0 and `logit_std` positive, got {train.adam_weight_decay}, {train.logit_std}"
         )
+    if train.objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {train.objective!r}")
+    if train.objective != "diffusion" and model.pretrained_model_name_or_path is None:
+        raise ValueError(
+            f"`objective` {train.objective!r} starts from a trained stage: set `pretrained_model_name_or_path` "
+            "(distill: the teacher; adversarial: the distilled one-step model)"
+        )
+    if train.distill_teacher_steps < 2 or train.distill_teacher_steps % 2:
+        raise ValueError(f"`distill_teacher_steps` must be an even number >= 2, got {train.distill_teacher_steps}")
+    if train.distill_guidance_scale < 1:
+        raise ValueError(f"`distill_guidance_scale` must be >= 1 (1: none), got {train.distill_guidance_scale}")
+    for name in ("gan_weight", "l1_weight", "feature_matching_weight", "r1_weight", "r2_weight",
+                 "pixel_loss_weight", "temporal_smoothness_weight", "discriminator_sigma"):  # fmt: skip
+        if getattr(train, name) < 0:
+            raise ValueError(f"`{name}` must be >= 0, got {getattr(train, name)}")
+    if not train.discriminator_sigma < 1:
+        raise ValueError(f"`discriminator_sigma` must lie in [0, 1), got {train.discriminator_sigma}")
+    if train.discriminator_learning_rate <= 0 or train.gradient_penalty_sigma <= 0:
+        raise ValueError(
+            "`discriminator_learning_rate` and `gradient_penalty_sigma` must be positive, got "
+            f"{train.discriminator_learning_rate}, {train.gradient_penalty_sigma}"
+        )
+    if train.pixel_crop_size is not None and (len(train.pixel_crop_size) != 2 or min(train.pixel_crop_size) <= 0):
+        raise ValueError(f"`pixel_crop_size` must be two positive ints (h w), got {train.pixel_crop_size}")
+    if train.objective == "adversarial" and train.gradient_accumulation_steps != 1:
+        raise ValueError("`gradient_accumulation_steps` must be 1 with `objective` adversarial")
     if train.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"`lr_scheduler` must be one of {LR_SCHEDULERS}, got {train.lr_scheduler!r}")
     if not (0 <= train.noise_aug_min <= train.noise_aug_max <= 1):
@@ -371,6 +461,7 @@ def read_config_file(path: str | Path) -> dict:
     unknown = sorted(str(key) for key in values if key not in annotations)
     if unknown:
         raise ValueError(f"`config` {str(path)!r} has unknown fields: {', '.join(unknown)}")
+    values = {name: parse_number_strings(value, annotations[name]) for name, value in values.items()}
     for name, value in values.items():
         check_field_value(name, value, annotations[name])
     return values

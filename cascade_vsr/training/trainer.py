@@ -22,13 +22,16 @@ clips of the batch: nothing non-finite is checkpointed or exported.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -38,15 +41,24 @@ from cascade_vsr.core.flow import (
     condition_prior_std,
     noise_augment,
     preconditioned_loss_weight,
+    predict_clean,
     sigma_to_timestep,
     velocity_target,
 )
 from cascade_vsr.core.validation import check_pretrained_source
+from cascade_vsr.models.discriminator import CascadeVSRDiscriminator
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D
 from cascade_vsr.training import checkpoint as ckpt
 from cascade_vsr.training.config import DataConfig, ModelConfig, TrainConfig, validate
 from cascade_vsr.training.data import PairLatentDataset, collate_pairs
+from cascade_vsr.training.objectives import (
+    StepInputs,
+    discriminator_step_loss,
+    draw_inputs,
+    generator_step_loss,
+    teacher_two_steps,
+)
 from cascade_vsr.training.samplers import BucketBatchSampler, make_timestep_sampler
 
 logger = logging.getLogger(__name__)
@@ -61,7 +73,10 @@ class NonFiniteTrainingError(ValueError):
 
 class CascadeVSRTrainModule(nn.Module):
     """The upsampler and the transformer as one module whose forward returns the loss, so that DDP / FSDP wrap
-    (and synchronize) both, and mixed-precision autocast covers the whole forward."""
+    (and synchronize) both, and mixed-precision autocast covers the whole forward.
+
+    The subclasses keep the same two submodules (and so the same state dict) and change only what forward
+    computes: the distillation loss, or the one-step prediction of adversarial post-training."""
 
     def __init__(
         self,
@@ -72,6 +87,49 @@ class CascadeVSRTrainModule(nn.Module):
         super().__init__()
         self.upsampler, self.transformer = upsampler, transformer
         self.temporal_loss_weight = temporal_loss_weight
+
+    def condition(
+        self, lr_latents: torch.Tensor, size: tuple[int, int], aug_noise: torch.Tensor, aug_level: torch.Tensor
+    ) -> torch.Tensor:
+        """The noise-augmented upsampled LR latents c."""
+        upsampled = self.upsampler(lr_latents, size=size).sample
+        return noise_augment(upsampled, aug_level, noise=aug_noise.to(upsampled.dtype))
+
+    def text(
+        self,
+        batch_size: int,
+        drop_text: torch.Tensor,
+        prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text conditioning, the learned null embedding where `drop_text`.
+
+        The null embedding is always in the graph (selected per sample with `where`), so DDP sees the same
+        parameters used on every rank and step."""
+        if prompt_embeds is None:
+            return self.transformer.null_text_embeds(batch_size), None
+        null = self.transformer.null_text_embeds(batch_size, prompt_embeds.shape[1]).to(prompt_embeds.dtype)
+        text = torch.where(drop_text[:, None, None], null, prompt_embeds)
+        mask = torch.where(drop_text[:, None], torch.ones_like(prompt_attention_mask), prompt_attention_mask)
+        return text, mask
+
+    def velocity(
+        self,
+        noisy: torch.Tensor,
+        condition: torch.Tensor,
+        sigma: torch.Tensor,
+        aug_level: torch.Tensor,
+        text: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return self.transformer(
+            noisy,
+            condition,
+            timestep=sigma_to_timestep(sigma).to(noisy.device),
+            noise_aug_level=aug_level,
+            encoder_hidden_states=text,
+            encoder_attention_mask=mask,
+        ).sample
 
     def forward(
         self,
@@ -85,28 +143,10 @@ class CascadeVSRTrainModule(nn.Module):
         prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        batch_size = hr_latents.shape[0]
-        upsampled = self.upsampler(lr_latents, size=tuple(hr_latents.shape[-2:])).sample
-        condition = noise_augment(upsampled, aug_level, noise=aug_noise.to(upsampled.dtype))
+        condition = self.condition(lr_latents, tuple(hr_latents.shape[-2:]), aug_noise, aug_level)
         noisy = add_noise(hr_latents, noise, sigma)
-
-        # The null embedding is always in the graph (selected per sample with `where`), so DDP sees the same
-        # parameters used on every rank and step.
-        if prompt_embeds is None:
-            text, mask = self.transformer.null_text_embeds(batch_size), None
-        else:
-            null = self.transformer.null_text_embeds(batch_size, prompt_embeds.shape[1]).to(prompt_embeds.dtype)
-            text = torch.where(drop_text[:, None, None], null, prompt_embeds)
-            mask = torch.where(drop_text[:, None], torch.ones_like(prompt_attention_mask), prompt_attention_mask)
-
-        velocity = self.transformer(
-            noisy,
-            condition,
-            timestep=sigma_to_timestep(sigma).to(noisy.device),
-            noise_aug_level=aug_level,
-            encoder_hidden_states=text,
-            encoder_attention_mask=mask,
-        ).sample
+        text, mask = self.text(hr_latents.shape[0], drop_text, prompt_embeds, prompt_attention_mask)
+        velocity = self.velocity(noisy, condition, sigma, aug_level, text, mask)
         error = velocity.float() - velocity_target(hr_latents, noise).float()
         squared_error = clip_squared_error(error, self.temporal_loss_weight)
         residual_std = self.transformer.config.condition_residual_std
@@ -115,6 +155,52 @@ class CascadeVSRTrainModule(nn.Module):
         # A preconditioned model: the MSE of its residual output (unit-variance target at every sigma).
         prior_std = condition_prior_std(aug_level, residual_std, condition)
         return (squared_error * preconditioned_loss_weight(sigma, prior_std)).mean()
+
+
+class DistillationTrainModule(CascadeVSRTrainModule):
+    """Progressive distillation (Salimans & Ho 2022; SeedVR2 3.3): from z at sigma_from, one student Euler step to
+    sigma_to must land where two teacher steps land; the loss is the MSE in latent space."""
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        lr_latents: torch.Tensor,
+        sigma_from: torch.Tensor,
+        sigma_to: torch.Tensor,
+        teacher_latents: torch.Tensor,
+        aug_noise: torch.Tensor,
+        aug_level: torch.Tensor,
+        drop_text: torch.Tensor,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        condition = self.condition(lr_latents, tuple(noisy.shape[-2:]), aug_noise, aug_level)
+        text, mask = self.text(noisy.shape[0], drop_text, prompt_embeds, prompt_attention_mask)
+        velocity = self.velocity(noisy, condition, sigma_from, aug_level, text, mask)
+        step = (sigma_to - sigma_from).reshape(-1, 1, 1, 1, 1)
+        student_latents = noisy.float() + step * velocity.float()
+        return (student_latents - teacher_latents.float()).square().mean()
+
+
+class OneStepGenerator(CascadeVSRTrainModule):
+    """The one-step generator of adversarial post-training: pure noise at sigma 1 -> the predicted clean latents
+    (one Euler step to 0), and the condition it used (for the discriminator)."""
+
+    def forward(
+        self,
+        noise: torch.Tensor,
+        lr_latents: torch.Tensor,
+        aug_noise: torch.Tensor,
+        aug_level: torch.Tensor,
+        drop_text: torch.Tensor,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        condition = self.condition(lr_latents, tuple(noise.shape[-2:]), aug_noise, aug_level)
+        text, mask = self.text(noise.shape[0], drop_text, prompt_embeds, prompt_attention_mask)
+        sigma = torch.ones(noise.shape[0], device=noise.device)
+        velocity = self.velocity(noise, condition, sigma, aug_level, text, mask)
+        return predict_clean(noise.float(), velocity.float(), 1.0), condition
 
 
 def clip_squared_error(error: torch.Tensor, temporal_loss_weight: float = 0.0) -> torch.Tensor:
@@ -226,11 +312,69 @@ def _step_generator(seed: int, rank: int, step: int, micro: int, device: torch.d
     return generator
 
 
+@dataclass
+class TrainedNetwork:
+    """A network the run updates, with its own optimizer and LR schedule (the stage; the discriminator)."""
+
+    name: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+
+
+def _optimizer_and_schedule(parameters: list, learning_rate: float, train_config: TrainConfig):
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=learning_rate,
+        betas=(train_config.adam_beta1, train_config.adam_beta2),
+        weight_decay=train_config.adam_weight_decay,
+        eps=train_config.adam_epsilon,
+    )
+    # Not prepared: accelerate would step a prepared schedule once per process; ours counts optimizer steps.
+    lr_scheduler = get_scheduler(
+        train_config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=train_config.lr_warmup_steps,
+        num_training_steps=train_config.max_train_steps,
+    )
+    return optimizer, lr_scheduler
+
+
+def teacher_sigmas(model_path: str, num_steps: int) -> torch.Tensor:
+    """The N + 1 sigmas (ending at 0) of the teacher's N-step schedule, from its own scheduler config: the sigmas
+    of the pipeline's default schedule, so that the student's N/2-step schedule is every second one of them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cascade_vsr.pipelines.sampling import set_schedule
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_path, subfolder="scheduler")
+    if scheduler.config.use_dynamic_shifting:
+        raise ValueError("distillation needs a scheduler with a static shift (the teacher's has dynamic shifting)")
+    set_schedule(scheduler, None, num_steps, seq_len=0, device="cpu")
+    return scheduler.sigmas.float()
+
+
+def pixel_decoder(model_path: str, device: torch.device):
+    """Decode model-space latents to pixels with the stage folder's own VAE (for the pixel losses), frozen."""
+    from cascade_vsr.pipelines.adapters import LatentAdapter
+    from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
+
+    vae = CascadeVSRPipeline.from_pretrained(model_path).vae
+    if vae is None:
+        raise ValueError(
+            f"`pixel_loss_weight` / `temporal_smoothness_weight` decode through a VAE, but {model_path!r} has no vae/"
+        )
+    vae = vae.to(device).requires_grad_(False).eval()
+    adapter = LatentAdapter.for_vae(vae)
+    return lambda latents: adapter.decode(vae, latents)
+
+
 def train(model_config: ModelConfig, data_config: DataConfig, train_config: TrainConfig) -> dict:
     """Run (or resume) a training run; returns a summary. Call under `accelerate launch` for several processes."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-    from diffusers.optimization import get_scheduler
+    from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
@@ -240,6 +384,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             check_pretrained_source(
                 model_config.pretrained_model_name_or_path, "pretrained_model_name_or_path", subfolder
             )
+    objective = train_config.objective
     output_dir = Path(train_config.output_dir)
     accelerator = Accelerator(
         mixed_precision=train_config.mixed_precision,
@@ -269,45 +414,60 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
     )
-    timestep_sampler = make_timestep_sampler(
-        train_config.timestep_sampler, train_config.logit_mean, train_config.logit_std, train_config.timestep_curve
-    )
+    sigma_sampler = None
+    if objective == "diffusion":
+        sigma_sampler = make_timestep_sampler(
+            train_config.timestep_sampler, train_config.logit_mean, train_config.logit_std, train_config.timestep_curve
+        )
 
-    # Models, optimizer, schedule, EMA.
+    # Models, optimizers, schedules, EMA.
     upsampler, transformer = build_models(model_config)
     if upsampler.config.latent_channels != transformer.config.latent_channels:
         raise ValueError(
             f"upsampler latent_channels {upsampler.config.latent_channels} != transformer latent_channels "
             f"{transformer.config.latent_channels}"
         )
+    device = accelerator.device
+    teacher = sigmas = discriminator = decode = None
+    if objective == "distill":
+        # the teacher is the loaded stage as it is, frozen
+        teacher = CascadeVSRTrainModule(copy.deepcopy(upsampler), copy.deepcopy(transformer))
+        teacher = teacher.requires_grad_(False).eval().to(device)
+        sigmas = teacher_sigmas(model_config.pretrained_model_name_or_path, train_config.distill_teacher_steps)
     if train_config.upsampler_training == "resize":
         upsampler.reset_residual()
     if train_config.upsampler_training != "joint":
         upsampler.requires_grad_(False)
+    if objective == "adversarial":
+        head_layers = train_config.discriminator_head_layers
+        discriminator = CascadeVSRDiscriminator.from_transformer(
+            transformer, tuple(head_layers) if head_layers is not None else None
+        )
+        if train_config.pixel_loss_weight or train_config.temporal_smoothness_weight:
+            decode = pixel_decoder(model_config.pretrained_model_name_or_path, device)
     if train_config.gradient_checkpointing:
-        upsampler.enable_gradient_checkpointing()
-        transformer.enable_gradient_checkpointing()
-    module = CascadeVSRTrainModule(upsampler, transformer, train_config.temporal_loss_weight)
-    module.train()
-    optimizer = torch.optim.AdamW(
-        [p for p in module.parameters() if p.requires_grad],
-        lr=train_config.learning_rate,
-        betas=(train_config.adam_beta1, train_config.adam_beta2),
-        weight_decay=train_config.adam_weight_decay,
-        eps=train_config.adam_epsilon,
+        for model in (upsampler, transformer, *([discriminator.trunk] if discriminator is not None else [])):
+            model.enable_gradient_checkpointing()
+    module_class = {"diffusion": CascadeVSRTrainModule, "distill": DistillationTrainModule}.get(
+        objective, OneStepGenerator
     )
-    # Not prepared: accelerate would step a prepared schedule once per process; ours counts optimizer steps.
-    lr_scheduler = get_scheduler(
-        train_config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=train_config.lr_warmup_steps,
-        num_training_steps=train_config.max_train_steps,
+    module = module_class(upsampler, transformer, train_config.temporal_loss_weight).train()
+    optimizer, lr_scheduler = _optimizer_and_schedule(
+        [p for p in module.parameters() if p.requires_grad], train_config.learning_rate, train_config
     )
     module, optimizer = accelerator.prepare(module, optimizer)
+    networks = [TrainedNetwork("model", module, optimizer, lr_scheduler)]
+    if discriminator is not None:
+        d_optimizer, d_lr_scheduler = _optimizer_and_schedule(
+            list(discriminator.parameters()), train_config.discriminator_learning_rate, train_config
+        )
+        discriminator, d_optimizer = accelerator.prepare(discriminator.train(), d_optimizer)
+        networks.append(TrainedNetwork("discriminator", discriminator, d_optimizer, d_lr_scheduler))
     unwrapped = accelerator.unwrap_model(module)
-    ema = EMAModel(unwrapped.parameters(), decay=train_config.ema_decay) if train_config.use_ema else None
+    trained = [p for p in unwrapped.parameters() if p.requires_grad]
+    ema = EMAModel(trained, decay=train_config.ema_decay) if train_config.use_ema else None
     state = TrainState()
-    checkpointer = Checkpointer(accelerator, module, optimizer, lr_scheduler, ema, state)
+    checkpointer = Checkpointer(accelerator, networks, ema, state)
 
     if train_config.resume_from_checkpoint:
         checkpoint = find_checkpoint(output_dir, train_config.resume_from_checkpoint)
@@ -339,8 +499,9 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
                 yield batch
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
-    device = accelerator.device
     accumulation = train_config.gradient_accumulation_steps
+    # distilled and one-step models start from noise drawn as the sampler draws it
+    correlation = 0.0 if objective == "diffusion" else train_config.sampling_noise_frame_correlation
     batches = micro_batches()
     progress = tqdm(
         total=train_config.max_train_steps,
@@ -348,65 +509,50 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         desc="train",
         disable=not accelerator.is_local_main_process,
     )
-    losses, step_clips = [], []
+    d_unwrapped = accelerator.unwrap_model(discriminator) if discriminator is not None else None
+
+    def stage_loss(inputs: StepInputs, sigma: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """The loss of the stage (the generator of adversarial training) on one micro-batch, and its terms."""
+        if objective == "diffusion":
+            loss = module(inputs.hr, inputs.lr, inputs.noise, sigma, inputs.aug_noise, inputs.aug_level, *inputs.text)
+            return loss, {}
+        if objective == "distill":
+            noisy, start, end, target = teacher_two_steps(teacher, inputs, sigmas, train_config.distill_guidance_scale)
+            loss = module(noisy, inputs.lr, start, end, target, inputs.aug_noise, inputs.aug_level, *inputs.text)
+            return loss, {}
+        return generator_step_loss(module, d_unwrapped, inputs, train_config, decode)
+
+    def critic_loss(inputs: StepInputs, sigma: None) -> tuple[torch.Tensor, dict]:
+        return discriminator_step_loss(discriminator, unwrapped, inputs, train_config)
+
+    losses = []
     start_time = time.perf_counter()
     start_step = state.step
     while state.step < train_config.max_train_steps:
-        step_loss = torch.zeros((), device=device)
-        for micro in range(accumulation):
-            batch = next(batches)
-            generator = _step_generator(train_config.seed, accelerator.process_index, state.step, micro, device)
-            hr = batch["hr_latents"].to(device)
-            lr = batch["lr_latents"].to(device)
-            batch_size = hr.shape[0]
-            sigma = timestep_sampler.sample(batch_size, generator=generator, device=device)
-            low, high = train_config.noise_aug_min, train_config.noise_aug_max
-            aug_level = low + (high - low) * torch.rand(batch_size, generator=generator, device=device)
-            noise = torch.randn(hr.shape, generator=generator, device=device)
-            aug_noise = torch.randn(hr.shape, generator=generator, device=device)
-            drop = torch.rand(batch_size, generator=generator, device=device) < train_config.text_dropout
-            prompt_embeds = batch.get("prompt_embeds")
-            mask = batch.get("prompt_attention_mask")
-            if prompt_embeds is not None:
-                prompt_embeds, mask = prompt_embeds.to(device), mask.to(device)
-                drop = drop | ~batch["has_text"].to(device)
-            sync = micro == accumulation - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(module):
-                loss = module(hr, lr, noise, sigma, aug_noise, aug_level, drop, prompt_embeds, mask)
-                accelerator.backward(loss / accumulation)
-            step_loss += loss.detach() / accumulation
-            step_clips.extend(batch["ids"])
-
-        grad_norm = accelerator.clip_grad_norm_(module.parameters(), train_config.max_grad_norm)
-        mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
-        # The reduced loss and the norm of the synchronised gradients are the same on every process, so all of
-        # them stop together.
-        if not (math.isfinite(mean_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))):
-            clips = sorted(set(gather_object(step_clips)))
-            raise NonFiniteTrainingError(
-                f"non-finite training step {state.step + 1}: loss {mean_loss}, gradient norm {grad_norm if grad_norm is None else float(grad_norm)}; "
-                f"the batch held clips {', '.join(clips)}. Nothing of this step was applied, checkpointed or "
-                "exported (check those clips' latents, or lower `learning_rate`)"
-            )
-        step_clips.clear()
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro = []
+        for index in range(accumulation):
+            generator = _step_generator(train_config.seed, accelerator.process_index, state.step, index, device)
+            micro.append(draw_inputs(next(batches), generator, train_config, device, sigma_sampler, correlation))
+        record = {"step": state.step + 1}
+        if discriminator is not None:
+            d_loss, d_norm, d_parts = update(accelerator, networks[1], micro, critic_loss, state.step, train_config)
+            record |= {"d_loss": d_loss, "d_grad_norm": d_norm, **d_parts}
+            d_unwrapped.requires_grad_(False)  # frozen in the generator's step
+        try:
+            loss, grad_norm, parts = update(accelerator, networks[0], micro, stage_loss, state.step, train_config)
+        finally:
+            if d_unwrapped is not None:
+                d_unwrapped.requires_grad_(True)
         if ema is not None:
-            ema.step(unwrapped.parameters())
+            ema.step(trained)
         state.step += 1
         progress.update(1)
 
-        losses.append(mean_loss)
+        losses.append(loss)
         if state.step % train_config.logging_steps == 0 or state.step == train_config.max_train_steps:
-            record = {
-                "step": state.step,
-                "loss": mean_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "epoch": state.epoch,
-            }
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            record |= {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, **parts}
+            record["epoch"] = state.epoch
+            progress.set_postfix(loss=f"{loss:.4f}")
             if accelerator.is_main_process:
                 with log_path.open("a") as log:
                     log.write(json.dumps(record) + "\n")
@@ -420,13 +566,14 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     accelerator.wait_for_everyone()
     export_dir = output_dir / "export"
     if accelerator.is_main_process:
-        params = list(unwrapped.parameters())
         if ema is not None and train_config.export_ema:
-            ema.store(params)
-            ema.copy_to(params)
+            ema.store(trained)
+            ema.copy_to(trained)
         export_pipeline(export_dir, unwrapped.upsampler, unwrapped.transformer, train_config.sampling())
         if ema is not None and train_config.export_ema:
-            ema.restore(params)
+            ema.restore(trained)
+        if discriminator is not None:  # to continue adversarial training from this run
+            accelerator.unwrap_model(discriminator).save_pretrained(output_dir / "discriminator")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     steps = state.step - start_step
@@ -437,6 +584,47 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         "export_dir": str(export_dir),
         "model": unwrapped,
     }
+
+
+def update(
+    accelerator,
+    network: TrainedNetwork,
+    micro: list[tuple[StepInputs, torch.Tensor | None]],
+    loss_fn: Callable[[StepInputs, torch.Tensor | None], tuple[torch.Tensor, dict]],
+    step: int,
+    train_config: TrainConfig,
+) -> tuple[float, float | None, dict]:
+    """One optimizer step of `network` on the losses of the micro-batches (gradients accumulated, synchronised on
+    the last); stops with NonFiniteTrainingError before applying a step whose loss or gradient is not finite.
+
+    Returns the mean loss over micro-batches and processes, the gradient norm, and the loss terms of the last
+    micro-batch."""
+    from accelerate.utils import gather_object
+
+    step_loss = torch.zeros((), device=accelerator.device)
+    parts = {}
+    for index, (inputs, sigma) in enumerate(micro):
+        sync = index == len(micro) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(network.module):
+            loss, parts = loss_fn(inputs, sigma)
+            accelerator.backward(loss / len(micro))
+        step_loss += loss.detach() / len(micro)
+    grad_norm = accelerator.clip_grad_norm_(network.module.parameters(), train_config.max_grad_norm)
+    grad_norm = None if grad_norm is None else float(grad_norm)
+    mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+    # The reduced loss and the norm of the synchronised gradients are the same on every process, so all of them
+    # stop together.
+    if not (math.isfinite(mean_loss) and (grad_norm is None or math.isfinite(grad_norm))):
+        clips = sorted(set(gather_object([clip for inputs, _ in micro for clip in inputs.ids])))
+        raise NonFiniteTrainingError(
+            f"non-finite training step {step + 1} ({network.name}): loss {mean_loss}, gradient norm {grad_norm}; "
+            f"the batch held clips {', '.join(clips)}. Nothing of this step was applied, checkpointed or exported "
+            "(check those clips' latents, or lower the learning rate)"
+        )
+    network.optimizer.step()
+    network.lr_scheduler.step()
+    network.optimizer.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm, parts
 
 
 def truncate_log(log_path: Path, step: int) -> None:
@@ -458,11 +646,12 @@ def _logged_step(line: str) -> float:
 
 
 class Checkpointer:
-    """Saves and restores the whole training state in `training.checkpoint`'s pickle-free format."""
+    """Saves and restores the whole training state in `training.checkpoint`'s pickle-free format: per trained
+    network its weights (`<name>.safetensors`, the stage's as model.safetensors), optimizer and LR schedule; the
+    EMA of the stage, every process's RNG, the step and the data position."""
 
-    def __init__(self, accelerator, module: nn.Module, optimizer, lr_scheduler, ema, state: TrainState):
-        self.accelerator, self.module, self.optimizer = accelerator, module, optimizer
-        self.lr_scheduler, self.ema, self.state = lr_scheduler, ema, state
+    def __init__(self, accelerator, networks: list[TrainedNetwork], ema, state: TrainState):
+        self.accelerator, self.networks, self.ema, self.state = accelerator, networks, ema, state
 
     @property
     def _sharded(self) -> bool:
@@ -473,12 +662,20 @@ class Checkpointer:
     def _ema_file(self) -> str:
         return f"ema-rank{self.accelerator.process_index}.safetensors" if self._sharded else "ema.safetensors"
 
+    @staticmethod
+    def _files(name: str) -> tuple[str, str]:
+        return f"{name}.safetensors", "optimizer.safetensors" if name == "model" else f"{name}_optimizer.safetensors"
+
     def _model_configs(self) -> dict:
-        unwrapped = self.accelerator.unwrap_model(self.module)
-        return {
-            "upsampler": ckpt.json_config(unwrapped.upsampler.config),
-            "transformer": ckpt.json_config(unwrapped.transformer.config),
-        }
+        configs = {}
+        for network in self.networks:
+            unwrapped = self.accelerator.unwrap_model(network.module)
+            if network.name == "model":
+                configs["upsampler"] = ckpt.json_config(unwrapped.upsampler.config)
+                configs["transformer"] = ckpt.json_config(unwrapped.transformer.config)
+            else:
+                configs[network.name] = ckpt.json_config(unwrapped.config)
+        return configs
 
     def save(self, folder: Path, total_limit: int | None) -> Path:
         """Write checkpoint-<step> atomically, then prune the oldest beyond `total_limit`."""
@@ -486,13 +683,15 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         accelerator = self.accelerator
-        model_state, optimizer_state = get_state_dict(
-            self.module, self.optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        states = {
+            network.name: get_state_dict(network.module, network.optimizer.optimizer, options=options)
+            for network in self.networks
+        }
         manifest = {
             "format": ckpt.FORMAT_VERSION,
             "train_state": self.state.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "lr_schedulers": {network.name: network.lr_scheduler.state_dict() for network in self.networks},
             "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "num_processes": accelerator.num_processes,
             "sharded": self._sharded,
@@ -504,8 +703,10 @@ class Checkpointer:
             if self.ema is not None and (self._sharded or accelerator.is_main_process):
                 ckpt.save_state_file(temporary / self._ema_file(), self.ema.state_dict())
             if accelerator.is_main_process:
-                save_file({k: v.contiguous() for k, v in model_state.items()}, str(temporary / "model.safetensors"))
-                ckpt.save_state_file(temporary / "optimizer.safetensors", optimizer_state)
+                for name, (model_state, optimizer_state) in states.items():
+                    weights, optimizer_file = self._files(name)
+                    save_file({k: v.contiguous() for k, v in model_state.items()}, str(temporary / weights))
+                    ckpt.save_state_file(temporary / optimizer_file, optimizer_state)
                 (temporary / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
         final = folder / f"{CHECKPOINT_PREFIX}{self.state.step}"
@@ -530,19 +731,21 @@ class Checkpointer:
                 f"checkpoint {str(path)!r} keeps per-rank EMA shards of {manifest['num_processes']} FSDP processes; "
                 f"resume it with the same launch configuration"
             )
-        try:
-            model_state = load_file(str(path / "model.safetensors"))
-        except Exception as error:
-            raise ValueError(f"checkpoint file {str(path / 'model.safetensors')!r} is not readable: {error}") from None
-        optimizer_state = ckpt.load_state_file(path / "optimizer.safetensors")
-        set_state_dict(
-            self.module,
-            self.optimizer.optimizer,
-            model_state_dict=model_state,
-            optim_state_dict=optimizer_state,
-            options=StateDictOptions(full_state_dict=True),
-        )
-        self.lr_scheduler.load_state_dict(manifest["lr_scheduler"])
+        for network in self.networks:
+            weights, optimizer_file = self._files(network.name)
+            try:
+                model_state = load_file(str(path / weights))
+            except Exception as error:
+                raise ValueError(f"checkpoint file {str(path / weights)!r} is not readable: {error}") from None
+            optimizer_state = ckpt.load_state_file(path / optimizer_file)
+            set_state_dict(
+                network.module,
+                network.optimizer.optimizer,
+                model_state_dict=model_state,
+                optim_state_dict=optimizer_state,
+                options=StateDictOptions(full_state_dict=True),
+            )
+            network.lr_scheduler.load_state_dict(manifest["lr_schedulers"][network.name])
         if accelerator.scaler is not None and manifest["grad_scaler"] is not None:
             accelerator.scaler.load_state_dict(manifest["grad_scaler"])
         if self.ema is not None:
