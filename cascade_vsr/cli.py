@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": "cascade_vsr.commands.demo",
     "make-pairs": "cascade_vsr.commands.make_pairs",
     "train": "cascade_vsr.commands.train",
+    "distill": "cascade_vsr.commands.distill",
     "calibrate-sampler": "cascade_vsr.commands.calibrate_sampler",
     "evaluate": "cascade_vsr.commands.evaluate",
     "upscale": "cascade_vsr.commands.upscale",

@@ -75,6 +75,13 @@ class CascadeVSRDiscriminator(ModelMixin, ConfigMixin):
         self.heads = nn.ModuleList(
             DiscriminatorHead(dim, self.trunk.config.num_attention_heads, num_queries) for _ in head_layers
         )
+        # What no logit depends on stays frozen: the blocks after the deepest head, the output projection, and
+        # the null text embedding (the discriminator reads the generator's text conditioning as given).
+        unused = [*self.trunk.blocks[max(head_layers) :], self.trunk.norm_out, self.trunk.proj_out]
+        for module in unused:
+            module.requires_grad_(False)
+        self.trunk.scale_shift_table.requires_grad_(False)
+        self.trunk.null_text_embedding.requires_grad_(False)
 
     @classmethod
     def from_transformer(
@@ -88,7 +95,8 @@ class CascadeVSRDiscriminator(ModelMixin, ConfigMixin):
         discriminator = cls(transformer=config, head_layers=head_layers, num_queries=num_queries)
         discriminator.trunk.load_state_dict(transformer.state_dict())
         parameter = next(transformer.parameters())
-        return discriminator.to(device=parameter.device, dtype=parameter.dtype)
+        discriminator = discriminator.to(parameter.device)
+        return discriminator if parameter.dtype == torch.float32 else discriminator.to(parameter.dtype)
 
     def forward(
         self,

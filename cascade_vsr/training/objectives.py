@@ -144,6 +144,7 @@ def discriminator_step_loss(
     batch_size = inputs.hr.shape[0]
     with torch.no_grad():
         fake, condition = generator(inputs.noise, inputs.lr, inputs.aug_noise, inputs.aug_level, *inputs.text)
+        embeds, mask = generator.text(batch_size, *inputs.text)
     shape, device, draw = inputs.hr.shape, inputs.hr.device, inputs.generator
     view_noise = torch.randn(shape, generator=draw, device=device)
     perturb_real, perturb_fake = (torch.randn(shape, generator=draw, device=device) for _ in range(2))
@@ -151,7 +152,6 @@ def discriminator_step_loss(
     fake = _discriminator_input(fake.to(inputs.hr.dtype), view_noise, config.discriminator_sigma)
     sigma = config.gradient_penalty_sigma
     samples = torch.cat([real, fake, real + sigma * perturb_real, fake + sigma * perturb_fake])
-    embeds, mask = generator.text(batch_size, *inputs.text)
     logits = discriminator(
         samples,
         condition.repeat(4, 1, 1, 1, 1),
@@ -196,7 +196,8 @@ def generator_step_loss(
     fake, condition = generator(inputs.noise, inputs.lr, inputs.aug_noise, inputs.aug_level, *inputs.text)
     device, draw = inputs.hr.device, inputs.generator
     view_noise = torch.randn(inputs.hr.shape, generator=draw, device=device)
-    embeds, mask = generator_text(generator, batch_size, inputs)
+    with torch.no_grad():  # the discriminator judges the clip; the text is given, not generated
+        embeds, mask = generator_text(generator, batch_size, inputs)
     judged = dict(
         condition=condition.detach(),
         timestep=sigma_to_timestep(torch.full((batch_size,), config.discriminator_sigma, device=device)),

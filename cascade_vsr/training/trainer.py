@@ -358,7 +358,7 @@ def teacher_sigmas(model_path: str, num_steps: int) -> torch.Tensor:
 
 def pixel_decoder(model_path: str, device: torch.device):
     """Decode model-space latents to pixels with the stage folder's own VAE (for the pixel losses), frozen."""
-    from cascade_vsr.pipelines.adapters import LatentAdapter
+    from cascade_vsr.pipelines.adapters import get_adapter
     from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
 
     vae = CascadeVSRPipeline.from_pretrained(model_path).vae
@@ -367,7 +367,7 @@ def pixel_decoder(model_path: str, device: torch.device):
             f"`pixel_loss_weight` / `temporal_smoothness_weight` decode through a VAE, but {model_path!r} has no vae/"
         )
     vae = vae.to(device).requires_grad_(False).eval()
-    adapter = LatentAdapter.for_vae(vae)
+    adapter = get_adapter(vae)
     return lambda latents: adapter.decode(vae, latents)
 
 
@@ -459,7 +459,9 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     networks = [TrainedNetwork("model", module, optimizer, lr_scheduler)]
     if discriminator is not None:
         d_optimizer, d_lr_scheduler = _optimizer_and_schedule(
-            list(discriminator.parameters()), train_config.discriminator_learning_rate, train_config
+            [p for p in discriminator.parameters() if p.requires_grad],
+            train_config.discriminator_learning_rate,
+            train_config,
         )
         discriminator, d_optimizer = accelerator.prepare(discriminator.train(), d_optimizer)
         networks.append(TrainedNetwork("discriminator", discriminator, d_optimizer, d_lr_scheduler))
@@ -510,6 +512,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         disable=not accelerator.is_local_main_process,
     )
     d_unwrapped = accelerator.unwrap_model(discriminator) if discriminator is not None else None
+    d_trained = [p for p in d_unwrapped.parameters() if p.requires_grad] if d_unwrapped is not None else []
 
     def stage_loss(inputs: StepInputs, sigma: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         """The loss of the stage (the generator of adversarial training) on one micro-batch, and its terms."""
@@ -537,12 +540,13 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         if discriminator is not None:
             d_loss, d_norm, d_parts = update(accelerator, networks[1], micro, critic_loss, state.step, train_config)
             record |= {"d_loss": d_loss, "d_grad_norm": d_norm, **d_parts}
-            d_unwrapped.requires_grad_(False)  # frozen in the generator's step
+            for parameter in d_trained:  # frozen in the generator's step
+                parameter.requires_grad_(False)
         try:
             loss, grad_norm, parts = update(accelerator, networks[0], micro, stage_loss, state.step, train_config)
         finally:
-            if d_unwrapped is not None:
-                d_unwrapped.requires_grad_(True)
+            for parameter in d_trained:
+                parameter.requires_grad_(True)
         if ema is not None:
             ema.step(trained)
         state.step += 1

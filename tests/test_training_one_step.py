@@ -1,0 +1,224 @@
+"""One-step training: progressive distillation and adversarial post-training (SeedVR2) with the trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cascade_vsr import CascadeVSRPipeline
+from cascade_vsr.core.flow import frame_correlated_noise
+from cascade_vsr.models.discriminator import CascadeVSRDiscriminator
+from cascade_vsr.training.config import load_config
+from cascade_vsr.training.data import PairLatentDataset, collate_pairs
+from cascade_vsr.training.distill import distill, distillation_rounds
+from cascade_vsr.training.objectives import discriminator_step_loss, draw_inputs, generator_step_loss
+from cascade_vsr.training.trainer import (
+    CascadeVSRTrainModule,
+    OneStepGenerator,
+    build_models,
+    teacher_sigmas,
+    train,
+)
+
+from ._pairs import build_pairs
+from ._recipes import tiny_args
+from .test_training_run import SMALL, read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXEL_SPACE = ["--latent_space", "space_to_depth", "--patch_size", "1", "1", "1"]
+ONE_STEP = [*SMALL, *PIXEL_SPACE, "--noise_aug_min", "0.05", "--noise_aug_max", "0.05", "--use_ema", "false"]
+ONE_STEP += ["--sampling_noise_frame_correlation", "1.0", "--learning_rate", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return build_pairs(tmp_path_factory.mktemp("pairs"), num_clips=4, num_frames=2, hr_size=(32, 64), text_dim=16)
+
+
+@pytest.fixture(scope="module")
+def teacher(pairs, tmp_path_factory):
+    """A briefly trained pixel-space stage (a teacher whose output layers are no longer zero)."""
+    output = tmp_path_factory.mktemp("teacher")
+    args = tiny_args(pairs, output, 8, *SMALL, *PIXEL_SPACE, "--learning_rate", "3e-3", "--use_ema", "false")
+    return train(*load_config(None, args))["export_dir"]
+
+
+def one_step_args(pairs, output, steps, pretrained, *extra):
+    return tiny_args(pairs, output, steps, *ONE_STEP, "--pretrained_model_name_or_path", str(pretrained), *extra)
+
+
+def fixed_batch(pairs, config, correlation=1.0):
+    dataset = PairLatentDataset(pairs, crop_size=(2, 4), num_frames=1)
+    batch = collate_pairs([dataset[(0, 0)], dataset[(1, 0)]])
+    generator = torch.Generator().manual_seed(123)
+    inputs, _ = draw_inputs(batch, generator, config, torch.device("cpu"), noise_correlation=correlation)
+    return inputs
+
+
+@torch.no_grad()
+def euler(model: CascadeVSRTrainModule, inputs, sigmas: torch.Tensor) -> torch.Tensor:
+    """Plain Euler sampling over `sigmas` from the inputs' noise (the pipeline's sampler, written out)."""
+    condition = model.condition(inputs.lr, tuple(inputs.hr.shape[-2:]), inputs.aug_noise, inputs.aug_level)
+    text, mask = model.text(inputs.hr.shape[0], *inputs.text)
+    latents = inputs.noise * sigmas[0]
+    for start, end in zip(sigmas[:-1], sigmas[1:]):
+        sigma = torch.full((latents.shape[0],), float(start))
+        latents = latents + (end - start) * model.velocity(latents, condition, sigma, inputs.aug_level, text, mask)
+    return latents
+
+
+def stage(path) -> CascadeVSRTrainModule:
+    model_config, _, _ = load_config(None, ["--data_dir", "x", "--pretrained_model_name_or_path", str(path)])
+    return CascadeVSRTrainModule(*build_models(model_config)).eval()
+
+
+def test_teacher_sigmas_are_the_pipeline_schedule(teacher):
+    sigmas = teacher_sigmas(teacher, 4)
+    torch.testing.assert_close(sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert distillation_rounds(8) == [8, 4, 2]
+    with pytest.raises(ValueError, match="power of two"):
+        distillation_rounds(6)
+
+
+def test_a_distillation_round_brings_one_step_closer_to_the_teachers_two(pairs, teacher, tmp_path):
+    summary = train(
+        *load_config(None, one_step_args(pairs, tmp_path / "round", 30, teacher, "--objective", "distill"))
+    )
+    _, _, config = load_config(None, one_step_args(pairs, tmp_path / "x", 1, teacher))
+    inputs = fixed_batch(pairs, config)
+    teacher_model, student = stage(teacher), stage(summary["export_dir"])
+    target = euler(teacher_model, inputs, teacher_sigmas(teacher, 2))
+    one_step = torch.tensor([1.0, 0.0])
+    before = (euler(teacher_model, inputs, one_step) - target).square().mean()
+    after = (euler(student, inputs, one_step) - target).square().mean()
+    assert after < 0.6 * before, (before, after)
+    # the export samples in half the teacher's steps
+    assert CascadeVSRPipeline.from_pretrained(summary["export_dir"]).sampling_settings()["num_inference_steps"] == 1
+
+
+def test_distill_command_runs_the_rounds(pairs, teacher, tmp_path):
+    args = one_step_args(
+        pairs, tmp_path / "distill", 2, teacher, "--distill_teacher_steps", "4", "--objective", "distill"
+    )
+    summary = distill(*load_config(None, args))
+    assert [r["teacher_steps"] for r in summary["rounds"]] == [4, 2]
+    index = json.loads((Path(summary["export_dir"]) / "model_index.json").read_text())
+    assert index["sampling"]["num_inference_steps"] == 1
+    second = json.loads((tmp_path / "distill/steps-2-to-1/config.json").read_text())
+    assert second["pretrained_model_name_or_path"] == str(tmp_path / "distill/steps-4-to-2/export")
+    # done rounds are skipped when the command runs again
+    assert distill(*load_config(None, args))["rounds"] == []
+
+
+def assert_same_run(a: Path, b: Path, files: tuple[str, ...]) -> None:
+    log_a, log_b = read_log(a), read_log(b)
+    assert [r["step"] for r in log_b] == [r["step"] for r in log_a]
+    assert [{k: v for k, v in r.items()} for r in log_a] == log_b
+    for name in files:
+        left, right = load_file(a / name), load_file(b / name)
+        assert left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left), name
+
+
+@pytest.mark.parametrize("objective", ["distill", "adversarial"])
+def test_resume_is_bit_identical(pairs, teacher, tmp_path, objective):
+    common = ["--objective", objective, "--checkpointing_steps", "2", "--use_ema", "true", "--ema_decay", "0.9"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*load_config(None, one_step_args(pairs, straight, 4, teacher, *common)))
+    train(*load_config(None, one_step_args(pairs, resumed, 2, teacher, *common)))
+    train(*load_config(None, one_step_args(pairs, resumed, 4, teacher, *common, "--resume_from_checkpoint", "latest")))
+    files = ["checkpoints/checkpoint-4/model.safetensors", "export/transformer/diffusion_pytorch_model.safetensors"]
+    if objective == "adversarial":
+        files += ["checkpoints/checkpoint-4/discriminator.safetensors"]
+        assert {"d_loss", "d_r1", "d_r2", "g_gan", "g_l1", "g_feature_matching"} <= set(read_log(straight)[0])
+    assert_same_run(straight, resumed, tuple(files))
+
+
+KILLED_ADVERSARIAL_RUN = """
+import os, signal, sys
+from cascade_vsr.training import checkpoint
+from cascade_vsr.training.config import load_config
+from cascade_vsr.training.trainer import train
+
+original = checkpoint.save_state_file
+def save_then_die(path, state):
+    original(path, state)
+    if path.parent.name == ".tmp-checkpoint-4" and path.name == "discriminator_optimizer.safetensors":
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_state_file = save_then_die
+train(*load_config(None, sys.argv[1:]))
+"""
+
+
+def test_adversarial_run_killed_while_checkpointing_resumes_bit_identically(pairs, teacher, tmp_path):
+    common = ["--objective", "adversarial", "--checkpointing_steps", "2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(*load_config(None, one_step_args(pairs, straight, 4, teacher, *common)))
+    args = one_step_args(pairs, killed, 4, teacher, *common)
+    # the same number of threads as this process: float reductions depend on it
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    script = textwrap.dedent(KILLED_ADVERSARIAL_RUN)
+    result = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    train(*load_config(None, [*args, "--resume_from_checkpoint", "latest"]))
+    assert_same_run(straight, killed, ("checkpoints/checkpoint-4/model.safetensors",))
+
+
+def test_each_adversarial_step_updates_only_its_own_network(pairs, teacher):
+    _, _, config = load_config(None, one_step_args(pairs, "unused", 1, teacher, "--objective", "adversarial"))
+    upsampler, transformer = build_models(load_config(None, one_step_args(pairs, "unused", 1, teacher))[0])
+    generator = OneStepGenerator(upsampler, transformer)
+    discriminator = CascadeVSRDiscriminator.from_transformer(transformer)
+    inputs = fixed_batch(pairs, config)
+
+    loss, _ = discriminator_step_loss(discriminator, generator, inputs, config)
+    loss.backward()
+    assert all(p.grad is None for p in generator.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in discriminator.parameters())
+    discriminator.zero_grad(set_to_none=True)
+
+    discriminator.requires_grad_(False)
+    loss, _ = generator_step_loss(generator, discriminator, inputs, config)
+    loss.backward()
+    assert all(p.grad is None for p in discriminator.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.transformer.parameters())
+
+
+def test_adversarial_export_is_a_one_step_stage_with_pixel_losses(pairs, teacher, tmp_path):
+    extra = ["--objective", "adversarial", "--pixel_loss_weight", "1", "--temporal_smoothness_weight", "1"]
+    extra += ["--pixel_crop_size", "2", "2", "--l1_weight", "0.1", "--feature_matching_weight", "0.1"]
+    summary = train(*load_config(None, one_step_args(pairs, tmp_path / "apt", 2, teacher, *extra)))
+    record = read_log(tmp_path / "apt")[-1]
+    assert all(torch.isfinite(torch.tensor(record[k])) for k in ("g_pixel", "g_temporal", "d_loss"))
+    assert (tmp_path / "apt/discriminator/config.json").is_file()
+
+    pipe = CascadeVSRPipeline.from_pretrained(summary["export_dir"])
+    assert pipe.sampling_settings()["num_inference_steps"] == 1
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    lr = torch.rand(1, 2, 3, 16, 32)
+    frames = pipe(video=lr, scale=2, output_type="pt", self_ensemble=1).frames
+    assert len(calls) == 1 and frames.shape[-2:] == (32, 64) and torch.isfinite(frames).all()
+
+
+def test_one_step_objectives_need_a_trained_stage(pairs):
+    with pytest.raises(ValueError, match="pretrained_model_name_or_path"):
+        load_config(None, tiny_args(pairs, "out", 1, "--objective", "adversarial"))
+    with pytest.raises(ValueError, match="`distill_teacher_steps` must be an even number"):
+        load_config(None, tiny_args(pairs, "out", 1, "--distill_teacher_steps", "3"))
+
+
+def test_frame_correlated_training_noise_matches_the_sampler(pairs, teacher):
+    _, _, config = load_config(None, one_step_args(pairs, "unused", 1, teacher))
+    inputs = fixed_batch(pairs, config, correlation=1.0)
+    assert torch.equal(inputs.noise, inputs.noise[:, :, :1].expand_as(inputs.noise))  # one noise image per clip
+    generator = torch.Generator().manual_seed(0)
+    assert frame_correlated_noise((1, 1, 2, 2, 2), 1.0, generator=generator).shape == (1, 1, 2, 2, 2)
