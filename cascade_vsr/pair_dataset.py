@@ -8,8 +8,15 @@ Layout of a dataset folder ROOT:
     ROOT/rejected.jsonl   one record ({"id", "rejected": reasons}) per clip the quality filter dropped
     ROOT/clips/<id>/      hr.mp4 and lr.mp4 (or hr/ and lr/ folders of PNG frames), and latents.safetensors
                           (hr_latents, lr_latents, optional prompt_embeds and prompt_attention_mask)
+    ROOT/.make-pairs.lock the lock a make-pairs run holds on the folder (an flock, so nothing to clean up)
 
-Only the manifest defines the dataset: a clip folder without a manifest line does not exist.
+Only the manifest defines the dataset: a clip folder without a manifest line does not exist. Its paths are
+relative to ROOT and stay inside it: a path that is absolute or climbs out with ".." is an error naming the clip.
+Each clip id appears once; a repeated id is an error.
+
+One make-pairs run at a time: a run holds an exclusive `flock` on ROOT/.make-pairs.lock for its whole life (under
+accelerate, its main process does), and a second run on the same folder is refused at once with the pid of the
+first. The kernel releases the lock when the holder exits in any way, so a killed run never leaves a stale lock.
 
 Crash safety: a clip is written into ROOT/clips/.tmp-<id>-<pid>/ and renamed to ROOT/clips/<id>/ in one
 `os.replace`; only then does it get its manifest line, appended in one locked `write`. A writer killed during
@@ -38,6 +45,7 @@ REJECTED = "rejected.jsonl"
 CLIPS = "clips"
 LATENTS_FILE = "latents.safetensors"
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".make-pairs.lock"
 
 
 # ---------------------------------------------------------------------------------------------------- dataset.json
@@ -158,24 +166,43 @@ class PairDatasetWriter:
         self.root = Path(root)
         self.argument = argument
 
-    def prepare(self, config: dict) -> None:
-        """Create the folder with its dataset.json, or check that it holds a dataset of this same `config`."""
+    def check(self, config: dict) -> bool:
+        """Whether the folder already holds a dataset of this `config` (False when it is absent, empty, or holds a
+        dataset without a single clip yet, which `prepare` re-creates with `config`); ValueError when it holds
+        something else. Writes nothing: make-pairs runs it before it takes the folder's lock."""
         if (self.root / DATASET_FILE).is_file():
             stored = read_dataset_record(self.root, self.argument)["config"]
-            if stored != config:
+            if stored == config:
+                return True
+            if read_manifest(self.root) or read_manifest(self.root, REJECTED):
                 differing = sorted(k for k in set(config) | set(stored) if stored.get(k) != config.get(k))
                 raise ValueError(
                     f"`{self.argument}` {str(self.root)!r} holds a different dataset (dataset.json differs in "
                     f"{differing}); use a new folder or the same settings"
                 )
+            return False  # no clip made or rejected yet (e.g. a run refused before its first clip): start afresh
+        if self.root.exists():
+            if not self.root.is_dir():
+                raise ValueError(f"`{self.argument}` {str(self.root)!r} is a file, not a folder")
+            if any(p.name not in (CLIPS, LOCK_FILE) for p in self.root.iterdir()):
+                raise ValueError(
+                    f"`{self.argument}` {str(self.root)!r} is not empty and holds no cascade-vsr pair dataset"
+                )
+        return False
+
+    def prepare(self, config: dict) -> None:
+        """Create the folder with its dataset.json, or check that it holds a dataset of this same `config`."""
+        if self.check(config):
             return
-        if self.root.exists() and any(p.name != CLIPS for p in self.root.iterdir()):
-            raise ValueError(
-                f"`{self.argument}` {str(self.root)!r} is not empty and holds no cascade-vsr pair dataset"
-            )
-        (self.root / CLIPS).mkdir(parents=True, exist_ok=True)
+        make_folder(self.root / CLIPS, self.argument)
         record = {"format": FORMAT, "version": VERSION, "config": config}
         _atomic_write_text(self.root / DATASET_FILE, json.dumps(record, indent=2))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's make-pairs lock (see the module docstring) inside the block, creating the folder."""
+        with lock_dataset(self.root, self.argument):
+            yield
 
     def clean_leftovers(self, ids: set[str], done: set[str]) -> None:
         """Remove the temporary folders of `ids`, and their clip folders that never got a manifest line."""
@@ -207,6 +234,50 @@ class PairDatasetWriter:
         append_manifest(self.root, record, name)
 
 
+def make_folder(path: Path, argument: str) -> None:
+    """mkdir -p, with a ValueError naming `argument` when the folder cannot be created (read-only place, /proc,
+    a file in the way)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"`{argument}`: cannot create the folder {str(path)!r}: {error.strerror or error}") from None
+
+
+@contextlib.contextmanager
+def lock_dataset(root: str | Path, argument: str = "--output-dir") -> Iterator[None]:
+    """Hold an exclusive flock on ROOT/.make-pairs.lock inside the block (the folder is created when missing);
+    ValueError naming `argument`, the folder and the holder's pid when another process holds it."""
+    root = Path(root)
+    make_folder(root, argument)
+    path = root / LOCK_FILE
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise ValueError(
+            f"`{argument}`: cannot write the lock file {str(path)!r}: {error.strerror or error}"
+        ) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(
+                f"`{argument}` {str(root)!r} is in use by another make-pairs run (pid {holder} holds {LOCK_FILE}): "
+                "wait for it to finish, or use another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
 def clip_path(clip_id: str, name: str) -> str:
     """The path of a clip's file `name` relative to the dataset folder, as the manifest records it."""
     return f"{CLIPS}/{clip_id}/{name}"
@@ -231,6 +302,47 @@ def write_frames(folder: Path, name: str, frames: np.ndarray, frames_format: str
     for index, frame in enumerate(frames):
         cv2.imwrite(str(folder / name / f"{index:05d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     return name
+
+
+def clip_file(root: str | Path, record: dict, key: str) -> Path:
+    """ROOT / the path that clip `record` stores under `key` ("hr", "lr", "latents"), which must be relative and
+    stay inside ROOT; ValueError naming the clip and the path otherwise.
+
+    The check is on the path text (no absolute path, no ".."), so a manifest can never point outside its dataset;
+    symbolic links inside the dataset are followed (a dataset may keep its clips on another disk)."""
+    value = record.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"clip {record.get('id')!r}: {key!r} must be a path inside the dataset folder, got {value!r}")
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(
+            f"clip {record.get('id')!r}: {key!r} path {value!r} leads outside the dataset folder {str(root)!r} "
+            "(manifest paths are relative to it, without '..')"
+        )
+    return Path(root) / path
+
+
+@contextlib.contextmanager
+def open_latents(path: str | Path, clip_id: str) -> Iterator:
+    """`safe_open` of a clip's latents file, whose errors (a truncated file: "incomplete metadata") name the clip
+    and the file."""
+    from safetensors import SafetensorError, safe_open
+
+    def failed(error: Exception) -> ValueError:
+        return ValueError(
+            f"clip {clip_id!r}: latents file {str(path)!r} is not a readable safetensors file ({error}); remove the "
+            "clip's manifest line and run make-pairs again to remake it"
+        )
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise failed(error) from None
+    with handle as tensors:
+        try:
+            yield tensors
+        except SafetensorError as error:
+            raise failed(error) from None
 
 
 def read_frames(path: str | Path) -> np.ndarray:
@@ -258,7 +370,8 @@ def write_latents(folder: Path, tensors: dict, latent_space: str) -> str:
 
 def read_pair_dataset(root: str | Path, argument: str = "data_dir") -> list[dict]:
     """The clip records of a complete pair dataset, in manifest order, after checking its dataset.json;
-    ValueError naming `argument` when `root` is not a pair dataset this version reads, or lists no clip."""
+    ValueError naming `argument` when `root` is not a pair dataset this version reads, lists no clip, lists a clip
+    twice, or points outside itself (see `clip_file`)."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"`{argument}` {str(root)!r} does not exist or is not a directory")
@@ -268,4 +381,16 @@ def read_pair_dataset(root: str | Path, argument: str = "data_dir") -> list[dict
     records = read_manifest(root)
     if not records:
         raise ValueError(f"`{argument}` {str(root)!r} is empty: {MANIFEST} lists no clip")
+    seen: set[str] = set()
+    for record in records:
+        if record["id"] in seen:
+            count = sum(r["id"] == record["id"] for r in records)
+            raise ValueError(
+                f"`{argument}`: {str(root / MANIFEST)!r} lists clip {record['id']!r} {count} times (written by two "
+                "make-pairs runs at once?); keep one of its lines"
+            )
+        seen.add(record["id"])
+        for key in ("hr", "lr", "latents"):
+            if record.get(key) is not None:
+                clip_file(root, record, key)
     return records

@@ -4,11 +4,19 @@ One order = blur -> resize -> noise -> JPEG; `order=2` runs it twice with indepe
 video codec (libx264 or mpeg4 through PyAV, in memory) runs once at the end. Continuous parameters drift per
 frame as a clipped random walk, so the degradation flickers like real footage rather than per frame at random.
 Every stage is batched over frames except the per-image JPEG and the codec, which are sequential by nature.
+
+A clip's degradation is a function of its frames and seed only, bit for bit, whatever the machine's load and
+thread counts: the codecs encode and decode on one thread (libx264's output depends on its thread count, which
+it takes from the CPUs the process may use), libx264 runs without mbtree (not reproducible) and the bilinear resize runs on one torch thread (torch's CPU kernel
+rounds differently when it splits the work across threads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -24,6 +32,7 @@ from cascade_vsr.degradations.common import check_range, uniform
 KERNEL_TYPES = ("iso", "aniso", "generalized", "plateau", "sinc")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 CODECS = ("libx264", "mpeg4")
+MAX_CRF = 51  # libx264's CRF range is [0, 51]
 
 
 @dataclass
@@ -69,9 +78,21 @@ class ClassicDegradationConfig:
             raise ValueError(f"`resize_modes` must be a non-empty subset of {RESIZE_MODES}, got {self.resize_modes!r}")
         if not self.codecs or any(c not in CODECS for c in self.codecs):
             raise ValueError(f"`codecs` must be a non-empty subset of {CODECS}, got {self.codecs!r}")
-        for name in ("kernel_size", "blur_sigma", "resize_scale", "gaussian_sigma", "poisson_scale", "crf"):
+        for name in ("blur_sigma", "resize_scale", "gaussian_sigma", "poisson_scale", "bits_per_pixel"):
             check_range(getattr(self, name), name, 0)
+        check_range(self.kernel_size, "kernel_size", 1)
+        if any(int(k) != k for k in self.kernel_size):
+            raise ValueError(f"`kernel_size` must be a (min, max) pair of whole numbers, got {self.kernel_size!r}")
+        check_range(self.crf, "crf", 0, MAX_CRF)
         check_range(self.jpeg_quality, "jpeg_quality", 1, 100)
+        for name in ("generalized_beta", "plateau_beta", "sinc_cutoff"):
+            check_range(getattr(self, name), name, 0)
+        if any(not (math.isfinite(p) and p >= 0) for p in self.kernel_probs) or not sum(self.kernel_probs) > 0:
+            raise ValueError(f"`kernel_probs` must be finite, >= 0 and not all 0, got {self.kernel_probs!r}")
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"`fps` must be a finite number > 0, got {self.fps!r}")
+        if not (math.isfinite(self.drift) and self.drift >= 0):
+            raise ValueError(f"`drift` must be a finite number >= 0, got {self.drift!r}")
         for name in (
             "blur_prob",
             "resize_prob",
@@ -120,18 +141,37 @@ def blur_kernels(
 
 
 def encode_video(frames: np.ndarray, codec: str, fps: float, crf: float, bit_rate: int) -> np.ndarray:
-    """Round trip uint8 (T, H, W, 3) through a real codec in memory (yuv420p; odd sizes edge-padded)."""
+    """Round trip uint8 (T, H, W, 3) through a real codec in memory (yuv420p; odd sizes edge-padded).
+
+    Encoder and decoder run on one thread with fixed options, and libx264 without its macroblock tree (whose
+    output varies from run to run), so the result is the same bit for bit on every run and machine load (libx264
+    and mpeg4 otherwise choose their threads, and so their output, from the usable CPUs)."""
     import av
 
+    if codec not in CODECS:
+        raise ValueError(f"`codec` must be one of {CODECS}, got {codec!r}")
+    if codec == "libx264" and not 0 <= round(crf) <= MAX_CRF:
+        raise ValueError(f"`crf` must lie in [0, {MAX_CRF}] (libx264), got {crf}")
+    frames = check_video(frames, "frames")
     height, width = frames.shape[1:3]
     padded = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = padded.shape[2], padded.shape[1], "yuv420p"
+        stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": str(round(crf)), "preset": "veryfast"}
+            stream.options = {
+                "crf": str(round(crf)),
+                "preset": "veryfast",
+                "threads": "1",
+                # mbtree reads memory it never wrote: with it, the same frames encode to a few different streams
+                # (measured: up to 5 in 300 runs, more under load); without threads, the stream does not depend
+                # on the CPU count either
+                "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:sync-lookahead=0:mbtree=0",
+            }
         else:
+            stream.options = {"threads": "1"}
             stream.bit_rate = int(bit_rate)
         for frame in padded:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -140,7 +180,9 @@ def encode_video(frames: np.ndarray, codec: str, fps: float, crf: float, bit_rat
             container.mux(packet)
     buffer.seek(0)
     with av.open(buffer, mode="r") as container:
-        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
     if len(decoded) != len(frames):
         raise RuntimeError(f"codec {codec} returned {len(decoded)} frames for {len(frames)}")
     return decoded[:, :height, :width]
@@ -160,7 +202,7 @@ class ClassicDegradation:
 
     def apply(self, frames: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict]:
         """Degrade `frames`; returns (frames, params) with the clip-level parameters of every stage."""
-        check_video(frames, "frames")
+        frames = check_video(frames, "frames")
         c = self.config
         rng = np.random.default_rng(seed)
         num_frames, height, width = frames.shape[:3]
@@ -277,9 +319,24 @@ def filter_frames(video: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return filtered[..., 2 * radius : 2 * radius + height, 2 * radius : 2 * radius + width]
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch CPU kernels on one thread inside the block (restoring the thread count after it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def resize(video: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """`resize_video` of (T, C, H, W) in [0, 1], clamped back into [0, 1] where the filter can overshoot."""
-    resized = resize_video(video, size, mode)
+    """`resize_video` of (T, C, H, W) in [0, 1], clamped back into [0, 1] where the filter can overshoot.
+
+    On one torch thread: the CPU bilinear kernel's rounding depends on how it splits the work across threads
+    (1 ulp, enough to flip a uint8 level), which would make a clip's degradation depend on the thread count."""
+    with one_torch_thread() if video.device.type == "cpu" else contextlib.nullcontext():
+        resized = resize_video(video, size, mode)
     return resized if mode == "area" else resized.clamp(0, 1)
 
 

@@ -110,7 +110,7 @@ class FlowBasedDegradation:
 
     def apply(self, frames: np.ndarray, seed: int = 0, flow: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """Degrade `frames`; returns (frames, params). `flow` (T-1, H, W, 2) may be passed when already computed."""
-        check_video(frames, "frames", min_frames=2)
+        frames = check_video(frames, "frames", min_frames=2)
         c = self.config
         rng = np.random.default_rng(seed)
         params = self.sample_params(rng)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import warnings
 from pathlib import Path
 
 from cascade_vsr.degradations.pair_settings import PairSettings
@@ -24,6 +25,8 @@ def find_videos(inputs: list[str]) -> list[Path]:
             found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
         elif path.is_file():
             found.add(path)
+        elif not any(char in str(item) for char in "*?["):
+            raise FileNotFoundError(f"`inputs`: {str(item)!r} does not exist")
         else:
             matches = [Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file()]
             if not matches:
@@ -47,11 +50,15 @@ def clip_seed(seed: int, cid: str) -> int:
 
 
 def plan_clips(videos: list[Path], settings: PairSettings) -> list[dict]:
-    """Every clip of every video: {"id", "source", "start"}; ValueError naming an unreadable or short video."""
+    """Every clip of every video: {"id", "source", "start"}; ValueError naming an unreadable or short video.
+
+    A video smaller than `--hr-size` (height or width) would have to be upscaled into a fake HR clip: its clips
+    are planned with a "rejected" reason (make-pairs records them in rejected.jsonl without making them) and a
+    warning names it."""
     from cascade_vsr.core.video import video_info
 
     span = settings.span
-    step = settings.clip_step or settings.num_frames * settings.stride
+    step = settings.step
     clips = []
     for video in videos:
         info = video_info(video)  # ValueError naming the path when unreadable
@@ -67,6 +74,17 @@ def plan_clips(videos: list[Path], settings: PairSettings) -> list[dict]:
                 f"`--frame-range` {settings.frame_range} of {str(video)!r} ({info['num_frames']} frames) holds "
                 f"fewer frames than one clip ({span})"
             )
-        starts = list(range(first, end - span + 1, step))[: settings.max_clips_per_video]
-        clips.extend({"id": clip_id(video, s), "source": str(video), "start": s} for s in starts)
+        starts = list(range(first, end - span + 1, step))
+        if settings.max_clips_per_video is not None:
+            starts = starts[: settings.max_clips_per_video]
+        planned = [{"id": clip_id(video, s), "source": str(video), "start": s} for s in starts]
+        size = (info["height"], info["width"])
+        if size[0] < settings.hr_size[0] or size[1] < settings.hr_size[1]:
+            reason = (
+                f"source {size[0]}x{size[1]} is smaller than --hr-size {settings.hr_size[0]}x{settings.hr_size[1]}: "
+                "it would be upscaled into a fake HR clip"
+            )
+            warnings.warn(f"make-pairs: skipping the {len(planned)} clips of {str(video)!r}: {reason}", stacklevel=2)
+            planned = [{**clip, "rejected": [reason]} for clip in planned]
+        clips.extend(planned)
     return clips

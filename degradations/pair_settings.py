@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ DEGRADATIONS = ("flow", "classic1", "classic2", "model_guided", "none")  # none:
 SPACE_TO_DEPTH = "space_to_depth"  # `upstream` value for pixel-space latents
 FRAMES_FORMATS = ("mp4", "png")
 DIS_PRESETS = ("ultrafast", "fast", "medium")
+MAX_CRF = 51  # libx264's CRF range is [0, 51]
 
 
 @dataclass
@@ -51,47 +53,70 @@ class PairSettings:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("num_frames", "stride"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(self, name)}")
-        if self.num_frames < 2:
-            raise ValueError(
-                f"`--num-frames` must be >= 2 (the flow-based degradation needs pairs), got {self.num_frames}"
-            )
-        self.hr_size = tuple(int(s) for s in self.hr_size)
-        if any(s < 16 or s % 16 for s in self.hr_size):
-            raise ValueError(f"`--hr-size` must be positive multiples of 16, got {self.hr_size}")
-        self.lr_size = tuple(int(s) for s in self.lr_size)
-        if any(s < 16 or s % 16 for s in self.lr_size) or any(lr > hr for lr, hr in zip(self.lr_size, self.hr_size)):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (ValueError naming its make-pairs option and what is expected) and normalize the
+        sequences to tuples; run on creation and again by `build_dataset` before it reads any video, so that a
+        wrong value never surfaces after the first clip was degraded."""
+        check_int(self.num_frames, "--num-frames", 2, why="the flow-based degradation needs pairs")
+        check_int(self.stride, "--stride", 1)
+        if self.clip_step is not None:
+            check_int(self.clip_step, "--clip-step", 1, why="omit it for num_frames * stride")
+        if self.max_clips_per_video is not None:
+            check_int(self.max_clips_per_video, "--max-clips-per-video", 1, why="omit it for every clip")
+        check_int(self.sdedit_steps, "--sdedit-steps", 1)
+        check_int(self.crf, "--crf", 0, MAX_CRF, why="libx264's range")
+        check_int(self.seed, "--seed", 0)
+        self.hr_size = check_size(self.hr_size, "--hr-size")
+        self.lr_size = check_size(self.lr_size, "lr_size (from `--lr-scale`)")
+        if any(lr > hr for lr, hr in zip(self.lr_size, self.hr_size)):
             raise ValueError(
                 f"`lr_size` (from `--lr-scale`) must be multiples of 16 no larger than `--hr-size` {self.hr_size}, "
                 f"got {self.lr_size}"
             )
-        self.alpha = tuple(self.alpha)
-        if not 0 <= self.alpha[0] <= self.alpha[1] <= 1:
+        self.alpha = check_floats(self.alpha, "--alpha")
+        if len(self.alpha) != 2 or not 0 <= self.alpha[0] <= self.alpha[1] <= 1:
             raise ValueError(f"`--alpha` must be a range inside [0, 1], got {self.alpha}")
         if self.frame_range is not None:
-            self.frame_range = tuple(self.frame_range)
+            if not isinstance(self.frame_range, (tuple, list)) or len(self.frame_range) != 2:
+                raise ValueError(f"`--frame-range` must be START END, got {self.frame_range!r}")
+            for value in self.frame_range:
+                check_int(value, "--frame-range", 0)
+            self.frame_range = tuple(int(v) for v in self.frame_range)
             if not 0 <= self.frame_range[0] < self.frame_range[1]:
                 raise ValueError(f"`--frame-range` must be START END with 0 <= START < END, got {self.frame_range}")
         if self.classic_options is not None:
             if not isinstance(self.classic_options, dict):
                 raise ValueError(f"`--classic-options` must be a JSON object, got {self.classic_options!r}")
             classic_config(self.classic_options, order=1)
-        if not 0 <= self.still_fraction <= 1:
+        (still_fraction,) = check_floats((self.still_fraction,), "--still-fraction")
+        if not 0 <= still_fraction <= 1:
             raise ValueError(f"`--still-fraction` must lie in [0, 1], got {self.still_fraction}")
-        if not 0 <= self.still_noise < math.inf:
+        (still_noise,) = check_floats((self.still_noise,), "--still-noise")
+        if still_noise < 0:
             raise ValueError(f"`--still-noise` must be a finite number >= 0 (grey levels), got {self.still_noise}")
+        check_floats((self.min_quality_score,), "--min-quality-score")
         check_mix(self.degradations)
+        for name in ("quality_filter", "text_embeds"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         if self.dis_preset not in DIS_PRESETS:
             raise ValueError(f"`--dis-preset` must be one of {DIS_PRESETS}, got {self.dis_preset!r}")
         if self.frames_format not in FRAMES_FORMATS:
             raise ValueError(f"`--frames-format` must be one of {FRAMES_FORMATS}, got {self.frames_format!r}")
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"`--prompt` must be text, got {type(self.prompt).__name__}")
         if self.quality_score is not None:
             load_callable(self.quality_score)
         if "model_guided" in self.degradations and self.upstream is None:
             raise ValueError(
                 "`--degradations` includes model_guided, which needs `--upstream` (a T2V pipeline folder)"
+            )
+        if self.text_embeds and self.upstream is None:
+            raise ValueError(
+                "`--text-embeds` needs `--upstream` (a T2V pipeline folder): the prompt embeddings come from its "
+                "text encoder and are stored with the latents"
             )
         if self.upstream == SPACE_TO_DEPTH:
             if "model_guided" in self.degradations or self.text_embeds:
@@ -116,7 +141,8 @@ class PairSettings:
     ) -> PairSettings:
         """Settings from make-pairs' option values: the LR size as `lr_scale` (LR side / HR side, rounded to
         multiples of 16), the mix as 'name=weight,...' text (normalized) and `upstream` as a path (resolved)."""
-        hr_size = tuple(int(s) for s in hr_size)
+        hr_size = check_size(hr_size, "--hr-size")
+        (lr_scale,) = check_floats((lr_scale,), "--lr-scale")
         if not 0 < lr_scale < 1:
             raise ValueError(f"`--lr-scale` must be in (0, 1), got {lr_scale}")
         mix = parse_mix(degradations) if isinstance(degradations, str) else dict(degradations)
@@ -138,8 +164,43 @@ class PairSettings:
     def dataset_config(self) -> dict:
         """The JSON record of these settings that dataset.json stores (tuples as lists, clip_step resolved)."""
         config = {key: (list(v) if isinstance(v, tuple) else v) for key, v in self.__dict__.items()}
-        config["clip_step"] = self.clip_step or self.num_frames * self.stride
+        config["clip_step"] = self.step
         return config
+
+    @property
+    def step(self) -> int:
+        """Source frames between clip starts (`clip_step`, num_frames * stride when None)."""
+        return self.num_frames * self.stride if self.clip_step is None else self.clip_step
+
+
+def check_int(value, option: str, low: int | None = None, high: int | None = None, why: str | None = None) -> None:
+    """A whole number (not a bool, not a float) inside [low, high]; ValueError naming `option` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"`{option}` must be a whole number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"`{option}` must be {expected}{f' ({why})' if why else ''}, got {value}")
+
+
+def check_floats(values: Sequence, option: str) -> tuple[float, ...]:
+    """Finite real numbers (NaN passes every comparison check unnoticed); ValueError naming `option` otherwise."""
+    shown = values[0] if len(values) == 1 else values
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"`{option}` must be a number, got {shown!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"`{option}` must be finite (no NaN or inf), got {shown!r}")
+    return tuple(float(value) for value in values)
+
+
+def check_size(size: Sequence, option: str) -> tuple[int, int]:
+    """An (H, W) pair of positive multiples of 16 (the latent grids and space-to-depth need them)."""
+    if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
+        raise ValueError(f"`{option}` must be two sizes H W, got {size!r}")
+    for side in size:
+        if isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 16 or side % 16:
+            raise ValueError(f"`{option}` must be positive multiples of 16, got {tuple(size)}")
+    return tuple(int(side) for side in size)
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -154,8 +215,8 @@ def parse_mix(text: str) -> dict[str, float]:
             mix[name] = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"`--degradations`: weight of {name!r} must be a number, got {weight!r}") from None
-        if mix[name] < 0:
-            raise ValueError(f"`--degradations`: weight of {name!r} must be >= 0, got {mix[name]}")
+        if not (math.isfinite(mix[name]) and mix[name] >= 0):
+            raise ValueError(f"`--degradations`: weight of {name!r} must be a finite number >= 0, got {mix[name]}")
     total = sum(mix.values())
     if total <= 0:
         raise ValueError(f"`--degradations` must give a positive weight to one of {DEGRADATIONS}, got {text!r}")
@@ -169,7 +230,10 @@ def check_mix(mix: dict) -> None:
     unknown = sorted(set(mix) - set(DEGRADATIONS))
     if unknown:
         raise ValueError(f"`--degradations`: unknown degradations {unknown}; expected some of {DEGRADATIONS}")
-    if any(not weight > 0 for weight in mix.values()) or not math.isclose(sum(mix.values()), 1.0):
+    weights = list(mix.values())
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Real) or not w > 0 for w in weights) or not math.isclose(
+        sum(weights), 1.0
+    ):
         raise ValueError(f"`--degradations` weights must be positive and sum to 1, got {mix}")
 
 
@@ -187,7 +251,10 @@ def classic_config(options: dict | None, order: int):
     if unknown:
         raise ValueError(f"`--classic-options`: unknown ClassicDegradationConfig fields {sorted(unknown)}")
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return ClassicDegradationConfig(**{**options, "order": order})
+    try:
+        return ClassicDegradationConfig(**{**options, "order": order})
+    except (TypeError, ValueError) as error:  # the config names the field; say which option set it
+        raise ValueError(f"`--classic-options`: {error}") from None
 
 
 def load_callable(spec: str) -> Callable:

@@ -8,6 +8,7 @@ a clip comes out the same whichever process makes it and in whatever order.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,8 @@ class ClipSynthesizer:
 
     def __call__(self, clip: dict, writer: PairDatasetWriter) -> dict:
         """The manifest record of `clip` ({"id", "source", "start"}) once its folder is in place, or
-        {"id", "rejected": reasons} when the quality filter drops it."""
+        {"id", "rejected": reasons} when the quality filter drops it or its latents are not finite (NaN / inf, which
+        would poison training: nothing is written, and a warning names the clip)."""
         from cascade_vsr.core.video import read_video
 
         settings = self.settings
@@ -89,10 +91,16 @@ class ClipSynthesizer:
         kind = names[rng.choice(len(names), p=[settings.degradations[n] for n in names])]
         hr, still = self.make_hr(source, seed)
         lr, lr_latents, degradation = self.make_lr(hr, kind, seed)
+        tensors = self.latent_tensors(hr, lr, lr_latents) if settings.upstream else None
+        bad = non_finite(tensors or {})
+        if bad:
+            reason = f"non-finite latents ({', '.join(bad)})"
+            warnings.warn(f"make-pairs: clip {cid!r} rejected: {reason}", stacklevel=2)
+            return {"id": cid, "rejected": [reason]}
         with writer.clip_folder(cid) as folder:
             hr_name = write_frames(folder, "hr", hr, settings.frames_format, settings.crf)
             lr_name = write_frames(folder, "lr", lr, settings.frames_format, settings.crf)
-            latents_name = self.write_latents(folder, hr, lr, lr_latents) if settings.upstream else None
+            latents_name = write_latents(folder, tensors, self.adapter.name) if tensors else None
         return {
             "id": cid,
             "source": clip["source"],
@@ -144,9 +152,9 @@ class ClipSynthesizer:
         lr, params = self.degradations[kind].apply(lr_clean, seed)
         return lr, None, {"kind": "flow" if kind == "flow" else "classic", "params": {"name": kind, **params}}
 
-    def write_latents(self, folder, hr: np.ndarray, lr: np.ndarray, lr_latents) -> str:
-        """Encode HR (and LR, unless the degradation made its latents) with the upstream, add the prompt
-        embeddings when asked, and store them in `folder`; returns the file name."""
+    def latent_tensors(self, hr: np.ndarray, lr: np.ndarray, lr_latents) -> dict:
+        """The tensors of latents.safetensors: HR (and LR, unless the degradation made its latents) encoded with
+        the upstream, and the prompt embeddings when asked; float32 (masks int64), on the CPU."""
         import torch
 
         from cascade_vsr.core.video import frames_to_tensor
@@ -160,8 +168,19 @@ class ClipSynthesizer:
         if self.settings.text_embeds:
             embeds, mask = self.model_guided.encode_prompt(self.settings.prompt)
             tensors["prompt_embeds"], tensors["prompt_attention_mask"] = embeds[0], mask[0]
-        tensors = {
+        return {
             k: v.detach().cpu().contiguous().to(torch.int64 if "mask" in k else torch.float32)
             for k, v in tensors.items()
         }
-        return write_latents(folder, tensors, adapter.name)
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """'name: N of M values' for each tensor that holds NaN or inf."""
+    import torch
+
+    bad = []
+    for name, tensor in tensors.items():
+        count = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+        if count:
+            bad.append(f"{name}: {count} of {tensor.numel()} values")
+    return bad

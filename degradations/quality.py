@@ -59,7 +59,7 @@ class QualityFilter:
         self.learned_score = learned_score
 
     def __call__(self, frames: np.ndarray) -> QualityReport:
-        check_video(frames, "frames")
+        frames = check_video(frames, "frames")
         c = self.config
         sampled = frames[sample_frame_indices(len(frames), c.num_sampled_frames)]
         luma = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in sampled])

@@ -260,3 +260,130 @@ def test_quality_filter():
     assert seen == [10] and not report.passed and report.learned_score == 12.0
     with pytest.raises(ValueError, match="learned_score"):
         QualityFilter(learned_score=3)
+
+
+# ---------------------------------------------------------------- robustness: sizes, strides, bad values
+
+
+def test_optical_flow_refuses_frames_too_small_naming_the_minimum():
+    frames = translating(2, 11, 11)
+    with pytest.raises(ValueError, match=r"`frames` of 11x11 px are too small for optical flow.*>= 8.*>= 12"):
+        compute_flow(frames)
+    with pytest.raises(ValueError, match="too small for optical flow"):
+        FlowBasedDegradation()(translating(2, 16, 7))
+    assert compute_flow(translating(2, 8, 12)).shape == (1, 8, 12, 2)  # the smallest size DIS takes
+    # a scale that would shrink the frames below that minimum estimates at full resolution instead
+    np.testing.assert_array_equal(
+        compute_flow(translating(2, 12, 12), scale=0.5), compute_flow(translating(2, 12, 12))
+    )
+    with pytest.raises(ValueError, match="`scale`"):
+        compute_flow(translating(2, 16, 16), scale=float("nan"))
+
+
+def test_negative_stride_frames_are_valid_input():
+    """np.flip / [::-1] views (negative strides) give what their contiguous copies give."""
+    from cascade_vsr.core.optical_flow import bidirectional_flow
+    from cascade_vsr.core.video import resize_frames
+    from cascade_vsr.degradations.still import still_clip
+
+    frames = translating(4, 32, 48)
+    for view in (frames[::-1], np.flip(frames, axis=2), np.flip(frames, axis=3)):
+        copy = view.copy()
+        np.testing.assert_array_equal(compute_flow(view), compute_flow(copy))
+        np.testing.assert_array_equal(bidirectional_flow(view)[1], bidirectional_flow(copy)[1])
+        np.testing.assert_array_equal(FlowBasedDegradation()(view, 1), FlowBasedDegradation()(copy, 1))
+        np.testing.assert_array_equal(ClassicDegradation(order=2)(view, 1), ClassicDegradation(order=2)(copy, 1))
+        assert QualityFilter()(view) == QualityFilter()(copy)
+        np.testing.assert_array_equal(resize_frames(view, (16, 32)), resize_frames(copy, (16, 32)))
+        rng = (np.random.default_rng(0), np.random.default_rng(0))
+        np.testing.assert_array_equal(still_clip(view[0], 2, 1.0, rng[0]), still_clip(copy[0], 2, 1.0, rng[1]))
+        for codec in ("libx264", "mpeg4"):
+            np.testing.assert_array_equal(
+                encode_video(view, codec, 24.0, 30, 100_000), encode_video(copy, codec, 24.0, 30, 100_000)
+            )
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: ClassicDegradationConfig(blur_sigma=(float("nan"), 1.0)), "`blur_sigma`.*finite"),
+        (lambda: ClassicDegradationConfig(gaussian_sigma=(1.0, float("inf"))), "`gaussian_sigma`.*finite"),
+        (lambda: ClassicDegradationConfig(crf=(20.0, 60.0)), r"`crf` must lie in \[0, 51\]"),
+        (lambda: ClassicDegradationConfig(kernel_size=(7.5, 21)), "`kernel_size`.*whole"),
+        (lambda: ClassicDegradationConfig(fps=0.0), "`fps`"),
+        (lambda: ClassicDegradationConfig(drift=float("nan")), "`drift`"),
+        (lambda: ClassicDegradationConfig(kernel_probs=(float("nan"), 0.3, 0.1, 0.1, 0.1)), "`kernel_probs`"),
+        (lambda: FlowDegradationConfig(blend_strength=(float("nan"), 0.5)), "`blend_strength`.*finite"),
+        (lambda: encode_video(np.zeros((2, 16, 16, 3), np.uint8), "libx264", 24.0, 60, 0), r"`crf`.*\[0, 51\]"),
+        (lambda: encode_video(np.zeros((2, 16, 16, 3), np.uint8), "vp9", 24.0, 20, 0), "`codec`"),
+    ],
+)
+def test_degradation_configs_refuse_non_finite_and_out_of_range_values(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# ---------------------------------------------------------------- reproducibility under load and thread counts
+
+
+def degradation_digests(seeds=range(6)) -> list[str]:
+    """sha256 of the flow, classic (both orders, both codecs) degradations and of each codec round trip, on a small
+    real clip: what a make-pairs process computes for its clips."""
+    import hashlib
+
+    from cascade_vsr.core.video import read_video, resize_frames, sample_video_path
+
+    frames = resize_frames(read_video(sample_video_path(), 40, 5), (64, 112), crop_to_aspect=True)
+    digest = lambda array: hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]  # noqa: E731
+    out = [digest(FlowBasedDegradation()(frames, seed)) for seed in seeds]
+    for order in (1, 2):
+        for codec in ("libx264", "mpeg4"):
+            degradation = ClassicDegradation(ClassicDegradationConfig(codecs=(codec,)), order=order)
+            out += [digest(degradation(frames, seed)) for seed in seeds]
+    out += [digest(encode_video(frames, codec, 24.0, 28, 150_000)) for codec in ("libx264", "mpeg4")]
+    return out
+
+
+def test_degradations_do_not_depend_on_thread_counts():
+    """torch's CPU bilinear kernel rounds differently when split across threads, and the codecs pick their threads
+    (and so their bitstream) from the CPUs: a clip must come out the same at any torch / OpenCV thread count."""
+    import torch
+
+    torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        results = []
+        for torch_n, cv2_n in ((1, 1), (3, 1), (1, 3), (4, 4)):
+            torch.set_num_threads(torch_n)
+            cv2.setNumThreads(cv2_n)
+            results.append(degradation_digests(range(3)))
+    finally:
+        torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv2_threads)
+    assert all(result == results[0] for result in results), results
+
+
+def test_codec_degradation_is_reproducible_in_concurrent_processes():
+    """Two processes at once (one confined to one CPU where `taskset` exists, which changes the codecs' automatic
+    thread counts) degrade the same frames with the same seeds to the same bytes as this process."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = "import json; from tests.test_degradations import degradation_digests; print(json.dumps(degradation_digests()))"
+    command = [sys.executable, "-c", script]
+    env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}
+    one_cpu = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    processes = [
+        subprocess.Popen(
+            prefix + command, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for prefix in ([], one_cpu)
+    ]
+    expected = degradation_digests()
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1]) == expected

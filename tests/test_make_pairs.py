@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,12 +274,84 @@ def test_make_pairs_space_to_depth_latents_are_the_pixels(tmp_path):
         (["--still-fraction", "1.5"], r"`--still-fraction`"),
         (["--still-noise", "-1"], r"`--still-noise`"),
         (["--still-noise", "inf"], r"`--still-noise`"),
+        # numbers out of range, refused before anything is read or written (issue 14)
+        (["--max-clips-per-video", "-1"], r"`--max-clips-per-video` must be >= 1"),
+        (["--max-clips-per-video", "0"], r"`--max-clips-per-video` must be >= 1"),
+        (["--clip-step", "-2"], r"`--clip-step` must be >= 1"),
+        (["--clip-step", "0"], r"`--clip-step` must be >= 1"),
+        (["--crf", "100"], r"`--crf` must be in \[0, 51\]"),
+        (["--crf", "-5"], r"`--crf` must be in \[0, 51\]"),
+        (["--sdedit-steps", "0"], r"`--sdedit-steps` must be >= 1"),
+        (["--preview", "-1"], r"`--preview` must be >= 0"),
+        (["--num-workers", "-1"], r"`--num-workers` must be >= 0"),
+        (["--seed", "-1"], r"`--seed` must be >= 0"),
+        (["--num-frames", "1"], r"`--num-frames` must be >= 2"),
+        (["--stride", "0"], r"`--stride` must be >= 1"),
+        (["--hr-size", "0", "112"], r"`--hr-size` must be positive multiples of 16"),
+        (["--hr-size", "-64", "112"], r"`--hr-size` must be positive multiples of 16"),
+        (["--hr-size", "65", "112"], r"`--hr-size` must be positive multiples of 16"),
+        (["--frame-range", "-2", "5"], r"`--frame-range` must be >= 0"),
+        (["--lr-scale", "nan"], r"`--lr-scale` must be finite"),
+        (["--alpha", "nan", "0.4"], r"`--alpha` must be finite"),
+        (["--alpha", "0.3", "inf"], r"`--alpha` must be finite"),
+        (["--still-fraction", "nan"], r"`--still-fraction` must be finite"),
+        (["--still-noise", "nan"], r"`--still-noise` must be finite"),
+        (["--min-quality-score", "nan"], r"`--min-quality-score` must be finite"),
+        (["--degradations", "flow=nan"], r"`--degradations`: weight of 'flow' must be a finite number"),
+        (["--degradations", "flow=inf,classic1=1"], r"`--degradations`: weight of 'flow' must be a finite number"),
+        (["--classic-options", '{"crf": [20, 60]}'], r"`--classic-options`: `crf` must lie in \[0, 51\]"),
+        (["--classic-options", '{"blur_sigma": [NaN, 1]}'], r"`--classic-options`: `blur_sigma`.*finite"),
+        (["--text-embeds"], r"`--text-embeds` needs `--upstream`"),
     ],
 )
 def test_make_pairs_bad_settings(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         make_pairs(VIDEO, "--output-dir", tmp_path / "out", *SMALL, *extra)
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_are_checked_again_by_build_dataset(tmp_path):
+    """Python callers that change a field after creation get the same errors, before the folder is touched."""
+    from cascade_vsr.degradations.make_pairs import build_dataset
+    from cascade_vsr.degradations.pair_settings import PairSettings
+
+    settings = PairSettings.from_options(num_frames=2, hr_size=(64, 112))
+    settings.crf = -5
+    with pytest.raises(ValueError, match=r"`--crf` must be in \[0, 51\]"):
+        build_dataset([VIDEO], tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_pairs_input_and_output_paths(tmp_path):
+    """A missing input is a FileNotFoundError naming it; an output folder that cannot be created is a clear error;
+    neither leaves anything behind. The console prints one line and exits 2."""
+    from cascade_vsr.cli import console_main
+
+    missing = tmp_path / "missing.mp4"
+    with pytest.raises(FileNotFoundError, match=rf"`inputs`: {re.escape(repr(str(missing)))} does not exist"):
+        make_pairs(missing, "--output-dir", tmp_path / "out", *SMALL)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"`--output-dir`: cannot create the folder '/proc/x'"):
+        make_pairs(VIDEO, "--output-dir", "/proc/x", *SMALL, "--max-clips-per-video", 1)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"`--output-dir` .*file' is a file, not a folder"):
+        make_pairs(VIDEO, "--output-dir", tmp_path / "file", *SMALL, "--max-clips-per-video", 1)
+    assert console_main(["make-pairs", str(missing), "--output-dir", str(tmp_path / "out"), *SMALL]) == 2
+
+
+def test_make_pairs_refused_crf_leaves_the_folder_usable(tmp_path):
+    """Regression: `--crf -5` failed at the first encode and left a dataset.json that refused the corrected run.
+    Now it is refused up front, and a dataset.json of a run that made no clip yields to new settings."""
+    root = tmp_path / "pairs"
+    args = [VIDEO, "--output-dir", root, *SMALL, "--max-clips-per-video", 1, "--degradations", "none=1"]
+    with pytest.raises(ValueError, match="`--crf`"):
+        make_pairs(*args, "--crf", -5)
+    assert not root.exists()
+    from cascade_vsr.pair_dataset import PairDatasetWriter
+
+    PairDatasetWriter(root).prepare({"crf": -5})  # what the old code left behind
+    make_pairs(*args)
+    check_dataset(root, 1)
 
 
 def test_make_pairs_clean_share_is_the_area_resized_hr(tmp_path):
@@ -421,3 +494,179 @@ def test_lr_covers_the_hr_field_of_view_when_rounding_changes_the_aspect():
         hr, (48, 80), crop_to_aspect=True
     )  # the source -> HR behaviour: centre crop to the aspect first
     assert not np.array_equal(cropped, lr)
+
+
+# ---------------------------------------------------------------- hardening (issue 14)
+
+
+def test_make_pairs_skips_a_source_smaller_than_the_hr_size(tmp_path):
+    """A 48x80 video with --hr-size 64 112 would be upscaled into a fake HR: its clips are rejected (rejected.jsonl,
+    a warning naming it) and never made; the other videos are made as usual, and a re-run skips them all."""
+    small = tmp_path / "videos" / "small.mp4"
+    small.parent.mkdir()
+    write_video(small, read_video(VIDEO, 0, 12)[:, :48, :80])
+    root = tmp_path / "pairs"
+    args = [small.parent, VIDEO, "--output-dir", root, *SMALL, "--max-clips-per-video", 2, "--degradations", "none=1"]
+    with pytest.warns(
+        UserWarning, match=r"skipping the 2 clips of .*small.mp4.*48x80 is smaller than --hr-size 64x112"
+    ):
+        make_pairs(*args)
+    check_dataset(root, 2)  # the clips of the large video only
+    rejected = read_manifest(root, "rejected.jsonl")
+    assert sorted(r["id"] for r in rejected) == sorted(clip_id(small.resolve(), start) for start in (0, 3))
+    assert all("would be upscaled into a fake HR" in r["rejected"][0] for r in rejected)
+    assert not any(p.name.startswith("small") for p in (root / "clips").iterdir())
+    before = (root / "rejected.jsonl").read_text(), (root / "manifest.jsonl").read_text()
+    with pytest.warns(UserWarning, match="skipping"):
+        make_pairs(*args)
+    assert ((root / "rejected.jsonl").read_text(), (root / "manifest.jsonl").read_text()) == before
+
+
+def test_make_pairs_never_writes_non_finite_latents(tmp_path, monkeypatch):
+    """A clip whose latents hold NaN or inf is rejected with a warning, and nothing of it is written."""
+    from cascade_vsr.degradations import pair_synthesis
+    from cascade_vsr.degradations.make_pairs import build_dataset
+    from cascade_vsr.degradations.pair_settings import PairSettings
+
+    real = pair_synthesis.ClipSynthesizer.latent_tensors
+    calls = []
+
+    def poisoned(self, hr, lr, lr_latents):
+        tensors = real(self, hr, lr, lr_latents)
+        calls.append(1)
+        if len(calls) == 2:  # the second clip made
+            tensors["hr_latents"][0, 0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+        return tensors
+
+    monkeypatch.setattr(pair_synthesis.ClipSynthesizer, "latent_tensors", poisoned)
+    settings = PairSettings.from_options(
+        num_frames=2, clip_step=2, frame_range=(0, 6), hr_size=(32, 32), lr_scale=0.5, upstream="space_to_depth",
+        degradations="none=1", frames_format="png", quality_filter=False,
+    )  # fmt: skip
+    root = tmp_path / "pairs"
+    with pytest.warns(UserWarning, match=r"clip .* rejected: non-finite latents \(hr_latents: 2 of \d+ values\)"):
+        counts = build_dataset([VIDEO], root, settings)
+    assert counts == {"planned": 3, "skipped": 0, "written": 2, "rejected": 1}
+    (rejected,) = read_manifest(root, "rejected.jsonl")
+    assert rejected["rejected"] == [f"non-finite latents (hr_latents: 2 of {48 * 2 * 8 * 8} values)"]
+    assert rejected["id"] not in {p.name for p in (root / "clips").iterdir()}
+    for record in read_manifest(root):
+        with safe_open(root / record["latents"], "pt") as handle:
+            assert all(torch.isfinite(handle.get_tensor(name)).all() for name in handle.keys())
+
+
+def cli_process(*args, **kwargs) -> subprocess.Popen:
+    """`python -m cascade_vsr.cli make-pairs ARGS` (the console entry point: one-line errors, exit 2)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cascade_vsr.cli", "make-pairs", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def slow_score(frames) -> float:
+    """A learned quality score that passes every clip, slowly (tests.test_make_pairs:slow_score): a run of TINY
+    clips then lasts long enough (0.3 s a clip) for a second run or a kill to meet it."""
+    time.sleep(0.3)
+    return 100.0
+
+
+def very_slow_score(frames) -> float:
+    """A score that takes 4 s a clip, as a large clip does: longer than a worker may outlive its parent."""
+    time.sleep(4)
+    return 100.0
+
+
+TINY = [
+    VIDEO, "--num-frames", 2, "--clip-step", 2, "--frame-range", 0, 40, "--hr-size", 32, 32, "--lr-scale", 0.5,
+    "--degradations", "none=1", "--frames-format", "png", "--quality-score", "tests.test_make_pairs:slow_score",
+]  # fmt: skip
+
+
+def wait_for_manifest(root: Path, lines: int = 1, timeout: float = 120) -> None:
+    manifest, deadline = root / "manifest.jsonl", time.time() + timeout
+    while time.time() < deadline and (not manifest.is_file() or len(manifest.read_text().splitlines()) < lines):
+        time.sleep(0.05)
+    assert manifest.is_file(), "the first run made no clip in time"
+
+
+def test_two_make_pairs_runs_on_one_folder(tmp_path):
+    """Regression: two runs at once wrote 18 duplicate ids, and a second run started 1.5 s later deleted the first
+    one's temporary folder. Now the second run is refused at once, naming the folder and the first one's pid; the
+    first finishes; the dataset reads back with every clip once."""
+    from cascade_vsr.pair_dataset import read_pair_dataset
+
+    root = tmp_path / "pairs"
+    first = cli_process(*TINY, "--output-dir", root)
+    wait_for_manifest(root)
+    second = cli_process(*TINY, "--output-dir", root)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 2, err[-2000:]
+    assert re.search(rf"error: `--output-dir` '{re.escape(str(root))}' is in use by another make-pairs run "
+                     rf"\(pid {first.pid} holds", err), err[-2000:]  # fmt: skip
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-2000:]
+    records = read_pair_dataset(root)
+    assert len(records) == len({r["id"] for r in records}) == 20 - len(read_manifest(root, "rejected.jsonl"))
+    check_dataset(root, len(records))
+
+    # started at the same moment: whichever gets the lock makes the clips, the other one is refused or finds
+    # them done; never a duplicate
+    root = tmp_path / "together"
+    runs = [cli_process(*TINY, "--output-dir", root, "--seed", 3) for _ in range(2)]
+    results = [run.communicate(timeout=240) + (run.returncode,) for run in runs]
+    assert sorted(code for _, _, code in results) in ([0, 0], [0, 2]), [err[-1000:] for _, err, _ in results]
+    assert all("in use by another make-pairs run" in err for _, err, code in results if code == 2)
+    records = read_pair_dataset(root)
+    assert len(records) == len({r["id"] for r in records}) == 20 - len(read_manifest(root, "rejected.jsonl"))
+
+
+def children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid` and which run a multiprocessing spawn worker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z" and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """Regression: the workers of a SIGKILLed `--num-workers 2` run went on for ~15 s. They now end with it."""
+    root = tmp_path / "pairs"
+    slow = [*TINY[:-1], "tests.test_make_pairs:very_slow_score"]
+    parent = cli_process(*slow, "--output-dir", root, "--num-workers", 2)
+    wait_for_manifest(root)  # the workers are up, each in the middle of a 4 s clip
+    workers = children(parent.pid)
+    assert len(workers) == 2, workers
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 2
+    while time.time() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.05)
+    assert not [pid for pid in workers if alive(pid)]
+    # the killed run's lock went with it (flock), and what it finished reads back
+    from cascade_vsr.pair_dataset import PairDatasetWriter, read_pair_dataset
+
+    with PairDatasetWriter(root).lock():
+        pass
+    assert len(read_pair_dataset(root)) >= 1

@@ -4,6 +4,7 @@ trainer (torn and corrupted manifests, dataset.json checks, clip commits, leftov
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -15,7 +16,14 @@ from cascade_vsr.cli import main
 from cascade_vsr.core.video import sample_video_path
 from cascade_vsr.degradations import make_pairs, pair_synthesis
 from cascade_vsr.degradations.pair_settings import PairSettings
-from cascade_vsr.pair_dataset import PairDatasetWriter, append_manifest, read_manifest
+from cascade_vsr.pair_dataset import (
+    LOCK_FILE,
+    PairDatasetWriter,
+    append_manifest,
+    clip_file,
+    read_manifest,
+    read_pair_dataset,
+)
 from cascade_vsr.training.data import PairLatentDataset
 
 VIDEO = str(sample_video_path("bigbuckbunny.mp4"))
@@ -168,6 +176,11 @@ def test_writer_prepare_commit_and_leftovers(tmp_path):
         "config": {"num_frames": 5},
     }
     writer.prepare({"num_frames": 5})  # the same dataset: accepted
+    # no clip made or rejected yet (a run refused before its first clip): the folder takes the new settings
+    writer.prepare({"num_frames": 7})
+    assert json.loads((root / "dataset.json").read_text())["config"] == {"num_frames": 7}
+    writer.prepare({"num_frames": 5})
+    writer.append({"id": "z", "rejected": ["too dark"]}, "rejected.jsonl")  # from now on the settings are fixed
     with pytest.raises(ValueError, match=r"`--output-dir` .* differs in \['num_frames'\]"):
         writer.prepare({"num_frames": 9})
     (tmp_path / "other").mkdir()
@@ -188,3 +201,63 @@ def test_writer_prepare_commit_and_leftovers(tmp_path):
         (root / "clips" / name).mkdir()
     writer.clean_leftovers({"a", "b"}, done={"a"})  # this process's clips: a (done) and b (not done)
     assert sorted(p.name for p in (root / "clips").iterdir()) == [".tmp-c-456", "a", "c"]
+
+
+# ---------------------------------------------------------------------------------------------------- hardening
+
+
+def test_reader_refuses_a_clip_listed_twice(dataset):
+    lines = manifest_lines(dataset)
+    (dataset / "manifest.jsonl").write_text("\n".join([*lines, lines[1]]) + "\n")
+    clip = json.loads(lines[1])["id"]
+    with pytest.raises(ValueError, match=rf"`data_dir`: .*manifest.jsonl' lists clip {re.escape(repr(clip))} 2 times"):
+        PairLatentDataset(dataset)
+    with pytest.raises(ValueError, match="2 times"):
+        read_pair_dataset(dataset)
+
+
+@pytest.mark.parametrize("key", ["latents", "hr", "lr"])
+@pytest.mark.parametrize("path", ["/etc/passwd", "../../outside/latents.safetensors", "clips/../../x"])
+def test_manifest_paths_stay_inside_the_dataset(dataset, key, path):
+    lines = manifest_lines(dataset)
+    record = json.loads(lines[0])
+    (dataset / "manifest.jsonl").write_text("\n".join([json.dumps({**record, key: path}), *lines[1:]]) + "\n")
+    message = rf"clip {re.escape(repr(record['id']))}: '{key}' path {re.escape(repr(path))} leads outside the dataset"
+    with pytest.raises(ValueError, match=message):
+        PairLatentDataset(dataset)
+    with pytest.raises(ValueError, match=message):
+        clip_file(dataset, {**record, key: path}, key)
+    assert clip_file(dataset, record, key) == dataset / record[key]
+
+
+def test_truncated_latents_name_the_clip_and_the_file(dataset):
+    record = json.loads(manifest_lines(dataset)[1])
+    path = dataset / record["latents"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    message = rf"clip {re.escape(repr(record['id']))}: latents file {re.escape(repr(str(path)))} .*incomplete metadata"
+    with pytest.raises(ValueError, match=message):
+        PairLatentDataset(dataset)
+    # a file truncated after the dataset was opened: the sample read names it too
+    path.write_bytes(data)
+    clips = PairLatentDataset(dataset)
+    path.write_bytes(data[:10])
+    with pytest.raises(ValueError, match=rf"clip {re.escape(repr(record['id']))}: latents file"):
+        clips[1]
+
+
+def test_one_make_pairs_run_per_folder_lock(tmp_path):
+    """The lock refuses a second holder at once, naming the folder and the holder's pid, and is free again after."""
+    writer = PairDatasetWriter(tmp_path / "pairs")
+    with writer.lock():
+        assert (tmp_path / "pairs" / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        message = rf"`--output-dir` {re.escape(repr(str(tmp_path / 'pairs')))} is in use by another make-pairs run "
+        with pytest.raises(ValueError, match=message + rf"\(pid {os.getpid()} holds"):
+            with PairDatasetWriter(tmp_path / "pairs").lock():
+                pass
+        writer.prepare({"num_frames": 5})  # the lock file does not make the folder "not empty"
+    with PairDatasetWriter(tmp_path / "pairs").lock():  # released on exit
+        pass
+    with pytest.raises(ValueError, match=r"`--output-dir`: cannot create the folder '/proc/x'"):
+        with PairDatasetWriter("/proc/x").lock():
+            pass

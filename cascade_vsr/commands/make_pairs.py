@@ -15,16 +15,24 @@ HELP = "Synthesize (HR, degraded LR) training pairs from videos, with optional u
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="video files, folders (searched recursively) or glob patterns")
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        required=True,
+        help="the dataset folder; one make-pairs run at a time: a second run on a folder in use is refused, naming "
+        "the first one's pid (it holds DIR/.make-pairs.lock until it exits)",
+    )
     parser.add_argument("--num-frames", type=int, default=17, help="frames per clip (4k+1 for most VAEs)")
-    parser.add_argument("--stride", type=int, default=1, help="take every stride-th source frame")
+    parser.add_argument("--stride", type=int, default=1, help="take every stride-th source frame (>= 1)")
     parser.add_argument(
         "--clip-step",
         type=int,
         default=None,
-        help="source frames between clip starts (default: num_frames * stride, non-overlapping)",
+        help="source frames between clip starts, >= 1 (default: num_frames * stride, non-overlapping)",
     )
-    parser.add_argument("--max-clips-per-video", type=int, default=None)
+    parser.add_argument(
+        "--max-clips-per-video", type=int, default=None, help="at most this many clips (>= 1) per video (default: all)"
+    )
     parser.add_argument(
         "--frame-range",
         type=int,
@@ -33,7 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="use only source frames [START, END) of every video (e.g. to hold frames out for evaluation)",
     )
-    parser.add_argument("--hr-size", type=int, nargs=2, default=(1088, 1920), metavar=("H", "W"))
+    parser.add_argument(
+        "--hr-size",
+        type=int,
+        nargs=2,
+        default=(1088, 1920),
+        metavar=("H", "W"),
+        help="HR clip size, positive multiples of 16; a video smaller than it (in H or W) is skipped with a warning "
+        "and its clips are recorded in rejected.jsonl: never upscaled into a fake HR",
+    )
     parser.add_argument(
         "--lr-scale",
         type=float,
@@ -62,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dis-preset", default="fast", choices=DIS_PRESETS)
     parser.add_argument("--alpha", type=float, nargs=2, default=(0.3, 0.4), help="model-guided noise level range")
-    parser.add_argument("--sdedit-steps", type=int, default=20)
+    parser.add_argument("--sdedit-steps", type=int, default=20, help="model-guided schedule steps (>= 1)")
     parser.add_argument(
         "--upstream",
         default=None,
@@ -70,9 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "for pixel-space latents (SpaceToDepthAutoencoder, no T2V model: no model_guided, no text embeddings)",
     )
     parser.add_argument("--prompt", default="", help="caption used for model-guided denoising and text embeddings")
-    parser.add_argument("--text-embeds", action="store_true", help="store the upstream prompt embeddings")
+    parser.add_argument(
+        "--text-embeds", action="store_true", help="store the upstream's prompt embeddings (needs a T2V `--upstream`)"
+    )
     parser.add_argument("--frames-format", default="mp4", choices=FRAMES_FORMATS)
-    parser.add_argument("--crf", type=int, default=12, help="x264 CRF of the stored mp4 clips")
+    parser.add_argument("--crf", type=int, default=12, help="x264 CRF of the stored mp4 clips, 0-51")
     parser.add_argument("--no-quality-filter", action="store_true")
     parser.add_argument(
         "--quality-score",
@@ -81,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a learned quality score (e.g. a MUSIQ wrapper): uint8 frames (N, H, W, 3) -> float",
     )
     parser.add_argument("--min-quality-score", type=float, default=40.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (>= 0): each clip's seed derives from it")
     parser.add_argument("--num-workers", type=int, default=0, help="worker processes (0: in this process)")
     parser.add_argument("--preview", type=int, default=0, metavar="N", help="write preview.png with N clips")
 

@@ -19,7 +19,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def check_video(frames: np.ndarray, name: str = "frames", min_frames: int = 1) -> np.ndarray:
-    """Check a uint8 RGB video of shape (T, H, W, 3); ValueError naming `name` otherwise."""
+    """Check a uint8 RGB video of shape (T, H, W, 3); ValueError naming `name` otherwise.
+
+    Returns the frames C-contiguous (the same array when they already are): views with negative strides
+    (`np.flip`, `frames[::-1]`) are valid videos, but torch.from_numpy and several OpenCV calls refuse them.
+    """
     if not isinstance(frames, np.ndarray):
         raise ValueError(f"`{name}` must be a numpy array of shape (T, H, W, 3), got {type(frames).__name__}")
     if frames.dtype != np.uint8:
@@ -32,7 +36,7 @@ def check_video(frames: np.ndarray, name: str = "frames", min_frames: int = 1) -
         raise ValueError(f"`{name}` must not be empty, got shape {frames.shape}")
     if frames.shape[0] < min_frames:
         raise ValueError(f"`{name}` must have at least {min_frames} frames (T), got T={frames.shape[0]}")
-    return frames
+    return np.ascontiguousarray(frames)
 
 
 # ------------------------------------------------------------------------------------------------------ resizing

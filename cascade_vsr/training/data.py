@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from cascade_vsr.pair_dataset import read_pair_dataset
+from cascade_vsr.pair_dataset import clip_file, open_latents, read_pair_dataset
 
 
 @dataclass(frozen=True)
@@ -41,10 +40,10 @@ def _read_clip(root: Path, entry: dict) -> PairClip:
             f'clip {clip_id!r} of `data_dir` has no latents ("latents": null): build the dataset with latents '
             "(make-pairs with an upstream VAE) to train on it"
         )
-    path = root / entry["latents"]
+    path = clip_file(root, entry, "latents")
     if not path.is_file():
         raise ValueError(f"clip {clip_id!r}: latents file {str(path)!r} is missing")
-    with safe_open(str(path), framework="pt") as tensors:
+    with open_latents(path, clip_id) as tensors:
         names = set(tensors.keys())
         for name in ("hr_latents", "lr_latents"):
             if name not in names:
@@ -160,7 +159,7 @@ class PairLatentDataset(Dataset):
         )
         hr_y, hr_h = map_crop(y0, crop_h, height, clip.hr_shape[2])
         hr_x, hr_w = map_crop(x0, crop_w, width, clip.hr_shape[3])
-        with safe_open(str(clip.latents_path), framework="pt") as tensors:
+        with open_latents(clip.latents_path, clip.id) as tensors:
             lr = tensors.get_slice("lr_latents")[:, t0 : t0 + num_frames, y0 : y0 + crop_h, x0 : x0 + crop_w]
             hr = tensors.get_slice("hr_latents")[:, t0 : t0 + num_frames, hr_y : hr_y + hr_h, hr_x : hr_x + hr_w]
             sample = {"id": clip.id, "lr_latents": lr.float(), "hr_latents": hr.float()}
