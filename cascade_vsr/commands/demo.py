@@ -154,14 +154,14 @@ def check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_ground_truth(name: str, num_frames: int, hr_size: tuple[int, int]):
+def load_ground_truth(name: str, num_frames: int, hr_size: tuple[int, int], clips: dict = CLIPS):
     """Held-out HR frames (T, H, W, 3) uint8 and the clip's frame rate. Clips larger than `hr_size` are centre
     cropped to its aspect and area-resized (as make-pairs makes HR clips); every clip is then centre cropped to
     multiples of 8."""
     from cascade_vsr.core.video import read_video, resize_frames, sample_video_path, video_info
 
-    path = sample_video_path(CLIPS[name][0])
-    frames = read_video(path, start=CLIPS[name][1], num_frames=num_frames)
+    path = sample_video_path(clips[name][0])
+    frames = read_video(path, start=clips[name][1], num_frames=num_frames)
     if frames.shape[1] > hr_size[0] or frames.shape[2] > hr_size[1]:
         frames = resize_frames(frames, hr_size, crop_to_aspect=True)
     height, width = (s // MULTIPLE * MULTIPLE for s in frames.shape[1:3])
@@ -169,12 +169,13 @@ def load_ground_truth(name: str, num_frames: int, hr_size: tuple[int, int]):
     return frames[:, top : top + height, left : left + width].copy(), video_info(path)["fps"]
 
 
-def held_out_clip(name: str, num_frames: int, hr_size: tuple[int, int]):
-    """(ground truth, fps, LR, bicubic) of a held-out clip: the LR is the ground truth area-downsampled `SCALE`x,
-    bicubic its plain upsampling back, all uint8 (T, H, W, 3)."""
+def held_out_clip(name: str, num_frames: int, hr_size: tuple[int, int], clips: dict = CLIPS):
+    """(ground truth, fps, LR, bicubic) of a held-out clip (or another of `clips`: name -> (file, first frame)):
+    the LR is the ground truth area-downsampled `SCALE`x, bicubic its plain upsampling back, all uint8
+    (T, H, W, 3)."""
     from cascade_vsr.core.video import resize_frames
 
-    ground_truth, fps = load_ground_truth(name, num_frames, hr_size)
+    ground_truth, fps = load_ground_truth(name, num_frames, hr_size, clips)
     size = ground_truth.shape[1:3]
     lr = resize_frames(ground_truth, (size[0] // SCALE, size[1] // SCALE), mode="area")
     return ground_truth, fps, lr, resize_frames(lr, size, mode="bicubic")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "carphone_pristine.mp4")
+SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "carphone_pristine.mp4", "bikes.mp4")
 RESIZE_MODES = ("auto", "area", "bilinear", "bicubic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -188,6 +188,18 @@ class TrainConfig:
         default=0.0,
         metadata={"help": "adversarial: squared difference of frame-to-frame changes, on the decoded crops."},
     )
+    lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train a LoRA adapter of this rank on the transformer of `pretrained_model_name_or_path` (all "
+            "else frozen); the export is the adapter (load it with `CascadeVSRPipeline.load_lora_weights`)."
+        },
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling numerator (default: the rank)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        metadata={"help": "Transformer layers that get adapters (diffusers' attention names)."},
+    )
     logit_mean: float = 0.0
     logit_std: float = 1.0
     timestep_curve: str | None = field(
@@ -399,6 +411,15 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         raise ValueError(f"`pixel_crop_size` must be two positive ints (h w), got {train.pixel_crop_size}")
     if train.objective == "adversarial" and train.gradient_accumulation_steps != 1:
         raise ValueError("`gradient_accumulation_steps` must be 1 with `objective` adversarial")
+    if train.lora_rank is not None:
+        if train.lora_rank < 1 or (train.lora_alpha is not None and not train.lora_alpha > 0):
+            raise ValueError(
+                f"`lora_rank` must be >= 1 and `lora_alpha` positive, got {train.lora_rank}, {train.lora_alpha}"
+            )
+        if model.pretrained_model_name_or_path is None:
+            raise ValueError("`lora_rank` adapts a trained stage: set `pretrained_model_name_or_path`")
+        if not train.lora_target_modules:
+            raise ValueError("`lora_target_modules` must name at least one layer")
     if train.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(f"`lr_scheduler` must be one of {LR_SCHEDULERS}, got {train.lr_scheduler!r}")
     if not (0 <= train.noise_aug_min <= train.noise_aug_max <= 1):

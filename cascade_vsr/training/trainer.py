@@ -342,6 +342,46 @@ def _optimizer_and_schedule(parameters: list, learning_rate: float, train_config
     return optimizer, lr_scheduler
 
 
+def add_lora_adapter(
+    upsampler: LatentUpsampler3D, transformer: CascadeVSRTransformer3DModel, train_config: TrainConfig
+) -> None:
+    """Freeze the stage and give its transformer a trainable LoRA adapter (peft, through diffusers'
+    PeftAdapterMixin) on `lora_target_modules`."""
+    from peft import LoraConfig
+
+    upsampler.requires_grad_(False)
+    transformer.requires_grad_(False)
+    rank = train_config.lora_rank
+    transformer.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=train_config.lora_alpha or rank,
+            target_modules=list(train_config.lora_target_modules),
+            init_lora_weights=True,
+        )
+    )
+
+
+def export_lora(path: str | Path, transformer: CascadeVSRTransformer3DModel) -> Path:
+    """Write the transformer's LoRA adapter in diffusers' format (pytorch_lora_weights.safetensors with its
+    LoraConfig as metadata), loadable with `CascadeVSRPipeline.load_lora_weights` onto the base stage."""
+    from peft.utils import get_peft_model_state_dict
+
+    from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
+
+    bad = non_finite_parameters(transformer)
+    if bad:
+        raise NonFiniteTrainingError(
+            f"refusing to export a LoRA adapter with non-finite weights: {', '.join(bad[:5])}"
+        )
+    CascadeVSRPipeline.save_lora_weights(
+        path,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
+    return Path(path)
+
+
 def teacher_sigmas(model_path: str, num_steps: int) -> torch.Tensor:
     """The N + 1 sigmas (ending at 0) of the teacher's N-step schedule, from its own scheduler config: the sigmas
     of the pipeline's default schedule, so that the student's N/2-step schedule is every second one of them."""
@@ -445,6 +485,8 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         )
         if train_config.pixel_loss_weight or train_config.temporal_smoothness_weight:
             decode = pixel_decoder(model_config.pretrained_model_name_or_path, device)
+    if train_config.lora_rank is not None:
+        add_lora_adapter(upsampler, transformer, train_config)
     if train_config.gradient_checkpointing:
         for model in (upsampler, transformer, *([discriminator.trunk] if discriminator is not None else [])):
             model.enable_gradient_checkpointing()
@@ -573,7 +615,10 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         if ema is not None and train_config.export_ema:
             ema.store(trained)
             ema.copy_to(trained)
-        export_pipeline(export_dir, unwrapped.upsampler, unwrapped.transformer, train_config.sampling())
+        if train_config.lora_rank is not None:
+            export_lora(export_dir, unwrapped.transformer)
+        else:
+            export_pipeline(export_dir, unwrapped.upsampler, unwrapped.transformer, train_config.sampling())
         if ema is not None and train_config.export_ema:
             ema.restore(trained)
         if discriminator is not None:  # to continue adversarial training from this run
