@@ -125,9 +125,6 @@ def unit_range_frames(video: Any) -> Any:
     lists of them pass unchanged."""
     if isinstance(video, list | tuple):
         return [unit_range_frames(item) for item in video]
-    if isinstance(video, np.ndarray):
-        # Views with negative strides (np.flip, [::-1]) cannot become tensors: copy those into a fresh array.
-        video = np.ascontiguousarray(video) if any(stride < 0 for stride in video.strides) else video
     if isinstance(video, np.ndarray | torch.Tensor):
         if video.dtype in (np.uint8, torch.uint8):
             return video.astype(np.float32) / 255 if isinstance(video, np.ndarray) else video.float() / 255
@@ -163,6 +160,15 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         sampling (`dict`, *optional*): The sampler settings the model was trained for (`num_inference_steps` or
             `sigmas`, `guidance_scale`, `noise_aug_strength`, `noise_frame_correlation`, `self_ensemble`), saved in
             `model_index.json`: a call without those arguments uses them (`pipelines.sampling`).
+
+    LoRA (`CascadeVSRLoraLoaderMixin`, on diffusers' `LoraBaseMixin`): `load_lora_weights`, `set_adapters`,
+    `disable_lora`, `fuse_lora`, `unfuse_lora`, `unload_lora_weights`; `attention_kwargs={"scale": s}` weighs the
+    adapters in one call. Save a trained adapter with `CascadeVSRPipeline.save_lora_weights(dir,
+    transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer),
+    transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())`.
+    Caches: `pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=...))`; every denoising step runs in
+    the transformer's `cache_context("cond_uncond")` (both CFG halves are one batch), and the state is reset after
+    each call and between the runs of a self-ensemble.
     """
 
     model_cpu_offload_seq = "text_encoder->upsampler->transformer->vae"
