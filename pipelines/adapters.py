@@ -60,10 +60,12 @@ class LatentAdapter:
     Attributes:
         name: the latent-space name stored in `CascadeVSRTransformer3DModel.config.latent_space`.
         latent_channels, temporal_compression, spatial_compression: the VAE's geometry.
+        latent_ndim: rank of the upstream's batched latent output (5; 3 for packed tokens).
     """
 
     name = "base"
     default_scaling_factor = 1.0
+    latent_ndim = 5
 
     def __init__(
         self,
@@ -288,6 +290,7 @@ class LTXVideoAdapter(LatentAdapter):
     """
 
     name = "ltx_video"
+    latent_ndim = 3
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D, resize_frames
 from cascade_vsr.pipelines.adapters import LatentAdapter, get_adapter
+from cascade_vsr.pipelines.lora_loader import CascadeVSRLoraLoaderMixin
 from cascade_vsr.pipelines.sampling import check_sampling, resolve_sampling, set_schedule
 from cascade_vsr.pipelines.self_ensemble import (
     check_self_ensemble,
@@ -73,6 +75,11 @@ class CascadeVSRPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
 
 
+def _is_real(value: Any) -> bool:
+    """A real number (Python or NumPy), not a bool, a string or a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _pad_sequence(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad (B, L, D) text embeddings and their (B, L) mask with masked zeros to `length` tokens."""
     extra = length - embeds.shape[1]
@@ -84,6 +91,32 @@ def _repeat_to_batch(values: torch.Tensor, batch: int) -> torch.Tensor:
     if values.shape[0] == 1:
         return values.expand(batch, *values.shape[1:])
     return values.repeat_interleave(batch // values.shape[0], dim=0)
+
+
+def stack_videos(videos: torch.Tensor | list[torch.Tensor], ndim: int, name: str) -> torch.Tensor:
+    """A batched tensor of rank `ndim` as it is; a list or tuple of per-video tensors (each of rank `ndim` - 1, or of
+    rank `ndim` with a batch of 1), all of one shape, stacked on a new batch dim."""
+    if not isinstance(videos, list | tuple):
+        return videos
+    if not videos or not all(isinstance(v, torch.Tensor) for v in videos):
+        raise ValueError(f"`{name}` as a list must be a non-empty list of torch.Tensor, one per video")
+    single = []
+    for index, video in enumerate(videos):
+        if video.ndim == ndim and video.shape[0] == 1:
+            video = video[0]
+        if video.ndim != ndim - 1:
+            raise ValueError(
+                f"`{name}[{index}]` must be one video of {ndim - 1} dims (or {ndim} with a batch of 1), got shape "
+                f"{tuple(video.shape)}"
+            )
+        single.append(video)
+    shapes = {tuple(v.shape) for v in single}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"the videos of `{name}` must all have one shape to run as a batch, got shapes "
+            f"{[tuple(v.shape) for v in single]}"
+        )
+    return torch.stack(single)
 
 
 def unit_range_frames(video: Any) -> Any:
@@ -109,7 +142,7 @@ def unit_range_frames(video: Any) -> Any:
     return video
 
 
-class CascadeVSRPipeline(DiffusionPipeline):
+class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
     r"""
     Latent video super-resolution stage (SimpleGVR) for diffusers text-to-video pipelines.
 
@@ -127,6 +160,15 @@ class CascadeVSRPipeline(DiffusionPipeline):
         sampling (`dict`, *optional*): The sampler settings the model was trained for (`num_inference_steps` or
             `sigmas`, `guidance_scale`, `noise_aug_strength`, `noise_frame_correlation`, `self_ensemble`), saved in
             `model_index.json`: a call without those arguments uses them (`pipelines.sampling`).
+
+    LoRA (`CascadeVSRLoraLoaderMixin`, on diffusers' `LoraBaseMixin`): `load_lora_weights`, `set_adapters`,
+    `disable_lora`, `fuse_lora`, `unfuse_lora`, `unload_lora_weights`; `attention_kwargs={"scale": s}` weighs the
+    adapters in one call. Save a trained adapter with `CascadeVSRPipeline.save_lora_weights(dir,
+    transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer),
+    transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())`.
+    Caches: `pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=...))`; every denoising step runs in
+    the transformer's `cache_context("cond_uncond")` (both CFG halves are one batch), and the state is reset after
+    each call and between the runs of a self-ensemble.
     """
 
     model_cpu_offload_seq = "text_encoder->upsampler->transformer->vae"
@@ -232,17 +274,17 @@ class CascadeVSRPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         return self._interrupt
 
+    @property
+    def attention_kwargs(self) -> dict[str, Any] | None:
+        return self._attention_kwargs
+
     # -- text ----------------------------------------------------------------------------------------------------
 
-    def encode_prompt(
-        self,
-        prompt: str | list[str],
-        max_sequence_length: int = 512,
-        device: torch.device | None = None,
+    def _encode_text(
+        self, prompt: list[str], max_sequence_length: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode `prompt` with the upstream's tokenizer and text encoder -> (embeds (B, L, D), mask (B, L))."""
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        device = device or self._execution_device
+        """Tokenize `prompt` (padded to `max_sequence_length`) and run the text encoder -> (B, L, D) embeddings and
+        their (B, L) attention mask."""
         inputs = self.tokenizer(
             prompt,
             padding="max_length",
@@ -254,7 +296,98 @@ class CascadeVSRPipeline(DiffusionPipeline):
         )
         mask = inputs.attention_mask.to(device)
         embeds = self.text_encoder(inputs.input_ids.to(device), attention_mask=mask).last_hidden_state
-        return embeds.to(self.transformer.dtype), mask
+        return embeds.to(device, dtype), mask
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        max_sequence_length: int = 512,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        r"""
+        Encode the prompt and the negative prompt with the upstream's tokenizer and text encoder (diffusers'
+        `encode_prompt`, with masks in LTX-Video's order). Needs only `text_encoder` and `tokenizer`.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): The prompt(s); or pass `prompt_embeds`.
+            negative_prompt (`str` or `list[str]`, *optional*): Used only with `do_classifier_free_guidance`; a
+                single string (or a list of one) applies to every prompt. Without it (and without `negative_prompt_embeds`) the
+                negative outputs are None: the pipeline's unconditional branch is then the transformer's learned
+                null text embedding, not an encoded empty string.
+            do_classifier_free_guidance (`bool`): Whether to return negative embeddings at all.
+            num_videos_per_prompt (`int`): Each row is repeated this many times, consecutively.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor` (B, L, D), *optional*): Precomputed embeddings,
+                used instead of encoding the text.
+            prompt_attention_mask, negative_prompt_attention_mask (`torch.Tensor` (B, L), *optional*): Their masks
+                (1 = real token); all ones when embeddings are given without a mask.
+            max_sequence_length (`int`): Tokens per prompt, padded and truncated to it.
+            device (`torch.device`, *optional*): Device of the outputs; the execution device by default.
+            dtype (`torch.dtype`, *optional*): dtype of the embeddings; the text encoder's by default.
+
+        Returns:
+            `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`:
+            (B * num_videos_per_prompt, L, D) embeddings and (B * num_videos_per_prompt, L) masks; the negative pair
+            is `(None, None)` without classifier-free guidance or without a negative prompt.
+        """
+        device = device or self._execution_device
+        needs_encoder = prompt is not None or (do_classifier_free_guidance and negative_prompt is not None)
+        if needs_encoder and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError(
+                "encoding `prompt` or `negative_prompt` needs the pipeline's `text_encoder` and `tokenizer`"
+            )
+        if dtype is None:
+            dtype = self.text_encoder.dtype if self.text_encoder is not None else prompt_embeds.dtype
+        if prompt is not None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, max_sequence_length, device, dtype)
+        elif prompt_embeds is None:
+            raise ValueError("pass `prompt` or `prompt_embeds`")
+        else:
+            prompt_embeds = prompt_embeds.to(device, dtype)
+            if prompt_attention_mask is None:
+                prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+            prompt_attention_mask = prompt_attention_mask.to(device)
+        batch_size = prompt_embeds.shape[0]
+
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_attention_mask = None
+        elif negative_prompt is not None:
+            negative_prompt = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negative_prompt) == 1:
+                negative_prompt = negative_prompt * batch_size
+            if len(negative_prompt) != batch_size:
+                raise ValueError(
+                    f"`negative_prompt` must be a string or a list of 1 or {batch_size} (the batch of the prompt), "
+                    f"got a list of {len(negative_prompt)}"
+                )
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(
+                list(negative_prompt), max_sequence_length, device, dtype
+            )
+        elif negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype)
+            if negative_prompt_attention_mask is None:
+                negative_prompt_attention_mask = torch.ones(
+                    negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
+                )
+            negative_prompt_attention_mask = negative_prompt_attention_mask.to(device)
+
+        def per_video(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values.repeat_interleave(num_videos_per_prompt, dim=0)
+
+        return (
+            per_video(prompt_embeds),
+            per_video(prompt_attention_mask),
+            per_video(negative_prompt_embeds),
+            per_video(negative_prompt_attention_mask),
+        )
 
     def prepare_text_conditioning(
         self,
@@ -269,31 +402,40 @@ class CascadeVSRPipeline(DiffusionPipeline):
         max_sequence_length: int,
         device: torch.device,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(B or 2B, L, D) embeddings and mask; with CFG the unconditional half comes first."""
-        if prompt is not None:
-            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, max_sequence_length, device)
-        if negative_prompt is not None:
-            negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                negative_prompt, max_sequence_length, device
-            )
-        if prompt_embeds is None:
+        """The transformer's text input for `batch` videos: (batch or 2 batch, L, D) embeddings and their mask, or
+        (None, None) for the learned null embedding. With CFG the unconditional half comes first; it is the negative
+        prompt, or else the learned null prompt."""
+        if prompt is None and prompt_embeds is None:
             return None, None  # the transformer's learned null embedding
         dtype = self.transformer.dtype
-        prompt_embeds = _repeat_to_batch(prompt_embeds.to(device, dtype), batch)
-        if prompt_attention_mask is None:
-            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
-        prompt_attention_mask = _repeat_to_batch(prompt_attention_mask.to(device), batch)
+        # One row per prompt (1 or the input's batch); `_repeat_to_batch` then pairs rows with videos.
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            self.encode_prompt(
+                prompt,
+                negative_prompt,
+                do_classifier_free_guidance=do_cfg,
+                num_videos_per_prompt=1,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                prompt_attention_mask=prompt_attention_mask,
+                negative_prompt_attention_mask=negative_prompt_attention_mask,
+                max_sequence_length=max_sequence_length,
+                device=device,
+                dtype=dtype,
+            )
+        )
+        prompt_embeds = _repeat_to_batch(prompt_embeds, batch)
+        prompt_attention_mask = _repeat_to_batch(prompt_attention_mask, batch)
         if not do_cfg:
             return prompt_embeds, prompt_attention_mask
         if negative_prompt_embeds is None:
             # The learned null prompt repeated over L fully visible tokens attends exactly like one null token.
             negative_prompt_embeds = self.transformer.null_text_embeds(batch, prompt_embeds.shape[1]).to(device, dtype)
-        negative_prompt_embeds = _repeat_to_batch(negative_prompt_embeds.to(device, dtype), batch)
-        if negative_prompt_attention_mask is None:
             negative_prompt_attention_mask = torch.ones(
                 negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
             )
-        negative_prompt_attention_mask = _repeat_to_batch(negative_prompt_attention_mask.to(device), batch)
+        negative_prompt_embeds = _repeat_to_batch(negative_prompt_embeds, batch)
+        negative_prompt_attention_mask = _repeat_to_batch(negative_prompt_attention_mask, batch)
         length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
         prompt_embeds, prompt_attention_mask = _pad_sequence(prompt_embeds, prompt_attention_mask, length)
         negative_prompt_embeds, negative_prompt_attention_mask = _pad_sequence(
@@ -335,6 +477,8 @@ class CascadeVSRPipeline(DiffusionPipeline):
         self_ensemble: int,
         callback_on_step_end_tensor_inputs: list[str],
         decode_chunk_size: int | None,
+        max_sequence_length: int = 512,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> None:
         """Check every argument on its own, and the upstream latent space against the model's (no tensor is read).
 
@@ -342,7 +486,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
         `preprocess_video`, `resolve_target_size` and `check_batch_inputs`, still before any heavy compute."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if color_fix is not None and color_fix not in COLOR_FIXES:
+        if color_fix is not None and (not isinstance(color_fix, str) or color_fix not in COLOR_FIXES):
             raise ValueError(f"`color_fix` must be None or one of {tuple(COLOR_FIXES)}, got {color_fix!r}")
         if (lr_latents is None) == (video is None):
             raise ValueError("pass exactly one of `lr_latents` (the upstream's latent output) and `video` (pixels)")
@@ -357,26 +501,50 @@ class CascadeVSRPipeline(DiffusionPipeline):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if (
+            isinstance(max_sequence_length, bool)
+            or not isinstance(max_sequence_length, int)
+            or max_sequence_length < 1
+        ):
+            raise ValueError(
+                f"`max_sequence_length` must be a positive int (text tokens), got {max_sequence_length!r}"
+            )
         for name, value in (
             ("noise_aug_strength", noise_aug_strength),
             ("noise_frame_correlation", noise_frame_correlation),
         ):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"`{name}` must lie in [0, 1], got {value}")
-        if guidance_scale < 1.0:
-            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale}")
+            if not _is_real(value) or not 0.0 <= value <= 1.0:  # NaN fails the comparison too
+                raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+        if not _is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 1.0:
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 1 (1 disables guidance), got {guidance_scale!r}"
+            )
         if sigmas is not None:
+            if not isinstance(sigmas, list | tuple | np.ndarray) or not all(_is_real(s) for s in sigmas):
+                raise ValueError(f"`sigmas` must be a list of numbers, got {sigmas!r}")
             values = np.asarray(sigmas, dtype=np.float64)
             if (
                 values.ndim != 1
                 or len(values) == 0
+                or not np.isfinite(values).all()
                 or (values <= 0).any()
                 or (values > 1).any()
                 or (np.diff(values) >= 0).any()
             ):
                 raise ValueError(f"`sigmas` must be a non-empty, strictly decreasing list in (0, 1], got {sigmas}")
-        if decode_chunk_size is not None and (not isinstance(decode_chunk_size, int) or decode_chunk_size < 1):
+        if decode_chunk_size is not None and (
+            isinstance(decode_chunk_size, bool) or not isinstance(decode_chunk_size, int) or decode_chunk_size < 1
+        ):
             raise ValueError(f"`decode_chunk_size` must be a positive int (latent frames), got {decode_chunk_size!r}")
+        if attention_kwargs is not None:
+            if not isinstance(attention_kwargs, dict) or set(attention_kwargs) - {"scale"}:
+                raise ValueError(
+                    "`attention_kwargs` must be None or a dict with only the key 'scale' (the LoRA weight), got "
+                    f"{attention_kwargs!r}"
+                )
+            lora_scale = attention_kwargs.get("scale", 1.0)
+            if not _is_real(lora_scale) or not math.isfinite(lora_scale):
+                raise ValueError(f"`attention_kwargs['scale']` must be a finite number, got {lora_scale!r}")
         if output_type != "latent" and self.vae is None:
             raise ValueError(f"`output_type={output_type!r}` needs the upstream's `vae`; use output_type='latent'")
         if color_fix is not None and self.vae is None:
@@ -455,15 +623,25 @@ class CascadeVSRPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"`{name}` must have 1 or {batch_size} (batch of the latents) entries, got {len(text)}"
                 )
+        num_prompts = len(prompt) if isinstance(prompt, list) else 1
+        if isinstance(negative_prompt, list) and len(negative_prompt) not in (1, num_prompts):
+            raise ValueError(
+                f"`negative_prompt` must have 1 or {num_prompts} (as many as `prompt`) entries, got "
+                f"{len(negative_prompt)}"
+            )
         self._check_embeds(prompt_embeds, prompt_attention_mask, "prompt", batch_size)
         self._check_embeds(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt", batch_size)
-        if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latents_shape):
-            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"`latents` must have shape {latents_shape} (B, C, T, H/s, W/s), got {got}")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != latents_shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"`latents` must have shape {latents_shape} (B, C, T, H/s, W/s), got {got}")
+            if not torch.isfinite(latents).all():
+                raise ValueError("`latents` must be finite (no NaN / Inf)")
         if isinstance(generator, list) and len(generator) != latents_shape[0]:
             raise ValueError(
-                f"`generator` must be one generator or a list of {latents_shape[0]} (one per video: batch x "
-                f"num_videos_per_prompt), got a list of {len(generator)}"
+                f"You have passed a list of generators of length {len(generator)}, but the effective batch size is "
+                f"{latents_shape[0]} (videos x num_videos_per_prompt): pass one generator, or a list of "
+                f"{latents_shape[0]}, one per output video"
             )
 
     # -- preparation steps ---------------------------------------------------------------------------------------
@@ -471,7 +649,9 @@ class CascadeVSRPipeline(DiffusionPipeline):
     def convert_lr_latents(
         self, adapter: LatentAdapter, lr_latents: torch.Tensor, upstream_shape: dict[str, int] | None
     ) -> torch.Tensor:
-        """The upstream's latents in its own format -> model-space (B, C, T, h, w), checked finite."""
+        """The upstream's latents in its own format (one batched tensor, or a list of per-video tensors) ->
+        model-space (B, C, T, h, w), checked finite."""
+        lr_latents = stack_videos(lr_latents, adapter.latent_ndim, "lr_latents")
         lr_latents = adapter.to_model(lr_latents, self.vae, **(upstream_shape or {}))
         if not torch.isfinite(lr_latents).all():
             raise ValueError("`lr_latents` must be finite (no NaN / Inf)")
@@ -593,7 +773,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        lr_latents: torch.Tensor | None = None,
+        lr_latents: torch.Tensor | list[torch.Tensor] | None = None,
         video: Any = None,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -624,6 +804,7 @@ class CascadeVSRPipeline(DiffusionPipeline):
         negative_prompt_attention_mask: torch.Tensor | None = None,
         upstream_shape: dict[str, int] | None = None,
         decode_chunk_size: int | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> CascadeVSRPipelineOutput | tuple:
         r"""
         Super-resolve the upstream's latents (or, slower, a pixel video) to `height` x `width` or `scale`.
@@ -634,9 +815,10 @@ class CascadeVSRPipeline(DiffusionPipeline):
         a single run (`sampling_settings` tells what a call will use).
 
         Args:
-            lr_latents (`torch.Tensor`, *optional*): What the upstream pipeline returned with
+            lr_latents (`torch.Tensor` or `list[torch.Tensor]`, *optional*): What the upstream pipeline returned with
                 `output_type="latent"`, in its own format (e.g. Wan (B, C, T, h, w), CogVideoX (B, T, C, h, w),
-                LTX-Video packed (B, S, D) with `upstream_shape`).
+                LTX-Video packed (B, S, D) with `upstream_shape`); or a list of such videos one by one (each without
+                the batch dim, or with a batch of 1), all of one shape: the same as their stacked batch.
             video (*optional*): Pixel frames instead (anything `VideoProcessor.preprocess_video` accepts). The
                 slow path: the frames are first encoded with the VAE.
             prompt, negative_prompt: Text, encoded with the shared upstream text encoder.
@@ -669,6 +851,8 @@ class CascadeVSRPipeline(DiffusionPipeline):
             upstream_shape (`dict`, *optional*): Grid of packed upstream latents (LTX-Video): `num_frames`,
                 `height`, `width` of the upstream call.
             decode_chunk_size (`int`, *optional*): Decode this many latent frames at a time (less memory).
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` weighs the transformer's loaded LoRA adapters in
+                this call (`load_lora_weights`); no other key exists.
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -713,8 +897,11 @@ class CascadeVSRPipeline(DiffusionPipeline):
             self_ensemble,
             callback_on_step_end_tensor_inputs,
             decode_chunk_size,
+            max_sequence_length,
+            attention_kwargs,
         )
         self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
         adapter = self.adapter
@@ -775,6 +962,8 @@ class CascadeVSRPipeline(DiffusionPipeline):
         #    memory). Run k sees the k-th flip / transpose of the video, at the target size transformed alike.
         ensemble_sum = None
         for run in range(self_ensemble):
+            if run > 0:  # each run of the ensemble starts with fresh cache state (`transformer.enable_cache`)
+                self.transformer._reset_stateful_cache()
             run_generator = generator_for_run(generator, run)
             run_video = video if video is None else dihedral_transform(video, run)
             run_size = (width, height) if swaps_height_width(run) else (height, width)
@@ -805,15 +994,20 @@ class CascadeVSRPipeline(DiffusionPipeline):
                         continue
                     model_input = torch.cat([run_latents] * 2) if do_cfg else run_latents
                     model_condition = torch.cat([condition] * 2) if do_cfg else condition
-                    velocity = self.transformer(
-                        hidden_states=model_input.to(transformer_dtype),
-                        condition=model_condition.to(transformer_dtype),
-                        timestep=t.expand(model_input.shape[0]),
-                        noise_aug_level=noise_level,
-                        encoder_hidden_states=prompt_embeds,
-                        encoder_attention_mask=prompt_attention_mask,
-                        return_dict=False,
-                    )[0].float()
+                    # The CFG halves run batched: one cache context for both (diffusers' "cond_uncond").
+                    with self.transformer.cache_context(
+                        "cond_uncond", step_index=i, num_inference_steps=len(timesteps)
+                    ):
+                        velocity = self.transformer(
+                            hidden_states=model_input.to(transformer_dtype),
+                            condition=model_condition.to(transformer_dtype),
+                            timestep=t.expand(model_input.shape[0]),
+                            noise_aug_level=noise_level,
+                            encoder_hidden_states=prompt_embeds,
+                            encoder_attention_mask=prompt_attention_mask,
+                            attention_kwargs=attention_kwargs,
+                            return_dict=False,
+                        )[0].float()
                     if do_cfg:
                         uncond, cond = velocity.chunk(2)
                         velocity = uncond + guidance_scale * (cond - uncond)

@@ -23,6 +23,10 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
 def check_sampling(settings: dict[str, Any] | None) -> dict[str, Any]:
     """A model's sampling settings: known names only, each of the right kind (the call checks the values again)."""
     if settings is None:
@@ -70,9 +74,11 @@ def resolve_sampling(
         resolved["self_ensemble"] = 1
     if explicit.get("num_inference_steps") is not None and explicit.get("sigmas") is None:
         resolved["sigmas"] = None  # the caller's step count, on the default schedule
-    if resolved["sigmas"] is not None:
-        resolved["sigmas"] = [float(s) for s in resolved["sigmas"]]
+    sigmas = resolved["sigmas"]
+    if isinstance(sigmas, list | tuple | np.ndarray) and all(_is_number(s) for s in sigmas):
+        resolved["sigmas"] = [float(s) for s in sigmas]
         resolved["num_inference_steps"] = len(resolved["sigmas"])
+    # Anything else is left as given, for the pipeline's checks to refuse with a message naming it.
     return resolved
 
 

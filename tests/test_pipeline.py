@@ -412,3 +412,122 @@ def test_uint8_video_is_divided_by_255_and_float_video_outside_unit_range_is_ref
             unit_range_frames(bad)
     with pytest.raises(ValueError, match="uint8 or float"):
         unit_range_frames(np.zeros((2, 8, 8, 3), dtype=np.int32))
+
+
+# -- encode_prompt, list inputs, argument checks (issue 14) ---------------------------------------------------------
+
+
+@torch.no_grad()
+def test_encode_prompt_needs_only_the_text_encoder_and_matches_a_direct_encoding():
+    text_encoder, tokenizer = tu.tiny_t5(32)
+    pipe = CascadeVSRPipeline(
+        upsampler=None, transformer=None, scheduler=None, text_encoder=text_encoder, tokenizer=tokenizer
+    )
+
+    def direct(texts):
+        tokens = tokenizer(texts, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
+        embeds = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return embeds, tokens.attention_mask
+
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(
+        ["a cat", "two dogs running"], negative_prompt="blurry", num_videos_per_prompt=2, max_sequence_length=12
+    )
+    expected, expected_mask = direct(["a cat", "a cat", "two dogs running", "two dogs running"])
+    torch.testing.assert_close(embeds, expected)
+    assert torch.equal(mask, expected_mask) and embeds.shape == (4, 12, 32)
+    expected, expected_mask = direct(["blurry"] * 4)
+    torch.testing.assert_close(negative, expected)
+    assert torch.equal(negative_mask, expected_mask)
+    assert mask[0].sum() == len("a cat") + 1  # ByT5: one token per byte and </s>; the rest is padding
+
+    # no guidance, or no negative prompt: no negative (the pipeline uses the learned null embedding)
+    assert pipe.encode_prompt("a cat", negative_prompt="x", do_classifier_free_guidance=False)[2:] == (None, None)
+    assert pipe.encode_prompt("a cat", max_sequence_length=12)[2:] == (None, None)
+    # given embeddings pass through (all-ones mask), repeated per video, in the requested dtype
+    given = torch.randn(1, 3, 32)
+    embeds, mask, *_ = pipe.encode_prompt(None, prompt_embeds=given, num_videos_per_prompt=3, dtype=torch.float64)
+    assert embeds.dtype == torch.float64 and torch.equal(embeds, given.double().expand(3, -1, -1))
+    assert torch.equal(mask, torch.ones(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="negative_prompt"):
+        pipe.encode_prompt(["a", "b"], negative_prompt=["x", "y", "z"])
+    with pytest.raises(ValueError, match="text_encoder"):
+        CascadeVSRPipeline(upsampler=None, transformer=None, scheduler=None).encode_prompt("a cat")
+
+
+def test_prompt_through_the_call_equals_its_encode_prompt_embeddings(wan):
+    _, pipe, lr = wan
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(
+        "a cat", negative_prompt="a dog", max_sequence_length=16
+    )
+    kwargs = dict(guidance_scale=2.0, num_inference_steps=1)
+    by_text = _run(pipe, lr, prompt="a cat", negative_prompt="a dog", max_sequence_length=16, **kwargs)
+    by_embeds = _run(
+        pipe,
+        lr,
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=negative,
+        negative_prompt_attention_mask=negative_mask,
+        **kwargs,
+    )
+    torch.testing.assert_close(by_text, by_embeds, rtol=1e-5, atol=1e-6)  # the same up to float rounding
+
+
+@pytest.mark.parametrize("with_batch_dim", [False, True])
+def test_lr_latents_as_a_list_of_videos_equals_the_stacked_batch(wan, with_batch_dim):
+    _, pipe, lr = wan
+    other = torch.randn(lr.shape, generator=_gen(7))
+    videos = [lr, other] if with_batch_dim else [lr[0], other[0]]
+    kwargs = dict(num_inference_steps=2, prompt_embeds=torch.randn(2, 4, 32, generator=_gen(2)))
+    stacked = _run(pipe, lr, **{**kwargs, "lr_latents": torch.cat([lr, other]), "generator": [_gen(0), _gen(1)]})
+    listed = _run(pipe, lr, **{**kwargs, "lr_latents": videos, "generator": [_gen(0), _gen(1)]})
+    assert stacked.shape[0] == 2 and torch.equal(listed, stacked)
+
+
+def test_negative_stride_numpy_video_runs_like_its_copy(wan):
+    _, pipe, _ = wan
+    frames = np.random.default_rng(0).random((5, 16, 32, 3), dtype=np.float32)  # (T, H, W, C) in [0, 1]
+    flipped = np.flip(frames, axis=2)
+    assert any(stride < 0 for stride in flipped.strides)
+    kwargs = dict(scale=1.5, num_inference_steps=1, output_type="latent")
+    out = pipe(video=flipped, generator=_gen(), **kwargs).frames
+    assert torch.equal(out, pipe(video=flipped.copy(), generator=_gen(), **kwargs).frames)
+
+
+def test_bad_numbers_strings_lists_and_non_finite_inputs_raise_before_compute(wan, monkeypatch):
+    _, pipe, lr = wan
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("heavy compute ran before the input check")
+
+    monkeypatch.setattr(pipe.upsampler, "forward", no_compute)
+    monkeypatch.setattr(pipe.transformer, "forward", no_compute)
+    monkeypatch.setattr(pipe.text_encoder, "forward", no_compute)
+    nan_latents = torch.zeros(1, 16, 2, 3, 6)
+    nan_latents[0, 0, 0, 0, 0] = float("inf")
+    for kwargs, match in [
+        (dict(latents=nan_latents), "`latents` must be finite"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(guidance_scale=float("inf")), "guidance_scale"),
+        (dict(guidance_scale="2"), "guidance_scale"),
+        (dict(noise_aug_strength=float("nan")), "noise_aug_strength"),
+        (dict(noise_aug_strength="0.5"), "noise_aug_strength"),
+        (dict(noise_frame_correlation="0"), "noise_frame_correlation"),
+        (dict(num_inference_steps="2"), "num_inference_steps"),
+        (dict(num_videos_per_prompt="2"), "num_videos_per_prompt"),
+        (dict(self_ensemble="2"), "self_ensemble"),
+        (dict(max_sequence_length="16", prompt="a cat"), "max_sequence_length"),
+        (dict(sigmas=["1.0", "0.5"]), "sigmas"),
+        (dict(sigmas=[1.0, float("nan")]), "sigmas"),
+        (dict(decode_chunk_size=True), "decode_chunk_size"),
+        (dict(attention_kwargs={"scale": float("nan")}), "attention_kwargs"),
+        (dict(attention_kwargs={"heads": 2}), "attention_kwargs"),
+        (dict(generator=[_gen(), _gen(), _gen()]), "list of generators of length 3.*batch size is 1"),
+        (dict(generator=[_gen()], num_videos_per_prompt=2), "list of generators of length 1.*batch size is 2"),
+        (dict(lr_latents=[lr[0], lr[0, :, :1]]), "one shape"),
+        (dict(lr_latents=[lr[0, 0]]), r"lr_latents\[0\]"),
+        (dict(lr_latents=[]), "non-empty list"),
+        (dict(prompt="a", negative_prompt=["x", "y"]), "negative_prompt"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            _run(pipe, lr, **kwargs)

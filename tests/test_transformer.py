@@ -157,7 +157,7 @@ def test_self_attention_matches_naive_dense_reference(tiny_transformer):
         k = apply_rope(rms(heads(x @ attn.to_k.weight.T + attn.to_k.bias), attn.norm_k.weight), cos, sin)
         v = heads(x @ attn.to_v.weight.T + attn.to_v.bias)
         weights = torch.softmax(q @ k.transpose(-1, -2) / 12**0.5, dim=-1)
-        reference = rearrange(weights @ v, "b h n d -> b n (h d)") @ attn.to_out.weight.T + attn.to_out.bias
+        reference = rearrange(weights @ v, "b h n d -> b n (h d)") @ attn.to_out[0].weight.T + attn.to_out[0].bias
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
 
 
@@ -547,7 +547,7 @@ def test_rope_tables_built_under_inference_mode_do_not_break_a_later_backward(ti
     [
         (dict(frame_offset=torch.tensor(1.0)), "frame_offset.*real number"),
         (dict(frame_offset=float("nan")), "frame_offset"),
-        (dict(attention_kwargs={"scale": 0.5}), "attention_kwargs.*None or empty.*scale"),
+        (dict(attention_kwargs={"scale": 0.5, "heads": 2}), "attention_kwargs.*only the key .scale.*heads"),
     ],
 )
 def test_bad_call_options_raise_value_errors(tiny_transformer, change, match):

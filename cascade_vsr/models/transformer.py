@@ -9,12 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin, get_parameter_dtype
 from diffusers.models.normalization import FP32LayerNorm
+from diffusers.utils import apply_lora_scale
 from einops import rearrange
 
 from cascade_vsr.core.flow import (
@@ -40,6 +43,17 @@ from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, check
 # ---------------------------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def rename_legacy_output_projection(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Rename, in place, the `to_out.weight` / `to_out.bias` keys of checkpoints saved before the attention's output
+    projection became `to_out.0` (diffusers' layout). With a `prefix` (one attention layer's), only that layer's
+    keys; without, every attention layer's."""
+    for key in list(state_dict):
+        head, _, leaf = key.rpartition(".")
+        legacy = (head == f"{prefix}to_out") if prefix else (head == "to_out" or head.endswith(".to_out"))
+        if legacy and leaf in ("weight", "bias"):
+            state_dict[f"{head}.0.{leaf}"] = state_dict.pop(key)
 
 
 class CascadeVSRAttnProcessor:
@@ -77,7 +91,8 @@ class CascadeVSRAttnProcessor:
             query, key, value = (rearrange(x, "b n h d -> b h n d") for x in (query, key, value))
             query, key = apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb)
             out = rearrange(self_attention(query, key, value, grid, attn.spec), "b h n d -> b n (h d)")
-        return attn.to_out(out.type_as(hidden_states))
+        out = attn.to_out[0](out.type_as(hidden_states))
+        return attn.to_out[1](out)
 
 
 class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
@@ -98,11 +113,17 @@ class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
         self.to_q = nn.Linear(dim, inner_dim)
         self.to_k = nn.Linear(dim, inner_dim)
         self.to_v = nn.Linear(dim, inner_dim)
-        self.to_out = nn.Linear(inner_dim, dim)
+        # diffusers' layout (projection, dropout): LoRA target names are then the standard "to_out.0".
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim), nn.Dropout(0.0)])
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.spec = spec
         self.set_processor(CascadeVSRAttnProcessor())
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # `load_state_dict` of a checkpoint from before `to_out` became (projection, dropout).
+        rename_legacy_output_projection(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
@@ -185,7 +206,19 @@ def _on_device(value: torch.Tensor | float, device: torch.device) -> torch.Tenso
     return value
 
 
-class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
+def _register_block_layout() -> None:
+    """Tell diffusers' block caches (first-block cache, ...) what a `CascadeVSRTransformerBlock` returns: the hidden
+    states alone (the text is not updated by the blocks). Done on first use, not at import: the registry imports
+    every diffusers transformer."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    TransformerBlockRegistry.register(
+        CascadeVSRTransformerBlock,
+        TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
+    )
+
+
+class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
     r"""
     Conditional video DiT of SimpleGVR: predicts the flow-matching velocity of the HR latent from the noisy HR
     latent concatenated (on channels) with the noise-augmented upsampled LR latent.
@@ -225,12 +258,36 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
             velocity of the paper.
         window_reference (`tuple[int, int]`): (h, w) tokens of the training resolution the adaptive window is
             sized at (3 x 3 windows at that area; 45 x 80 = 720p with an 8x VAE and a 2x2 patch).
+
+    diffusers integrations (the mixins do the work):
+        - LoRA (`PeftAdapterMixin`): `add_adapter`, `load_lora_adapter`, `set_adapters`, `disable_lora`, `fuse_lora`,
+          `unload_lora`; every attention layer has the standard target names `to_q`, `to_k`, `to_v`, `to_out.0`,
+          and `attention_kwargs={"scale": s}` weighs the adapters in one call. To save a trained adapter:
+          `CascadeVSRPipeline.save_lora_weights(dir, transformer_lora_layers=peft.utils.get_peft_model_state_dict(
+          transformer), transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())` (the
+          metadata keeps `lora_alpha`; without it a load assumes alpha = rank); `pipe.load_lora_weights(dir)` loads it.
+        - attention processors (`AttentionMixin`): `attn_processors`, `set_attn_processor`.
+        - caches (`CacheMixin`): `enable_cache(FirstBlockCacheConfig(threshold=...))`, `disable_cache()`; the
+          pipeline's denoising loop runs each step in a `cache_context`.
+        - `compile_repeated_blocks()` compiles each `CascadeVSRTransformerBlock` once (`_repeated_blocks`).
+        - `enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)`: the patch
+          embedding, the conditioning embedders and the norms stay in the model's dtype.
     """
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["CascadeVSRTransformerBlock"]
+    _repeated_blocks = ["CascadeVSRTransformerBlock"]
     _keep_in_fp32_modules = ["time_embedder", "noise_level_embedder", "scale_shift_table", "norm1", "norm3"]
-    _skip_layerwise_casting_patterns = ["patch_embedding", "norm"]
+    # Kept in the model's dtype under `enable_layerwise_casting`, as in diffusers' Wan: the input patch embedding, the
+    # timestep / noise-level / text conditioning and the norms (small layers that fp8 storage would hurt most).
+    _skip_layerwise_casting_patterns = [
+        "patch_embedding",
+        "time_embedder",
+        "noise_level_embedder",
+        "modulation_proj",
+        "text_embedder",
+        "norm",
+    ]
 
     @register_to_config
     def __init__(
@@ -372,6 +429,18 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         """Back to the default backend, `"sdpa"`."""
         self.set_attention_backend(DEFAULT_BACKEND)
 
+    def enable_cache(self, config: Any) -> None:
+        """diffusers' `CacheMixin.enable_cache` (e.g. `FirstBlockCacheConfig(threshold=...)`), with this model's block
+        layout registered first so that the block hooks know what a block returns."""
+        _register_block_layout()
+        super().enable_cache(config)
+
+    def _fix_state_dict_keys_on_load(self, state_dict: dict[str, Any]) -> None:
+        # `from_pretrained` of a checkpoint from before `to_out` became (projection, dropout); the loader reads keys
+        # straight into the parameters, bypassing `_load_from_state_dict`.
+        super()._fix_state_dict_keys_on_load(state_dict)
+        rename_legacy_output_projection(state_dict)
+
     def null_text_embeds(self, batch_size: int, seq_len: int = 1) -> torch.Tensor:
         """The learned null prompt as (batch_size, seq_len, text_dim) encoder hidden states."""
         return self.null_text_embedding.expand(batch_size, seq_len, -1)
@@ -429,6 +498,7 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
             ):
                 raise ValueError("`encoder_attention_mask` must keep at least one text token in every row")
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -452,8 +522,9 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
             encoder_attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real text tokens; every
                 row keeps at least one (checked for CPU tensors only, see `_check_inputs`).
             frame_offset (`float`): Added to every frame position of the RoPE (streaming inference).
-            attention_kwargs (`dict`, *optional*): Part of diffusers' calling convention; this model takes no
-                per-call attention options (backends: `set_attention_backend`), so it must be None or empty.
+            attention_kwargs (`dict`, *optional*): diffusers' calling convention. The only key is `"scale"`, the
+                weight of the loaded LoRA adapters in this call (`apply_lora_scale`); no other per-call attention
+                options exist (backends: `set_attention_backend`), so any other key is an error.
             return_dict (`bool`): Return a `Transformer2DModelOutput` instead of a tuple.
 
         Returns:
@@ -461,8 +532,10 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         """
         self._check_inputs(hidden_states, condition, encoder_hidden_states, encoder_attention_mask)
         check_frame_offset(frame_offset)
-        if attention_kwargs:
-            raise ValueError(f"`attention_kwargs` must be None or empty, got {sorted(attention_kwargs)}")
+        if attention_kwargs:  # `scale` was taken by `apply_lora_scale`
+            raise ValueError(
+                f"`attention_kwargs` takes only the key 'scale' (LoRA weight), got {sorted(attention_kwargs)}"
+            )
         batch_size, _, num_frames, height, width = hidden_states.shape
         device = hidden_states.device
         timestep = check_per_sample(_on_device(timestep, device), "timestep", batch_size).to(device)
@@ -479,7 +552,9 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
             network_input = preconditioned_input(hidden_states, sigma, prior_mean, prior_std).to(hidden_states.dtype)
         x = torch.cat([network_input, condition.to(hidden_states.dtype)], dim=1)
         x = F.pad(x, (0, pad_w, 0, pad_h, 0, pad_t))
-        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        # Each input goes in the dtype its layer computes in: under `enable_layerwise_casting` that is the compute
+        # dtype, not the (fp8) dtype the weights are stored in.
+        x = self.patch_embedding(x.to(get_parameter_dtype(self.patch_embedding)))
         grid = tuple(x.shape[2:])
         x = rearrange(x, "b d t h w -> b (t h w) d")
         rotary_emb = self.rope(grid, frame_offset, device=x.device)
@@ -487,13 +562,14 @@ class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin):
         # 2. Conditioning: timestep + noise-level embedding -> shared AdaLN-zero modulation; text projection.
         time_features = self.time_proj(timestep.float())
         level_features = self.time_proj(noise_aug_level.float() * NUM_TRAIN_TIMESTEPS)
-        temb = self.time_embedder(time_features.to(self.time_embedder.linear_1.weight.dtype))
-        temb = temb + self.noise_level_embedder(level_features.to(temb.dtype))
-        modulation = rearrange(self.modulation_proj(F.silu(temb)), "b (six d) -> b six d", six=6)
+        temb = self.time_embedder(time_features.to(get_parameter_dtype(self.time_embedder)))
+        temb = temb + self.noise_level_embedder(level_features.to(get_parameter_dtype(self.noise_level_embedder)))
+        modulation = self.modulation_proj(F.silu(temb).to(get_parameter_dtype(self.modulation_proj)))
+        modulation = rearrange(modulation, "b (six d) -> b six d", six=6)
 
         if encoder_hidden_states is None:
             encoder_hidden_states = self.null_text_embeds(batch_size)
-        text = self.text_embedder(encoder_hidden_states.to(self.text_embedder.linear_1.weight.dtype))
+        text = self.text_embedder(encoder_hidden_states.to(get_parameter_dtype(self.text_embedder)))
         text = text.to(x.dtype).expand(batch_size, -1, -1)
         text_mask = None
         if encoder_attention_mask is not None:
