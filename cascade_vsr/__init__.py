@@ -25,10 +25,12 @@ __all__ = [
 ]
 
 
-def demo_model_path() -> Path:
-    """The folder of the demo model, which ships with the package (the package data of `cascade_vsr.demo_model`):
-    `CascadeVSRPipeline.from_pretrained(demo_model_path())` is a working pixel-space stage with its own settings."""
-    spec = importlib.util.find_spec("cascade_vsr.demo_model")
+def demo_model_path(one_step: bool = False) -> Path:
+    """The folder of a demo model, which ships with the package (the package data of `cascade_vsr.demo_model`, or
+    of `cascade_vsr.demo_one_step_model`): `CascadeVSRPipeline.from_pretrained(demo_model_path())` is a working
+    pixel-space stage with its own settings; `one_step=True` gives its one-step version (distilled and
+    adversarially post-trained, demo/README.md)."""
+    spec = importlib.util.find_spec("cascade_vsr.demo_one_step_model" if one_step else "cascade_vsr.demo_model")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

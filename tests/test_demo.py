@@ -40,7 +40,7 @@ def export_placeholder(path: Path, **transformer_config) -> Path:
 
 
 def _args(model: Path, output_dir: Path, **overrides) -> argparse.Namespace:
-    args = demo.parse_args(["--model", str(model), "--output-dir", str(output_dir)])
+    args = demo.parse_args(["--model", str(model), "--output-dir", str(output_dir), "--one-step-model", "none"])
     return argparse.Namespace(**{**vars(args), **overrides})
 
 
@@ -72,7 +72,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert demo.run(args) == 0
 
     summary = json.loads((out / "metrics.json").read_text())
-    assert set(summary) == {"settings", "model", "clips", "wall_time_seconds"}
+    assert set(summary) == {"settings", "model", "clips", "one_step_model", "wall_time_seconds"}
+    assert summary["one_step_model"] is None
     assert summary["model"]["parameters"]["total"] == sum(
         summary["model"]["parameters"][k] for k in ("upsampler", "transformer")
     )
@@ -114,6 +115,25 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert not list(out.glob("*.partial.*"))
     sheet = cv2.imread(str(out / "crops.png"))
     assert sheet is not None and sheet.shape[1] == 3 * 24 * 4 and sheet.shape[0] > 2 * 24 * 4
+
+
+def test_one_step_model_runs_side_by_side_with_its_own_settings(tmp_path):
+    model = export_placeholder(tmp_path / "model")
+    one_step = export_placeholder(tmp_path / "one_step")
+    index = json.loads((one_step / "model_index.json").read_text())
+    index["sampling"] = {"num_inference_steps": 1, "self_ensemble": 1}
+    (one_step / "model_index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    args = _args(model, out, clips=["carphone"], num_frames=3, hr_size=[48, 64], crop_size=16, zoom=2)
+    args.one_step_model = str(one_step)
+    assert demo.run(args) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    metrics = summary["clips"]["carphone"]["metrics"]
+    assert {"bicubic", "cascade_vsr", demo.ONE_STEP} <= set(metrics)
+    assert metrics[demo.ONE_STEP]["psnr"] != metrics["cascade_vsr"]["psnr"]
+    assert summary["one_step_model"]["sampling"]["num_inference_steps"] == 1
+    assert summary["clips"]["carphone"]["cascade_vsr_one_step_seconds"] > 0
+    assert read_video(out / "carphone.mp4").shape[2] == 4 * 64  # bicubic | multi-step | one-step | ground truth
 
 
 def test_whole_clip_with_the_models_own_attention(tmp_path):

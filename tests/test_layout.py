@@ -117,7 +117,15 @@ def test_wheel_installs_one_top_level_name(tmp_path):
     """Build the wheel from a copy of this checkout's sources (setuptools writes build/ next to them) and read what
     it installs."""
     source = tmp_path / "source"
-    for name in ("pyproject.toml", "README.md", "cascade_vsr", "pipelines", "degradations", "demo/model"):
+    for name in (
+        "pyproject.toml",
+        "README.md",
+        "cascade_vsr",
+        "pipelines",
+        "degradations",
+        "demo/model",
+        "demo/one_step_model",
+    ):
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
@@ -153,6 +161,8 @@ def test_wheel_installs_one_top_level_name(tmp_path):
         "cascade_vsr/demo_model/model_index.json",
         "cascade_vsr/demo_model/transformer/diffusion_pytorch_model.safetensors",
         "cascade_vsr/demo_model/vae/config.json",
+        "cascade_vsr/demo_one_step_model/model_index.json",
+        "cascade_vsr/demo_one_step_model/transformer/diffusion_pytorch_model.safetensors",
     ):
         assert expected in names, expected
     assert not any("testing_utils" in name or name.startswith("tests/") for name in names)

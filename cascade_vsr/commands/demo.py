@@ -23,7 +23,13 @@ HELP = "Super-resolve held-out real clips with the demo model and bicubic; write
 # clip name -> (sample video, first held-out frame)
 CLIPS = {"bigbuckbunny": ("bigbuckbunny.mp4", 100), "carphone": ("carphone_pristine.mp4", 0)}
 METHODS = ("bicubic", "cascade_vsr")
-LABELS = {"bicubic": "bicubic", "cascade_vsr": "cascade-vsr", "ground_truth": "ground truth"}
+ONE_STEP = "cascade_vsr_one_step"
+LABELS = {
+    "bicubic": "bicubic",
+    "cascade_vsr": "cascade-vsr",
+    ONE_STEP: "cascade-vsr one-step",
+    "ground_truth": "ground truth",
+}
 SCALE = 2  # LR = HR downsampled 2x
 MULTIPLE = 8  # HR sizes: the LR must be a multiple of the space-to-depth factor 4
 SELF_ENSEMBLE_SIZES = (1, 2, 4, 6, 8)  # the first N of the 8 flips / transposes (the pipeline's `self_ensemble`)
@@ -35,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=demo_model_path(),
         help="diffusers-format pipeline folder (default: the demo model)",
+    )
+    parser.add_argument(
+        "--one-step-model",
+        default=str(demo_model_path(one_step=True)),
+        help="a one-step stage run side by side with --model, once, with its own settings (default: the one-step "
+        "demo model; 'none' to leave it out)",
     )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--clips", nargs="+", choices=sorted(CLIPS), default=list(CLIPS))
@@ -145,6 +157,8 @@ def check_args(args: argparse.Namespace) -> None:
                 f"`--num-frames` {args.num_frames}: the {name} clip has {available} frames from frame {start}"
             )
     check_model_folder(args.model)
+    if args.one_step_model not in (None, "none"):
+        check_model_folder(Path(args.one_step_model))
     check_writable_folder(args.output_dir, "--output-dir")
     check_device(args.device)
 
@@ -323,7 +337,7 @@ def detailed_region(frame, size: int) -> tuple[int, int]:
     return row * stride, col * stride
 
 
-def crop_sheet(pictures: dict, metrics: dict, size: int, zoom: int):
+def crop_sheet(pictures: dict, metrics: dict, size: int, zoom: int, methods: tuple[str, ...] = METHODS):
     """One row per clip: the same region of the middle frame from bicubic / cascade-vsr / ground truth, enlarged
     `zoom`x with nearest neighbour, each under a label with its clip PSNR. `pictures[clip][method]` are uint8
     (T, H, W, 3) videos, `metrics[clip][method]` their metrics."""
@@ -335,7 +349,7 @@ def crop_sheet(pictures: dict, metrics: dict, size: int, zoom: int):
         side = min(size, *frames["ground_truth"].shape[1:3])
         top, left = detailed_region(frames["ground_truth"][middle], side)
         panels, labels = [], []
-        for method in (*METHODS, "ground_truth"):
+        for method in (*methods, "ground_truth"):
             crop = frames[method][middle, top : top + side, left : left + side]
             panels.append(crop.repeat(zoom, axis=0).repeat(zoom, axis=1)[None])
             psnr = metrics[name][method].get("psnr")
@@ -369,6 +383,8 @@ def run(args: argparse.Namespace) -> int:
         name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("upsampler", "transformer")
     }
     print(f"demo model {args.model}: {sum(parameters.values()):,} parameters {parameters}, on {device}")
+    one_step = None if args.one_step_model in (None, "none") else load_pipeline(Path(args.one_step_model), device)
+    methods = (*METHODS, ONE_STEP) if one_step is not None else METHODS
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     clips, pictures = {}, {}
@@ -383,9 +399,13 @@ def run(args: argparse.Namespace) -> int:
             ),
         }
         sr_seconds = time.perf_counter() - clip_start
+        if one_step is not None:  # with its own settings: one step, one run
+            one_step_start = time.perf_counter()
+            frames[ONE_STEP] = super_resolve(one_step, lr, hr_size, seed=args.seed, desc=f"{name} one-step")
+            one_step_seconds = time.perf_counter() - one_step_start
         frames["ground_truth"] = ground_truth
-        metrics = clip_metrics({method: frames[method] for method in METHODS}, ground_truth)
-        order = (*METHODS, "ground_truth")
+        metrics = clip_metrics({method: frames[method] for method in methods}, ground_truth)
+        order = (*methods, "ground_truth")
         partial = args.output_dir / f"{name}.partial.mp4"  # renamed into place once complete
         write_video(partial, side_by_side([frames[m] for m in order], [LABELS[m] for m in order]), fps=fps)
         partial.replace(args.output_dir / f"{name}.mp4")
@@ -398,11 +418,15 @@ def run(args: argparse.Namespace) -> int:
             "cascade_vsr_seconds": round(sr_seconds, 2),
             "metrics": metrics,
         }
+        if one_step is not None:
+            clips[name]["cascade_vsr_one_step_seconds"] = round(one_step_seconds, 2)
         pictures[name] = frames
 
     explicit = {name: value for name, value in sampler_settings(args).items() if name not in ("chunk_frames", "seed")}
     sampling = pipe.sampling_settings(**explicit)
-    sheet = crop_sheet(pictures, {name: clip["metrics"] for name, clip in clips.items()}, args.crop_size, args.zoom)
+    sheet = crop_sheet(
+        pictures, {name: clip["metrics"] for name, clip in clips.items()}, args.crop_size, args.zoom, methods
+    )
     cv2.imwrite(str(args.output_dir / "crops.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     summary = {
         "settings": {
@@ -428,6 +452,9 @@ def run(args: argparse.Namespace) -> int:
             "latent_space": pipe.transformer.config.latent_space,
         },
         "clips": clips,
+        "one_step_model": None
+        if one_step is None
+        else {"path": str(args.one_step_model), "sampling": one_step.sampling_settings()},
         "wall_time_seconds": round(time.perf_counter() - start_time, 2),
     }
     partial = args.output_dir / "metrics.partial.json"
