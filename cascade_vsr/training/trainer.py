@@ -10,6 +10,10 @@ One optimizer step, per (micro-)batch (SimpleGVR sections 4.1 and 4.3):
            (weighted per sample to the residual output's scale for a model with `condition_residual_std`)
     text -> null embedding with probability text_dropout (always when the clip has no prompt)
 
+That is `objective: diffusion`. The one-step objectives (`training.objectives`) reuse everything else: `distill`
+trains a student to land in one Euler step where its frozen teacher lands in two, and `adversarial` alternates a
+discriminator step and a one-step generator step, each network with its own optimizer and LR schedule.
+
 Every random draw of a step comes from a generator seeded by (seed, rank, step, micro-batch), and the data
 order and crops are a pure function of (seed, epoch): together with the checkpoint of the models, optimizer, LR
 schedule, EMA, RNG and position (`training.checkpoint`: safetensors and JSON, never pickle), a resumed run replays
