@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import math
 import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cascade_vsr.core.color import COLOR_FIXES
 from cascade_vsr.core.flow import frame_correlated_noise, noise_augment
+from cascade_vsr.core.validation import safe_loading_kwargs
 from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D, resize_frames
@@ -204,6 +206,13 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         self.video_processor = VideoProcessor(vae_scale_factor=1)
 
     # -- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> CascadeVSRPipeline:
+        """diffusers' `from_pretrained`, after checking the source: a mistyped local folder is an immediate
+        FileNotFoundError naming it (not a Hub lookup), and only safetensors weights load."""
+        kwargs = safe_loading_kwargs(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any) -> CascadeVSRPipeline:

@@ -180,3 +180,22 @@ def test_target_size_takes_numpy_numbers():
 
     assert resolve_target_size((16, 32), height=np.int64(32), width=np.int64(64)) == (32, 64)
     assert resolve_target_size((16, 32), scale=np.float32(1.5)) == (24, 48)
+
+
+def test_from_pretrained_of_every_model_checks_the_source_first(tmp_path):
+    from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D
+    from cascade_vsr.models.discriminator import CascadeVSRDiscriminator
+
+    for cls in (LatentUpsampler3D, CascadeVSRTransformer3DModel, CascadeVSRDiscriminator, CascadeVSRPipeline):
+        started = time.perf_counter()
+        with pytest.raises(FileNotFoundError, match="'./nope' does not exist"):
+            cls.from_pretrained("./nope")
+        assert time.perf_counter() - started < 1
+        with pytest.raises(ValueError, match="use_safetensors=False"):
+            cls.from_pretrained(str(tmp_path), use_safetensors=False)
+    upsampler = LatentUpsampler3D(latent_channels=4, hidden_channels=8, num_blocks=1)
+    upsampler.save_pretrained(tmp_path / "up", safe_serialization=False)  # a pickle .bin
+    with pytest.raises(ValueError, match="only safetensors"):
+        LatentUpsampler3D.from_pretrained(tmp_path / "up")
+    upsampler.save_pretrained(tmp_path / "ok")
+    assert isinstance(LatentUpsampler3D.from_pretrained(tmp_path / "ok"), LatentUpsampler3D)

@@ -10,6 +10,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -168,3 +169,13 @@ def check_writable_file(file: str | os.PathLike, argument: str) -> None:
     if path.is_dir():
         raise ValueError(f"`{argument}` {str(file)!r} is a directory; expected a file name")
     check_writable_folder(path.parent, argument)
+
+
+def safe_loading_kwargs(name_or_path: Any, kwargs: dict, argument: str = "pretrained_model_name_or_path") -> dict:
+    """The `from_pretrained` kwargs with safetensors required, after `check_pretrained_source`: a missing local
+    folder fails at once, pickle weights are never loaded (`use_safetensors=False` is refused)."""
+    if isinstance(name_or_path, (str, os.PathLike)):  # diffusers also takes in-memory state dicts elsewhere
+        check_pretrained_source(name_or_path, argument, kwargs.get("subfolder"))
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("`use_safetensors=False`: only safetensors weights are loaded (pickle files can run code)")
+    return {**kwargs, "use_safetensors": True}

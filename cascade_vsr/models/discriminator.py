@@ -12,6 +12,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from cascade_vsr.models.loading import SafeLoadingMixin
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 
 # SeedVR2 reads blocks 16, 26 and 36 of its 36-block trunk.
@@ -49,7 +50,7 @@ class DiscriminatorHead(nn.Module):
         return self.proj(self.norm_out(queries + attended)).mean(dim=(1, 2))
 
 
-class CascadeVSRDiscriminator(ModelMixin, ConfigMixin):
+class CascadeVSRDiscriminator(SafeLoadingMixin, ModelMixin, ConfigMixin):
     """D(x, c): a clean (or lightly noised) HR latent clip `x` and its condition `c` -> one logit per head.
 
     Args:

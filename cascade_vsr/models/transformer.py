@@ -38,6 +38,7 @@ from cascade_vsr.models.attention_spec import (
     diffusers_backends,
     layer_attention_specs,
 )
+from cascade_vsr.models.loading import SafeLoadingMixin
 from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, check_frame_offset, rope_axis_dims
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +219,9 @@ def _register_block_layout() -> None:
     )
 
 
-class CascadeVSRTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
+class CascadeVSRTransformer3DModel(
+    SafeLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin
+):
     r"""
     Conditional video DiT of SimpleGVR: predicts the flow-matching velocity of the HR latent from the noisy HR
     latent concatenated (on channels) with the noise-augmented upsampled LR latent.

@@ -13,6 +13,7 @@ from diffusers.utils import BaseOutput
 from einops import rearrange
 
 from cascade_vsr.core.validation import check_latents, check_spatial_size
+from cascade_vsr.models.loading import SafeLoadingMixin
 
 RESIZE_MODES = ("bilinear", "bicubic")
 
@@ -78,7 +79,7 @@ class LatentUpsampler3DOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class LatentUpsampler3D(ModelMixin, ConfigMixin):
+class LatentUpsampler3D(SafeLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     Upsamples base-model latents to any target latent size: 3D convs at LR, a base resize, 3D convs at HR.
 
