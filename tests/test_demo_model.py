@@ -26,3 +26,22 @@ def test_demo_model_beats_bicubic_on_held_out_frames(clip):
     )
     assert cascade_psnr > bicubic_psnr + 0.1
     assert cascade_ssim > bicubic_ssim
+
+
+def test_one_step_demo_model_samples_in_one_network_evaluation():
+    """The shipped one-step model (demo/README.md, "The one-step model"): its folder's settings are one step and
+    one run, and a call runs the transformer once."""
+    import torch
+
+    from cascade_vsr import CascadeVSRPipeline, demo_model_path
+
+    pipe = CascadeVSRPipeline.from_pretrained(demo_model_path(one_step=True))
+    settings = pipe.sampling_settings()
+    assert (settings["num_inference_steps"], settings["self_ensemble"]) == (1, 1)
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    ground_truth, _, lr, bicubic = demo.held_out_clip("carphone", 3, (192, 320))
+    frames = demo.super_resolve(pipe, lr, ground_truth.shape[1:3])
+    assert len(calls) == 1 and frames.shape == ground_truth.shape
+    assert float(psnr(frames, ground_truth).mean()) > float(psnr(bicubic, ground_truth).mean()) - 1.0
+    assert torch.isfinite(torch.from_numpy(frames.astype("float32"))).all()

@@ -98,6 +98,7 @@ def test_output_locations(tmp_path):
         ),
         (["--output-dir", "/proc/x"], ValueError, "`--output-dir`"),
         (["--device", "cuda:7"], ValueError, "`--device`"),
+        (["--crop-size", "1000"], ValueError, "`--crop-size` 1000 must fit"),
         (["--model", "./no-such-model"], ValueError, "`--model`: no demo model at no-such-model"),
     ],
 )
@@ -121,6 +122,10 @@ def test_demo_checks_before_loading(tmp_path, words, error, match):
         (["--bitrate", "0"], "`--bitrate`"),
         (["--scale", "inf"], "`--scale`"),
         (["--scale", "nan"], "`--scale`"),
+        (["--codec", "bogus"], "`--codec` 'bogus' is not an encoder"),
+        (["--codec", "aac"], "audio encoder"),
+        (["--pix-fmt", "bogus"], "`--pix-fmt`"),
+        (["--reference", "nope.mp4"], "`--reference`"),
     ],
 )
 def test_upscale_checks_before_loading(tmp_path, words, match):
@@ -128,9 +133,19 @@ def test_upscale_checks_before_loading(tmp_path, words, match):
 
     source = str(sample_video_path("carphone_pristine.mp4"))
     scale = [] if "--scale" in words else ["--scale", "2"]
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
         cli_main(["upscale", source, "--output", str(tmp_path / "out.mp4"), *scale, *words])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_upscale_and_evaluate_outputs_that_cannot_be_written(tmp_path):
+    from cascade_vsr.core.video import sample_video_path
+
+    source = str(sample_video_path("carphone_pristine.mp4"))
+    with pytest.raises(ValueError, match="`--output` '/proc/x/out.mp4': cannot create"):
+        cli_main(["upscale", source, "--output", "/proc/x/out.mp4", "--scale", "2"])
+    with pytest.raises(ValueError, match="`--json` '/proc/x.json': cannot create"):
+        cli_main(["evaluate", source, source, "--json", "/proc/x.json"])
 
 
 def test_calibrate_checks_before_inference(tmp_path):
@@ -140,8 +155,11 @@ def test_calibrate_checks_before_inference(tmp_path):
         cli_main([*base, "--model", str(tmp_path), "--output", str(tmp_path / "curve.json")])
     with pytest.raises(FileNotFoundError, match="`model` './nope' does not exist"):
         cli_main([*base, "--model", "./nope", "--output", str(tmp_path / "c.json")])
-    with pytest.raises(ValueError, match="`num_steps`"):
+    with pytest.raises(ValueError, match="`--num-steps`"):
         cli_main([*base, "--model", "./nope", "--output", str(tmp_path / "c.json"), "--num-steps", "0"])
+    for flag, value in (("--cutoff", "2"), ("--floor", "-1"), ("--noise-level", "nan"), ("--num-clips", "0")):
+        with pytest.raises(ValueError, match=f"`{flag}`"):
+            cli_main([*base, "--model", "./nope", "--output", str(tmp_path / "c.json"), flag, value])
 
 
 def test_train_with_a_missing_pretrained_model(tmp_path):

@@ -21,8 +21,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The command line's own names in the messages; `calibrate` checks the same values again."""
+    for name in ("num_clips", "num_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int, got {getattr(args, name)}")
+    if args.num_latent_frames is not None and args.num_latent_frames < 1:
+        raise ValueError(f"`--num-latent-frames` must be positive, got {args.num_latent_frames}")
+    if not 0 <= args.noise_level <= 1:
+        raise ValueError(f"`--noise-level` must lie in [0, 1], got {args.noise_level}")
+    if not 0 < args.cutoff < 1:
+        raise ValueError(f"`--cutoff` must lie in (0, 1), got {args.cutoff}")
+    if not 0 <= args.floor < 1:
+        raise ValueError(f"`--floor` must lie in [0, 1), got {args.floor}")
+    if args.seed < 0:
+        raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+
+
 def run(args: argparse.Namespace) -> int:
     from cascade_vsr.training.calibrate import calibrate
+
+    check_args(args)
 
     json_path, png_path = calibrate(
         args.model,

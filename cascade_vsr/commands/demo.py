@@ -137,6 +137,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"`--num-frames` must be >= 2 (the warping error compares frame pairs), got {args.num_frames}"
         )
+    if args.crop_size > min(args.hr_size):
+        raise ValueError(
+            f"`--crop-size` {args.crop_size} must fit the frames: at most min(--hr-size) = {min(args.hr_size)}"
+        )
     if any(s < MULTIPLE or s % MULTIPLE for s in args.hr_size):
         raise ValueError(f"`--hr-size` must be multiples of {MULTIPLE} (H W), got {tuple(args.hr_size)}")
     for flag in ("temporal_unit", "temporal_window"):

@@ -69,8 +69,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--scale` must be a number >= 1, got {args.scale}")
     if args.lr is not None and args.baseline is None:
         raise ValueError("`--lr` is only used with `--baseline`")
-    if args.json is not None and args.json.is_dir():
-        raise ValueError(f"`--json` {str(args.json)!r} is a folder; give a file name")
+    if args.json is not None:
+        from cascade_vsr.core.validation import check_writable_file
+
+        check_writable_file(args.json, "--json")
 
 
 def baseline_frames(gt, lr, size: tuple[int, int], scale: float):

@@ -55,7 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every argument, before the model loads or a frame is read."""
-    from cascade_vsr.core.validation import check_device, check_pretrained_source
+    from cascade_vsr.core.validation import (
+        check_device,
+        check_pretrained_source,
+        check_writable_file,
+        check_writable_folder,
+    )
 
     for name in ("noise_aug_strength", "noise_frame_correlation"):
         value = getattr(args, name)
@@ -94,7 +99,32 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"several inputs go to a folder: `--output` {str(args.output)!r} has an extension")
     if args.reference is not None and len(args.inputs) > 1:
         raise ValueError("`--reference` compares one output with its ground truth: pass a single input")
+    if args.reference is not None and not Path(args.reference).exists():
+        raise FileNotFoundError(f"`--reference` {args.reference!r} does not exist")
+    check_encoder(args.codec, args.pix_fmt)
+    if args.output.suffix:
+        check_writable_file(args.output, "--output")
+    else:
+        check_writable_folder(args.output, "--output")
     check_device(args.device)
+
+
+def check_encoder(codec: str | None, pix_fmt: str | None) -> None:
+    """`--codec` must name a video encoder of this FFmpeg build and `--pix-fmt` a pixel format it knows."""
+    import av
+
+    if codec is not None:
+        try:
+            encoder = av.codec.Codec(codec, "w")
+        except (av.error.FFmpegError, ValueError, KeyError):  # PyAV's UnknownCodecError is a ValueError
+            raise ValueError(f"`--codec` {codec!r} is not an encoder of this FFmpeg build") from None
+        if encoder.type != "video":
+            raise ValueError(f"`--codec` {codec!r} is a {encoder.type} encoder, not a video one")
+    if pix_fmt is not None:
+        try:
+            av.VideoFormat(pix_fmt)
+        except (ValueError, av.error.FFmpegError):
+            raise ValueError(f"`--pix-fmt` {pix_fmt!r} is not a pixel format FFmpeg knows") from None
 
 
 def output_paths(inputs: list[str], output: Path, overwrite: bool) -> list[tuple[str, Path]]:

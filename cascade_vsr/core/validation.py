@@ -168,7 +168,10 @@ def check_writable_file(file: str | os.PathLike, argument: str) -> None:
     path = Path(file).expanduser()
     if path.is_dir():
         raise ValueError(f"`{argument}` {str(file)!r} is a directory; expected a file name")
-    check_writable_folder(path.parent, argument)
+    try:
+        check_writable_folder(path.parent, argument)
+    except ValueError as error:
+        raise ValueError(f"`{argument}` {str(file)!r}: {str(error).split(': ', 1)[1]}") from None
 
 
 def safe_loading_kwargs(name_or_path: Any, kwargs: dict, argument: str = "pretrained_model_name_or_path") -> dict:
