@@ -203,6 +203,8 @@ class ClassicDegradation:
     def apply(self, frames: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict]:
         """Degrade `frames`; returns (frames, params) with the clip-level parameters of every stage."""
         frames = check_video(frames, "frames")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
         c = self.config
         rng = np.random.default_rng(seed)
         num_frames, height, width = frames.shape[:3]

@@ -87,6 +87,8 @@ def build_dataset(
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
+    if isinstance(inputs, (str, Path)) or not all(isinstance(item, (str, Path)) for item in inputs):
+        raise ValueError(f"`inputs` must be a list of paths or globs, got {inputs!r}")
     settings.validate()  # again: fields may have been changed since the settings were made
     check_int(num_workers, "--num-workers", 0)
     check_int(preview, "--preview", 0)

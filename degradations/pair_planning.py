@@ -65,7 +65,7 @@ def plan_clips(videos: list[Path], settings: PairSettings) -> list[dict]:
         if info["num_frames"] < span:
             raise ValueError(
                 f"`inputs`: video {str(video)!r} has {info['num_frames']} frames, fewer than one clip "
-                f"({settings.num_frames} frames at stride {settings.stride} = {span})"
+                f"({settings.num_frames} frames at `--stride` {settings.stride} = {span})"
             )
         first, end = settings.frame_range or (0, info["num_frames"])
         end = min(end, info["num_frames"])

@@ -100,6 +100,11 @@ def evaluate(
     for name, (sr_path, gt_path) in clips.items():  # one clip at a time: memory of one clip
         sr, gt = read_frames(sr_path, num_frames=num_frames), read_frames(gt_path, num_frames=num_frames)
         count = min(len(sr), len(gt))
+        if len(sr) != len(gt) and num_frames is None:
+            raise ValueError(
+                f"clip {name!r}: SR has {len(sr)} frames and GT {len(gt)}; pass `--num-frames` {count} to compare "
+                "the first frames of both"
+            )
         if sr.shape[1:] != gt.shape[1:]:
             raise ValueError(f"clip {name!r}: SR frames {sr.shape[1:3]} and GT frames {gt.shape[1:3]} differ in size")
         if count < 2:

@@ -541,9 +541,11 @@ class CascadeVSRTransformer3DModel(
             )
         batch_size, _, num_frames, height, width = hidden_states.shape
         device = hidden_states.device
-        timestep = check_per_sample(_on_device(timestep, device), "timestep", batch_size).to(device)
+        timestep = check_per_sample(
+            _on_device(timestep, device), "timestep", batch_size, bounds=(0, NUM_TRAIN_TIMESTEPS)
+        ).to(device)
         level = _on_device(noise_aug_level, device)
-        noise_aug_level = check_per_sample(level, "noise_aug_level", batch_size).to(device)
+        noise_aug_level = check_per_sample(level, "noise_aug_level", batch_size, bounds=(0, 1)).to(device)
 
         # 1. Patchify, padding sizes that the patch does not divide.
         p_t, p_h, p_w = self.config.patch_size

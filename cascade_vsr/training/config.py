@@ -471,7 +471,8 @@ def read_config_file(path: str | Path) -> dict:
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as error:
-        raise ValueError(f"`config` {str(path)!r} cannot be parsed: {error}") from None
+        message = " ".join(str(error).split())  # one line: YAML errors span several
+        raise ValueError(f"`config` {str(path)!r} cannot be parsed: {message}") from None
     if values is None:
         raise ValueError(f"`config` {str(path)!r} is empty: expected a mapping of field: value")
     if not isinstance(values, dict):

@@ -116,7 +116,10 @@ class PairLatentDataset(Dataset):
                 raise ValueError(f"clip {clip.id!r} is in latent space {space!r}, the model's is {latent_space!r}")
             _, frames, height, width = clip.lr_shape
             if num_frames is not None and num_frames > frames:
-                raise ValueError(f"`num_frames` {num_frames} exceeds the {frames} latent frames of clip {clip.id!r}")
+                raise ValueError(
+                    f"`num_frames` (`num_latent_frames`) {num_frames} exceeds the {frames} latent frames of clip "
+                    f"{clip.id!r}"
+                )
             if self.crop_size is not None and (self.crop_size[0] > height or self.crop_size[1] > width):
                 raise ValueError(
                     f"`crop_size` {self.crop_size} exceeds the LR latent size {(height, width)} of clip {clip.id!r}"

@@ -100,8 +100,11 @@ class DetailAwareTimestepSampler(TimestepSampler):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"`timestep_curve` {str(path)!r} does not exist")
-        data = json.loads(path.read_text())
-        if "edges" not in data or "density" not in data:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"`timestep_curve` {str(path)!r} is not a calibration JSON: {error}") from None
+        if not isinstance(data, dict) or "edges" not in data or "density" not in data:
             raise ValueError(f"`timestep_curve` {str(path)!r} must hold 'edges' and 'density' lists")
         return cls(data["edges"], data["density"])
 
@@ -176,7 +179,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         self.num_global_batches = sum(per_bucket)
         if self.num_global_batches // num_replicas == 0:
             raise ValueError(
-                f"`batch_size` {batch_size} (x {num_replicas} processes) yields no batch: the dataset has "
+                f"`batch_size` (`train_batch_size`) {batch_size} (x {num_replicas} processes) yields no batch: the dataset has "
                 f"{sum(sizes)} samples in buckets of sizes {sizes}"
                 + (" and drop_last drops incomplete batches" if drop_last else "")
             )

@@ -577,42 +577,46 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     losses = []
     start_time = time.perf_counter()
     start_step = state.step
-    while state.step < train_config.max_train_steps:
-        micro = []
-        for index in range(accumulation):
-            generator = _step_generator(train_config.seed, accelerator.process_index, state.step, index, device)
-            micro.append(draw_inputs(next(batches), generator, train_config, device, sigma_sampler, correlation))
-        record = {"step": state.step + 1}
-        if discriminator is not None:
-            d_loss, d_norm, d_parts = update(accelerator, networks[1], micro, critic_loss, state.step, train_config)
-            record |= {"d_loss": d_loss, "d_grad_norm": d_norm, **d_parts}
-            for parameter in d_trained:  # frozen in the generator's step
-                parameter.requires_grad_(False)
-        try:
-            loss, grad_norm, parts = update(accelerator, networks[0], micro, stage_loss, state.step, train_config)
-        finally:
-            for parameter in d_trained:
-                parameter.requires_grad_(True)
-        if ema is not None:
-            ema.step(trained)
-        state.step += 1
-        progress.update(1)
+    try:
+        while state.step < train_config.max_train_steps:
+            micro = []
+            for index in range(accumulation):
+                generator = _step_generator(train_config.seed, accelerator.process_index, state.step, index, device)
+                micro.append(draw_inputs(next(batches), generator, train_config, device, sigma_sampler, correlation))
+            record = {"step": state.step + 1}
+            if discriminator is not None:
+                d_loss, d_norm, d_parts = update(
+                    accelerator, networks[1], micro, critic_loss, state.step, train_config
+                )
+                record |= {"d_loss": d_loss, "d_grad_norm": d_norm, **d_parts}
+                for parameter in d_trained:  # frozen in the generator's step
+                    parameter.requires_grad_(False)
+            try:
+                loss, grad_norm, parts = update(accelerator, networks[0], micro, stage_loss, state.step, train_config)
+            finally:
+                for parameter in d_trained:
+                    parameter.requires_grad_(True)
+            if ema is not None:
+                ema.step(trained)
+            state.step += 1
+            progress.update(1)
 
-        losses.append(loss)
-        if state.step % train_config.logging_steps == 0 or state.step == train_config.max_train_steps:
-            record |= {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, **parts}
-            record["epoch"] = state.epoch
-            progress.set_postfix(loss=f"{loss:.4f}")
-            if accelerator.is_main_process:
-                with log_path.open("a") as log:
-                    log.write(json.dumps(record) + "\n")
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+            losses.append(loss)
+            if state.step % train_config.logging_steps == 0 or state.step == train_config.max_train_steps:
+                record |= {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm, **parts}
+                record["epoch"] = state.epoch
+                progress.set_postfix(loss=f"{loss:.4f}")
+                if accelerator.is_main_process:
+                    with log_path.open("a") as log:
+                        log.write(json.dumps(record) + "\n")
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
 
-        if state.step % train_config.checkpointing_steps == 0 or state.step == train_config.max_train_steps:
-            checkpointer.save(output_dir / "checkpoints", train_config.checkpoints_total_limit)
+            if state.step % train_config.checkpointing_steps == 0 or state.step == train_config.max_train_steps:
+                checkpointer.save(output_dir / "checkpoints", train_config.checkpoints_total_limit)
 
+    finally:
+        progress.close()  # before any error message, which is then the last thing the run prints
     elapsed = time.perf_counter() - start_time
-    progress.close()
     accelerator.wait_for_everyone()
     export_dir = output_dir / "export"
     if accelerator.is_main_process:
