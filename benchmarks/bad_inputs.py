@@ -585,7 +585,7 @@ tr("tr-latents-missing", ("latents.safetensors", "-0000004"), setup=latents_miss
 
 def latents_wrong_channels(tmp: Path, fx: dict) -> None:
     root = copy_pairs(tmp, fx)
-    edit_latents(root, 1, lambda t: {k: (v[:, :16].contiguous() if v.ndim >= 4 else v) for k, v in t.items()})
+    edit_latents(root, 1, lambda t: {k: (v[:16].contiguous() if v.ndim >= 4 else v) for k, v in t.items()})
     write_config(tmp / "config.yaml", fx, tmp, data_dir=str(root))
 
 
