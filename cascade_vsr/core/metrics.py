@@ -250,12 +250,19 @@ def metrics_table(clips: dict[str, dict[str, dict]], labels: dict[str, str] | No
     """A plain-text table of `clip_metrics` results: `clips[clip][method]` -> one row per clip and method (rows
     without PSNR, such as the ground truth's, leave those columns empty). `labels` renames methods."""
     labels = labels or {}
-    rows = [f"{'clip':<14}{'method':<14}{'PSNR (dB)':>10}{'SSIM':>8}{'warp err':>10}{'rel. warp':>11}"]
+    names = [
+        labels.get(method, method)
+        for methods in clips.values()
+        for method, m in methods.items()
+        if isinstance(m, dict)
+    ]
+    width = max([12, *map(len, names)]) + 2
+    rows = [f"{'clip':<14}{'method':<{width}}{'PSNR (dB)':>10}{'SSIM':>8}{'warp err':>10}{'rel. warp':>11}"]
     for clip, methods in clips.items():
         for method, m in methods.items():
             if not isinstance(m, dict):
                 continue
             quality = f"{m['psnr']:10.2f}{m['ssim']:8.4f}" if "psnr" in m else f"{'':>10}{'':>8}"
             temporal = f"{m['warping_error']:10.3f}{m['relative_warping_error']:11.3f}"
-            rows.append(f"{clip:<14}{labels.get(method, method):<14}{quality}{temporal}")
+            rows.append(f"{clip:<14}{labels.get(method, method):<{width}}{quality}{temporal}")
     return "\n".join(rows)
