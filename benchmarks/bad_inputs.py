@@ -487,13 +487,19 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
 
 
+# the files of registered objects, which accelerate's load_state unpickles with torch.load(weights_only=False)
+ACCELERATE_PICKLES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")
+
+
 def planted_pickle(tmp: Path, fx: dict) -> None:
-    import pickle
+    """A payload under the names accelerate's load_state unpickles without restriction, whether the checkpoint has
+    those files or not."""
+    import torch
 
     run = copy_run(tmp, fx)
     checkpoint = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-    for path in checkpoint.glob("custom_checkpoint_*.pkl"):
-        path.write_bytes(pickle.dumps(Payload(str(tmp / "MARKER")), protocol=2))
+    for name in ACCELERATE_PICKLES:
+        torch.save(Payload(str(tmp / "MARKER")), checkpoint / name)
     write_config(tmp / "config.yaml", fx, tmp, resume_from_checkpoint="latest", max_train_steps=3)
 
 

@@ -39,3 +39,12 @@ def tiny_transformer() -> CascadeVSRTransformer3DModel:
 def tiny_upsampler() -> LatentUpsampler3D:
     torch.manual_seed(0)
     return randomize_(LatentUpsampler3D(**TINY_UPSAMPLER)).eval()
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    """A 4-clip pair dataset of the real bigbuckbunny clip (2 frames, 32x64 HR, text embeddings of width 16),
+    shared read-only by the training tests (a test that changes it works on a copy)."""
+    from ._pairs import build_pairs
+
+    return build_pairs(tmp_path_factory.mktemp("pairs"), num_clips=4, num_frames=2, hr_size=(32, 64), text_dim=16)

@@ -9,16 +9,10 @@ from cascade_vsr import CascadeVSRPipeline
 from cascade_vsr.training.config import load_config
 from cascade_vsr.training.trainer import train
 
-from ._pairs import build_pairs
 from ._recipes import tiny_args
 from .test_training_run import SMALL
 
 PIXEL_SPACE = ["--latent_space", "space_to_depth", "--patch_size", "1", "1", "1", "--use_ema", "false"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return build_pairs(tmp_path_factory.mktemp("pairs"), num_clips=4, num_frames=2, hr_size=(32, 64), text_dim=16)
 
 
 def sample(pipe: CascadeVSRPipeline) -> torch.Tensor:

@@ -21,7 +21,6 @@ from cascade_vsr.training.config import load_config
 from cascade_vsr.training.samplers import DetailAwareTimestepSampler
 from cascade_vsr.training.trainer import CascadeVSRTrainModule, clip_squared_error, export_pipeline, train
 
-from ._pairs import build_pairs
 from ._recipes import TINY_MODEL_ARGS as TINY_ARGS_NO_DATA
 from ._recipes import tiny_args
 from .conftest import TINY_TRANSFORMER, TINY_UPSAMPLER, randomize_
@@ -29,11 +28,6 @@ from .test_training_data import write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--crop_size", "2", "4", "--num_latent_frames", "1", "--train_batch_size", "2", "--lr_warmup_steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return build_pairs(tmp_path_factory.mktemp("pairs"), num_clips=4, num_frames=2, hr_size=(32, 64), text_dim=16)
 
 
 def read_log(output_dir: Path) -> list[dict]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -23,17 +22,11 @@ from cascade_vsr.training import checkpoint as ckpt
 from cascade_vsr.training.config import load_config
 from cascade_vsr.training.trainer import NonFiniteTrainingError, export_pipeline, train
 
-from ._pairs import build_pairs
 from ._recipes import tiny_args
 from .test_training_run import SMALL, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTED = [*SMALL, "--checkpointing_steps", "2", "--ema_decay", "0.9", "--learning_rate", "1e-3"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return build_pairs(tmp_path_factory.mktemp("pairs"), num_clips=4, num_frames=2, hr_size=(32, 64), text_dim=16)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +127,7 @@ def test_planted_pickle_payload_in_a_checkpoint_never_runs(pairs, straight_run, 
     for path in sorted(source.iterdir()):
         broken = tmp_path / f"broken-{path.stem}" / "checkpoint-2"
         shutil.copytree(source, broken)
-        (broken / path.name).write_bytes(pickle.dumps({"state": _Payload(marker)}))
+        torch.save({"state": _Payload(marker)}, broken / path.name)
         args = tiny_args(
             pairs, tmp_path / f"out-{path.stem}", 3, *CHECKPOINTED, "--resume_from_checkpoint", str(broken)
         )

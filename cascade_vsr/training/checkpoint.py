@@ -226,8 +226,6 @@ def check_same_models(path: Path, saved: dict, current: dict) -> None:
     differences = []
     for model, config in current.items():
         for key in sorted(set(config) | set(saved.get(model, {}))):
-            if key.startswith("_"):
-                continue
             old, new = saved.get(model, {}).get(key), config.get(key)
             if old != new:
                 differences.append(f"{model}.{key}: checkpoint {old!r}, this run {new!r}")
@@ -253,4 +251,4 @@ def write_atomically(final: Path, write: Callable[[Path], None], is_main: bool, 
 
 def json_config(config: Any) -> dict:
     """A diffusers model config as plain JSON values (tuples become lists), comparable across runs."""
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=list))
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))

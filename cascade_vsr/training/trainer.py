@@ -67,9 +67,6 @@ from cascade_vsr.training.samplers import BucketBatchSampler, make_timestep_samp
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = ckpt.CHECKPOINT_PREFIX
-find_checkpoint = ckpt.find_checkpoint
-
 
 class NonFiniteTrainingError(ValueError):
     """The loss or the gradient of a step is NaN or infinite (bad data, or a diverging run)."""
@@ -518,7 +515,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     checkpointer = Checkpointer(accelerator, networks, ema, state)
 
     if train_config.resume_from_checkpoint:
-        checkpoint = find_checkpoint(output_dir, train_config.resume_from_checkpoint)
+        checkpoint = ckpt.find_checkpoint(output_dir, train_config.resume_from_checkpoint)
         checkpointer.load(checkpoint)
         logger.info("resumed from %s at step %d", checkpoint, state.step)
 
@@ -766,7 +763,7 @@ class Checkpointer:
                     ckpt.save_state_file(temporary / optimizer_file, optimizer_state)
                 (temporary / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-        final = folder / f"{CHECKPOINT_PREFIX}{self.state.step}"
+        final = folder / f"{ckpt.CHECKPOINT_PREFIX}{self.state.step}"
         ckpt.write_atomically(final, write, accelerator.is_main_process, accelerator.wait_for_everyone)
         if accelerator.is_main_process:
             ckpt.prune(folder, total_limit)
