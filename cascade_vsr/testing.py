@@ -7,6 +7,10 @@ matter here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 
@@ -34,18 +38,15 @@ def tiny_wan_vae(seed: int = 0):
     ).eval()
 
 
-def tiny_wan_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
-    """WanPipeline: 16-channel latents, compression (4, 8, 8), text width 32."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _tiny_wan_transformer(channels: int = 16):
+    from diffusers import WanTransformer3DModel
 
-    vae = tiny_wan_vae(seed)
-    _seeded(seed)
-    transformer = WanTransformer3DModel(
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
+        in_channels=channels,
+        out_channels=channels,
         text_dim=32,
         freq_dim=256,
         ffn_dim=32,
@@ -53,15 +54,84 @@ def tiny_wan_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0):
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     ).eval()
+
+
+def tiny_wan_pipeline(dtype: torch.dtype = torch.float32, seed: int = 0, scheduler=None):
+    """WanPipeline (Wan 2.1): 16-channel latents, compression (4, 8, 8), text width 32."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    vae = tiny_wan_vae(seed)
+    _seeded(seed)
+    transformer = _tiny_wan_transformer()
     text_encoder, tokenizer = tiny_t5(32, seed)
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         transformer=transformer,
         vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
     return pipe.to(dtype=dtype)
+
+
+def tiny_wan22_pipeline(seed: int = 0):
+    """WanPipeline as Wan 2.2 A14B: two experts, `transformer` for the high-noise part of the schedule and
+    `transformer_2` below `boundary_ratio`; the Wan 2.1 latent space."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    vae = tiny_wan_vae(seed)
+    _seeded(seed)
+    transformer, transformer_2 = _tiny_wan_transformer(), _tiny_wan_transformer()
+    text_encoder, tokenizer = tiny_t5(32, seed)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        boundary_ratio=0.875,
+    )
+
+
+def tiny_wan_ti2v_vae(seed: int = 0):
+    """Wan 2.2 TI2V's VAE geometry: 48 channels, 2x2 patchified pixels, compression (4, 16, 16)."""
+    from diffusers import AutoencoderKLWan
+
+    _seeded(seed)
+    return AutoencoderKLWan(
+        base_dim=3,
+        z_dim=48,
+        in_channels=12,
+        out_channels=12,
+        is_residual=True,
+        patch_size=2,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        temperal_downsample=[False, True, True],
+    ).eval()
+
+
+def tiny_wan_ti2v_pipeline(seed: int = 0):
+    """WanPipeline as Wan 2.2 TI2V 5B: the 48-channel latent space ("wan_z48"), per-token timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    vae = tiny_wan_ti2v_vae(seed)
+    _seeded(seed)
+    transformer = _tiny_wan_transformer(48)
+    text_encoder, tokenizer = tiny_t5(32, seed)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        expand_timesteps=True,
+    )
 
 
 def tiny_cogvideox_vae(seed: int = 0):
@@ -127,11 +197,11 @@ def tiny_hunyuan_vae(seed: int = 0):
 def tiny_hunyuan_pipeline(seed: int = 0):
     """HunyuanVideoPipeline: 4-channel latents, compression (4, 8, 8), Llama text width 16, CLIP pooled 8.
 
-    The tokenizers are left out (Llama's and CLIP's need vocabulary files): pass `prompt_embeds`,
-    `pooled_prompt_embeds` and `prompt_attention_mask` (see `hunyuan_prompt_embeds`).
+    Both tokenizers are byte-level ByT5 ones (Llama's and CLIP's need vocabulary files); the pipeline's own
+    prompt template and encoding run on them unchanged.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     vae = tiny_hunyuan_vae(seed)
     _seeded(seed)
@@ -176,12 +246,12 @@ def tiny_hunyuan_pipeline(seed: int = 0):
     ).eval()
     return HunyuanVideoPipeline(
         text_encoder=text_encoder,
-        tokenizer=None,
+        tokenizer=ByT5Tokenizer(),
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         text_encoder_2=text_encoder_2,
-        tokenizer_2=None,
+        tokenizer_2=ByT5Tokenizer(),
     )
 
 
@@ -256,3 +326,57 @@ def tiny_mochi_vae(seed: int = 0):
         decoder_block_out_channels=(32, 32, 32, 32),
         layers_per_block=(1, 1, 1, 1, 1),
     ).eval()
+
+
+def tiny_mochi_pipeline(seed: int = 0):
+    """MochiPipeline: 12-channel latents, compression (6, 8, 8), text width 32, inverted sigmas (as released)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    vae = tiny_mochi_vae(seed)
+    _seeded(seed)
+    transformer = MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        pooled_projection_dim=16,
+        in_channels=12,
+        qk_norm="rms_norm",
+        text_embed_dim=32,
+        time_embed_dim=4,
+        activation_fn="swiglu",
+        max_sequence_length=16,
+    ).eval()
+    text_encoder, tokenizer = tiny_t5(32, seed)
+    return MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+@dataclass(frozen=True)
+class TinyUpstream:
+    """A tiny upstream pipeline of one family and what fits it: the stage's text width (its text encoder's), a
+    valid pixel frame count and an LR size its `check_inputs` accepts."""
+
+    build: Callable[[], Any]
+    latent_space: str
+    text_dim: int
+    num_frames: int
+    lr_size: tuple[int, int] = (32, 32)
+    call_kwargs: dict = field(default_factory=dict)  # what every call of the upstream needs besides the defaults
+
+
+TINY_UPSTREAMS = {
+    "wan": TinyUpstream(tiny_wan_pipeline, "wan", 32, 5),
+    "wan2.2": TinyUpstream(tiny_wan22_pipeline, "wan", 32, 5),
+    "wan2.2-ti2v": TinyUpstream(tiny_wan_ti2v_pipeline, "wan_z48", 32, 5),
+    # CogVideoX's transformer is built for a fixed text length; it decodes odd latent counts to 4k + 1 frames
+    "cogvideox": TinyUpstream(tiny_cogvideox_pipeline, "cogvideox", 32, 9, call_kwargs=dict(max_sequence_length=16)),
+    "hunyuan_video": TinyUpstream(tiny_hunyuan_pipeline, "hunyuan_video", 16, 5),
+    "ltx_video": TinyUpstream(tiny_ltx_pipeline, "ltx_video", 32, 5),
+    "mochi": TinyUpstream(tiny_mochi_pipeline, "mochi", 32, 7),
+}

@@ -2,27 +2,36 @@
 
 The LR input of the cascade stage should look like what the base T2V model produces, not like a resized
 real video. We encode the downsampled real video with the upstream VAE (through the shared latent adapters,
-so the result lives in the model's latent space), noise it to level alpha and let the upstream transformer
+so the result lives in the model's latent space), noise it to level alpha and let the upstream model
 denoise it back to 0: a higher alpha moves the latent further into the T2V output domain and away from the
 source's structure (the paper uses alpha in [0.3, 0.4]).
 
-Flow-matching schedulers (Wan, HunyuanVideo, ...): x_alpha = (1 - alpha) c0 + alpha eps, then Euler steps on
-the scheduler's own (shifted) sigma grid below alpha, with the transformer's velocity.
-DDPM-type schedulers (CogVideoX's DDIM): alpha is the fraction of the training timesteps; the scheduler's
-`add_noise` and `step` run the tail of its inference schedule.
+The denoising is the upstream pipeline's own `__call__` (its text encoding, CFG, scheduler, timestep
+conventions and expert switching, e.g. Wan 2.2's two transformers), started from the noised latent: while it
+runs, its scheduler's `set_timesteps` is followed by a cut of the schedule to the part below alpha.
+Flow-matching schedulers (FlowMatchEuler, UniPC with flow sigmas; Mochi's inverted sigmas): the noised latent is
+(1 - alpha) c0 + alpha eps and the schedule is alpha itself, then the scheduler's grid below it.
+DDPM-type schedulers (CogVideoX's DDIM / DPM): alpha is the fraction of the training timesteps; the schedule is
+the grid at or below it, and the latent is noised by the scheduler's `add_noise` at its first step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import functools
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from cascade_vsr.core.video import check_video, frames_to_tensor, tensor_to_frames
 from cascade_vsr.degradations.common import check_range, uniform
-
-SUPPORTED_FAMILIES = ("wan", "cogvideox")
+from cascade_vsr.pipelines.adapters import get_adapter
+from cascade_vsr.pipelines.upstream import UPSTREAM_FAMILIES, encode_upstream_prompt, family_of_latent_space
 
 
 @dataclass
@@ -30,36 +39,108 @@ class ModelGuidedDegradationConfig:
     alpha: tuple[float, float] = (0.3, 0.4)  # noise level, sampled per clip
     num_inference_steps: int = 20  # steps of the full schedule; only those below alpha run
     prompt: str = ""  # a caption of the clip, or empty
-    max_sequence_length: int | None = None  # text tokens; None: the family's transformer default
+    negative_prompt: str | None = None  # None: the upstream's own default
+    guidance_scale: float | None = None  # the upstream's `guidance_scale`; None: its own default
+    max_sequence_length: int | None = None  # text tokens; None: what the upstream's transformer was built for
     sample_posterior: bool = False  # sample the VAE posterior instead of taking its mode
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # more arguments of the upstream's __call__
 
     def __post_init__(self):
         check_range(self.alpha, "alpha", 0, 1)
+        if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
+            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {self.num_inference_steps!r}")
         if self.num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {self.num_inference_steps}")
+        if self.guidance_scale is not None and (
+            isinstance(self.guidance_scale, bool)
+            or not isinstance(self.guidance_scale, int | float)
+            or not np.isfinite(self.guidance_scale)
+            or self.guidance_scale < 1
+        ):
+            raise ValueError(f"`guidance_scale` must be None or a finite number >= 1, got {self.guidance_scale!r}")
+        reserved = set(self.pipeline_kwargs) & {"latents", "output_type", "return_dict", "num_inference_steps"}
+        if reserved:
+            raise ValueError(f"`pipeline_kwargs` must not set {sorted(reserved)}: the degradation sets them")
+
+
+def is_flow_matching(scheduler: Any) -> bool:
+    """Whether `scheduler` integrates a flow (sigma is the noise level), rather than a DDPM-type chain."""
+    config = scheduler.config
+    return (
+        type(scheduler).__name__.startswith("FlowMatch")
+        or bool(config.get("use_flow_sigmas", False))
+        or config.get("prediction_type") == "flow_prediction"
+    )
+
+
+def flow_matching_tail(sigmas: torch.Tensor, noise_level: float, inverted: bool = False) -> torch.Tensor:
+    """A flow-matching scheduler's sigmas (N + 1, the terminal last) from `noise_level` on: the level itself, the
+    grid strictly below it, the terminal. `inverted` sigmas (Mochi) are 1 - the noise level."""
+    levels = 1 - sigmas if inverted else sigmas
+    grid = levels[:-1]
+    tail = torch.cat([levels.new_tensor([noise_level]), grid[grid < noise_level], levels[-1:]])
+    return 1 - tail if inverted else tail
+
+
+def cut_schedule(scheduler: Any, noise_level: float) -> None:
+    """Cut the schedule that `set_timesteps` just set, in place, to the part at noise level `noise_level` and below."""
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    timesteps = scheduler.timesteps
+    if is_flow_matching(scheduler):
+        sigmas = flow_matching_tail(scheduler.sigmas, noise_level, bool(scheduler.config.get("invert_sigmas", False)))
+        scheduler.sigmas = sigmas
+        scheduler.timesteps = (sigmas[:-1] * num_train_timesteps).to(timesteps.device, timesteps.dtype)
+    else:
+        scheduler.timesteps = timesteps[timesteps <= noise_level * num_train_timesteps]
+    if hasattr(scheduler, "num_inference_steps"):
+        scheduler.num_inference_steps = len(scheduler.timesteps)
+
+
+@contextmanager
+def schedule_from_noise_level(scheduler: Any, noise_level: float) -> Iterator[None]:
+    """While active, every `scheduler.set_timesteps(...)` is followed by `cut_schedule(scheduler, noise_level)`; the
+    wrapper keeps the method's signature (pipelines inspect it for `sigmas` / `timesteps` support)."""
+    own = scheduler.__dict__.get("set_timesteps")
+    set_timesteps = scheduler.set_timesteps
+
+    @functools.wraps(set_timesteps)
+    def set_and_cut(*args: Any, **kwargs: Any) -> None:
+        set_timesteps(*args, **kwargs)
+        cut_schedule(scheduler, noise_level)
+
+    scheduler.set_timesteps = set_and_cut
+    try:
+        yield
+    finally:
+        if own is None:
+            del scheduler.set_timesteps
+        else:
+            scheduler.set_timesteps = own
 
 
 class ModelGuidedDegradation:
     """`ModelGuidedDegradation(pipeline, config)(frames, seed) -> c^0` latents (1, C, T', h, w) in the model's
     latent space (`adapter.name`). `frames` is the uint8 video; `size` downsamples it first (the LR size).
 
-    `pipeline` is a diffusers T2V pipeline of a family the adapters support (Wan, CogVideoX so far for the
-    denoising loop); its VAE, transformer, scheduler and text encoder are used as they are, frozen."""
+    `pipeline` is a diffusers text-to-video pipeline of one of the families (Wan 2.1 / 2.2, CogVideoX,
+    HunyuanVideo, LTX-Video, Mochi); its components are used as they are, frozen."""
 
-    def __init__(self, pipeline, config: ModelGuidedDegradationConfig | None = None):
-        from cascade_vsr.pipelines.adapters import get_adapter
-
+    def __init__(self, pipeline: Any, config: ModelGuidedDegradationConfig | None = None):
         self.config = config or ModelGuidedDegradationConfig()
         self.pipeline = pipeline
         self.adapter = get_adapter(pipeline)
-        family = self.adapter.name.split("_z")[0]
-        if family not in SUPPORTED_FAMILIES:
+        self.family = family_of_latent_space(self.adapter.name)
+        if self.family is None or getattr(pipeline, "transformer", None) is None:
             raise ValueError(
-                f"`pipeline` of family {self.adapter.name!r} has no model-guided denoising loop yet; "
-                f"supported: {SUPPORTED_FAMILIES}"
+                f"`pipeline` must be a text-to-video pipeline of one of {tuple(UPSTREAM_FAMILIES)} with its "
+                f"transformer, got {type(pipeline).__name__} (latent space {self.adapter.name!r})"
             )
-        self.family = family
-        self.flow_matching = not hasattr(pipeline.scheduler, "alphas_cumprod")
+        self._call_parameters = set(inspect.signature(type(pipeline).__call__).parameters)
+        unknown = set(self.config.pipeline_kwargs) - self._call_parameters
+        if unknown:
+            raise ValueError(
+                f"`pipeline_kwargs` {sorted(unknown)} are not arguments of {type(pipeline).__name__}.__call__"
+            )
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -71,19 +152,14 @@ class ModelGuidedDegradation:
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upstream text embeddings (1, L, D) and attention mask (1, L) int64 of `prompt` (default: the config's)."""
+        """The stage's text conditioning of `prompt` (default: the config's): (1, L, D) embeddings and (1, L) int64
+        mask, from the upstream's own `encode_prompt` (`pipelines.upstream`), as `CascadeVSRPipeline(prompt=)`
+        computes them."""
         prompt = self.config.prompt if prompt is None else prompt
         if prompt not in self._prompt_cache:
-            length = self.config.max_sequence_length
-            if length is None:
-                length = getattr(self.pipeline.transformer.config, "max_text_seq_length", None) or 226
-            embeds = self.pipeline.encode_prompt(
-                prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=length, device=self.device
-            )[0]
-            tokens = self.pipeline.tokenizer(
-                prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+            self._prompt_cache[prompt] = encode_upstream_prompt(
+                self.family, self.pipeline.components, [prompt], self.config.max_sequence_length, self.device
             )
-            self._prompt_cache[prompt] = (embeds, tokens.attention_mask.to(torch.int64))
         return self._prompt_cache[prompt]
 
     @torch.no_grad()
@@ -101,101 +177,88 @@ class ModelGuidedDegradation:
         seed: int = 0,
         size: tuple[int, int] | None = None,
         alpha: float | None = None,
-        prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.apply(frames, seed, size=size, alpha=alpha, prompt_embeds=prompt_embeds)[0]
+        return self.apply(frames, seed, size=size, alpha=alpha)[0]
 
     @torch.no_grad()
-    def apply(self, frames, seed=0, size=None, alpha=None, prompt_embeds=None) -> tuple[torch.Tensor, dict]:
+    def apply(self, frames, seed=0, size=None, alpha=None) -> tuple[torch.Tensor, dict]:
         """(c^0, params): encode, noise to `alpha` (sampled from the config when None), denoise to 0."""
         if alpha is None:
             alpha = self.sample_alpha(seed)
-        if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}")
+        self._check_alpha(alpha)
         clean = self.encode(frames, size)
-        return self.denoise(clean, float(alpha), seed, prompt_embeds), {
+        return self.denoise(clean, float(alpha), seed), {
             "alpha": float(alpha),
             "num_inference_steps": self.config.num_inference_steps,
             "prompt": self.config.prompt,
+            "guidance_scale": self.guidance_scale,
             "latent_space": self.adapter.name,
         }
 
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale the upstream runs with: the config's, else its `__call__` default."""
+        if self.config.guidance_scale is not None:
+            return float(self.config.guidance_scale)
+        parameter = inspect.signature(type(self.pipeline).__call__).parameters.get("guidance_scale")
+        return None if parameter is None else float(parameter.default)
+
+    @staticmethod
+    def _check_alpha(alpha: Any) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+            raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}")
+
     @torch.no_grad()
-    def denoise(
-        self, clean: torch.Tensor, alpha: float, seed: int = 0, prompt_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """SDEdit from the model-space latent `clean` (1, C, T, h, w) at noise level `alpha` down to 0."""
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt()[0]
-        transformer = self.pipeline.transformer
-        dtype = transformer.dtype
-        prompt_embeds = prompt_embeds.to(self.device, dtype)
-        generator = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32)
+    def denoise(self, clean: torch.Tensor, alpha: float, seed: int = 0) -> torch.Tensor:
+        """SDEdit from the model-space latent `clean` (1, C, T, h, w) at noise level `alpha` down to 0, by the
+        upstream pipeline's own denoising loop; returns model-space latents on the CPU in float32."""
+        self._check_alpha(alpha)
         scheduler = self.pipeline.scheduler
-        scheduler.set_timesteps(self.config.num_inference_steps, device=self.device)
-        rotary = self._rotary_embeddings(clean)
-
-        if self.flow_matching:
-            sigmas = scheduler.sigmas.float().cpu()
-            tail = [alpha] + [float(s) for s in sigmas if float(s) < alpha]  # the schedule below alpha
-            latents = (1 - alpha) * clean + alpha * noise
-            for sigma, sigma_next in zip(tail[:-1], tail[1:]):
-                timestep = sigma * scheduler.config.num_train_timesteps
-                velocity = self._velocity(latents, timestep, prompt_embeds, rotary)
-                latents = latents + (sigma_next - sigma) * velocity  # FlowMatchEulerDiscreteScheduler.step
-            return latents
-
-        start = alpha * scheduler.config.num_train_timesteps
-        timesteps = [t for t in scheduler.timesteps if float(t) <= start]
-        if not timesteps or alpha == 0:
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float32)
+        if alpha == 0:
             return clean.clone()
-        upstream = self.adapter.from_model(clean.to(self.device))
-        upstream = scheduler.add_noise(
-            upstream, self.adapter.from_model(noise).to(upstream), timesteps[:1][0].reshape(1)
-        )
-        for t in timesteps:
-            output = self._call_transformer(upstream.to(dtype), float(t), prompt_embeds, rotary).float()
-            upstream = scheduler.step(output, t, upstream, return_dict=False)[0]
-        return self.adapter.to_model(upstream).float().cpu()
-
-    def _rotary_embeddings(self, clean: torch.Tensor):
-        config = self.pipeline.transformer.config
-        if self.family == "cogvideox" and config.use_rotary_positional_embeddings:
-            scale = self.pipeline.vae_scale_factor_spatial
-            return self.pipeline._prepare_rotary_positional_embeddings(
-                clean.shape[-2] * scale, clean.shape[-1] * scale, clean.shape[2], self.device
+        if is_flow_matching(scheduler):
+            noised = self.adapter.from_model((1 - alpha) * clean + alpha * noise)
+        else:
+            probe = copy.deepcopy(scheduler)
+            probe.set_timesteps(self.config.num_inference_steps, device=self.device)
+            cut_schedule(probe, alpha)
+            if len(probe.timesteps) == 0:
+                return clean.clone()
+            noised = scheduler.add_noise(
+                self.adapter.from_model(clean), self.adapter.from_model(noise), probe.timesteps[:1].cpu()
             )
-        return None
+        with schedule_from_noise_level(scheduler, alpha):
+            output = self.pipeline(**self._call_kwargs(noised, clean.shape, seed))[0]
+        num_frames, height, width = clean.shape[2:]
+        grid = dict(latent_num_frames=num_frames, latent_height=height, latent_width=width)
+        return self.adapter.to_model(output, **grid).float().cpu()
 
-    def _velocity(self, latents: torch.Tensor, timestep: float, prompt_embeds, rotary) -> torch.Tensor:
-        upstream = self.adapter.from_model(latents).to(self.device, self.pipeline.transformer.dtype)
-        output = self._call_transformer(upstream, timestep, prompt_embeds, rotary)
-        return self.adapter.to_model(output.float()).cpu()
-
-    def _call_transformer(self, upstream: torch.Tensor, timestep: float, prompt_embeds, rotary) -> torch.Tensor:
-        pipe = self.pipeline
-        transformer = pipe.transformer
-        t = torch.full((upstream.shape[0],), timestep, device=self.device)
-        if self.family == "wan":
-            boundary = getattr(pipe.config, "boundary_ratio", None)
-            if boundary is not None and getattr(pipe, "transformer_2", None) is not None:
-                if timestep < boundary * pipe.scheduler.config.num_train_timesteps:
-                    transformer = pipe.transformer_2
-            return transformer(
-                hidden_states=upstream, timestep=t, encoder_hidden_states=prompt_embeds, return_dict=False
-            )[0]
-        ofs = None if getattr(transformer.config, "ofs_embed_dim", None) is None else upstream.new_full((1,), 2.0)
-        return transformer(
-            hidden_states=upstream,
-            encoder_hidden_states=prompt_embeds,
-            timestep=t.long(),
-            ofs=ofs,
-            image_rotary_emb=rotary,
+    def _call_kwargs(self, noised: torch.Tensor, shape: torch.Size, seed: int) -> dict[str, Any]:
+        """Arguments of the upstream's `__call__` for one SDEdit run from `noised` (the upstream's latent format)."""
+        config, adapter = self.config, self.adapter
+        num_frames, height, width = shape[2:]
+        kwargs = dict(
+            prompt=config.prompt,
+            height=height * adapter.spatial_compression,
+            width=width * adapter.spatial_compression,
+            num_frames=(num_frames - 1) * adapter.temporal_compression + 1,
+            num_inference_steps=config.num_inference_steps,
+            latents=noised.to(self.device, torch.float32),
+            generator=torch.Generator(self.device).manual_seed(int(seed)),
+            output_type="latent",
             return_dict=False,
-        )[0]
+        )
+        if config.negative_prompt is not None:
+            kwargs["negative_prompt"] = config.negative_prompt
+        if config.guidance_scale is not None:
+            kwargs["guidance_scale"] = float(config.guidance_scale)
+        length = config.max_sequence_length
+        if length is None:  # a transformer built for a fixed text length (CogVideoX) needs exactly that length
+            length = self.pipeline.transformer.config.get("max_text_seq_length")
+        if length is not None:
+            kwargs["max_sequence_length"] = int(length)
+        return kwargs | dict(config.pipeline_kwargs)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

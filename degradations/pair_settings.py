@@ -41,6 +41,7 @@ class PairSettings:
     dis_preset: str = "fast"
     alpha: tuple[float, float] = (0.3, 0.4)
     sdedit_steps: int = 20
+    sdedit_guidance_scale: float | None = None  # the upstream's CFG scale; None: its own default
     upstream: str | None = None  # a diffusers T2V pipeline folder, SPACE_TO_DEPTH, or None (no latents)
     latent_space: str | None = None  # the upstream adapter's name, filled in by `build_dataset`
     prompt: str = ""
@@ -76,6 +77,12 @@ class PairSettings:
                 f"got {self.lr_size}"
             )
         self.alpha = check_floats(self.alpha, "--alpha")
+        if self.sdedit_guidance_scale is not None:
+            (self.sdedit_guidance_scale,) = check_floats([self.sdedit_guidance_scale], "--sdedit-guidance-scale")
+            if self.sdedit_guidance_scale < 1:
+                raise ValueError(
+                    f"`--sdedit-guidance-scale` must be >= 1 (1 disables guidance), got {self.sdedit_guidance_scale}"
+                )
         if len(self.alpha) != 2 or not 0 <= self.alpha[0] <= self.alpha[1] <= 1:
             raise ValueError(f"`--alpha` must be a range inside [0, 1], got {self.alpha}")
         if self.frame_range is not None:

@@ -66,7 +66,10 @@ class ClipSynthesizer:
                 self.model_guided = ModelGuidedDegradation(
                     upstream,
                     ModelGuidedDegradationConfig(
-                        alpha=settings.alpha, num_inference_steps=settings.sdedit_steps, prompt=settings.prompt
+                        alpha=settings.alpha,
+                        num_inference_steps=settings.sdedit_steps,
+                        prompt=settings.prompt,
+                        guidance_scale=settings.sdedit_guidance_scale,
                     ),
                 )
 

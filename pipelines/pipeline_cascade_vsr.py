@@ -52,6 +52,12 @@ from cascade_vsr.pipelines.self_ensemble import (
     swaps_height_width,
 )
 from cascade_vsr.pipelines.target_size import check_target_size, resolve_target_size
+from cascade_vsr.pipelines.upstream import (
+    UpstreamFamily,
+    check_text_dim,
+    encode_upstream_prompt,
+    family_of_latent_space,
+)
 
 OUTPUT_TYPES = ("latent", "np", "pt", "pil")
 
@@ -159,6 +165,8 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): The flow-matching sampler.
         vae (*optional*): The upstream's VAE; needed to decode, to encode `video`, and for the colour fix.
         text_encoder, tokenizer (*optional*): The upstream's text encoder, needed only to encode `prompt`.
+        text_encoder_2, tokenizer_2 (*optional*): The upstream's second text encoder where its `encode_prompt`
+            runs one (HunyuanVideo's CLIP).
         sampling (`dict`, *optional*): The sampler settings the model was trained for (`num_inference_steps` or
             `sigmas`, `guidance_scale`, `noise_aug_strength`, `noise_frame_correlation`, `self_ensemble`), saved in
             `model_index.json`: a call without those arguments uses them (`pipelines.sampling`).
@@ -174,7 +182,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->upsampler->transformer->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents", "condition", "prompt_embeds"]
 
     def __init__(
@@ -191,6 +199,8 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         | None = None,
         text_encoder: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        text_encoder_2: PreTrainedModel | None = None,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
         sampling: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -202,6 +212,8 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
         )
         self.video_processor = VideoProcessor(vae_scale_factor=1)
 
@@ -289,15 +301,32 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
 
     # -- text ----------------------------------------------------------------------------------------------------
 
+    @property
+    def text_family(self) -> UpstreamFamily | None:
+        """The upstream family whose prompt encoding `prompt=` uses: that of the model's latent space (None for a
+        space of no text-to-video family, or when the pipeline cannot tell its space)."""
+        source = self.vae  # a VAE names its latent space, else the transformer's config does
+        if source is None and self.transformer is not None:
+            source = self.transformer.config.latent_space
+        if source is None:
+            return None
+        return family_of_latent_space(get_adapter(source).name)
+
     def _encode_text(
-        self, prompt: list[str], max_sequence_length: int, device: torch.device, dtype: torch.dtype
+        self, prompt: list[str], max_sequence_length: int | None, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize `prompt` (padded to `max_sequence_length`) and run the text encoder -> (B, L, D) embeddings and
-        their (B, L) attention mask."""
+        """(B, L, D) embeddings and their (B, L) attention mask of `prompt`: through the upstream family's own
+        `encode_prompt` (`pipelines.upstream`), else by the tokenizer (padded to `max_sequence_length`, 512 by
+        default) and the text encoder's last hidden state."""
+        family = self.text_family
+        if family is not None:
+            if self.transformer is not None:
+                check_text_dim(family, self.text_encoder, self.transformer.config.text_dim)
+            return encode_upstream_prompt(family, self.components, prompt, max_sequence_length, device, dtype)
         inputs = self.tokenizer(
             prompt,
             padding="max_length",
-            max_length=max_sequence_length,
+            max_length=max_sequence_length or 512,
             truncation=True,
             add_special_tokens=True,
             return_attention_mask=True,
@@ -317,13 +346,15 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         negative_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         r"""
         Encode the prompt and the negative prompt with the upstream's tokenizer and text encoder (diffusers'
-        `encode_prompt`, with masks in LTX-Video's order). Needs only `text_encoder` and `tokenizer`.
+        `encode_prompt`, with masks in LTX-Video's order). Needs only the text components. For a model of an
+        upstream family's latent space the text goes through that family's own `encode_prompt` (HunyuanVideo's
+        Llama prompt template, Wan's zero padding, ...), so the embeddings are the ones the upstream uses.
 
         Args:
             prompt (`str` or `list[str]`, *optional*): The prompt(s); or pass `prompt_embeds`.
@@ -337,7 +368,9 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
                 used instead of encoding the text.
             prompt_attention_mask, negative_prompt_attention_mask (`torch.Tensor` (B, L), *optional*): Their masks
                 (1 = real token); all ones when embeddings are given without a mask.
-            max_sequence_length (`int`): Tokens per prompt, padded and truncated to it.
+            max_sequence_length (`int`, *optional*): Tokens per prompt, padded and truncated to it; by default the
+                upstream family's own default (Wan 512, CogVideoX 226, HunyuanVideo 256, LTX-Video 128, Mochi 256),
+                or 512.
             device (`torch.device`, *optional*): Device of the outputs; the execution device by default.
             dtype (`torch.dtype`, *optional*): dtype of the embeddings; the text encoder's by default.
 
@@ -408,7 +441,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         negative_prompt_attention_mask: torch.Tensor | None,
         batch: int,
         do_cfg: bool,
-        max_sequence_length: int,
+        max_sequence_length: int | None,
         device: torch.device,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The transformer's text input for `batch` videos: (batch or 2 batch, L, D) embeddings and their mask, or
@@ -486,7 +519,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         self_ensemble: int,
         callback_on_step_end_tensor_inputs: list[str],
         decode_chunk_size: int | None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         attention_kwargs: dict[str, Any] | None = None,
     ) -> None:
         """Check every argument on its own, and the upstream latent space against the model's (no tensor is read).
@@ -510,13 +543,13 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        if (
+        if max_sequence_length is not None and (
             isinstance(max_sequence_length, bool)
             or not isinstance(max_sequence_length, int)
             or max_sequence_length < 1
         ):
             raise ValueError(
-                f"`max_sequence_length` must be a positive int (text tokens), got {max_sequence_length!r}"
+                f"`max_sequence_length` must be None or a positive int (text tokens), got {max_sequence_length!r}"
             )
         for name, value in (
             ("noise_aug_strength", noise_aug_strength),
@@ -806,7 +839,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers convention)
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         color_fix: str | None = None,
         self_ensemble: int | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
@@ -830,7 +863,9 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
                 the batch dim, or with a batch of 1), all of one shape: the same as their stacked batch.
             video (*optional*): Pixel frames instead (anything `VideoProcessor.preprocess_video` accepts). The
                 slow path: the frames are first encoded with the VAE.
-            prompt, negative_prompt: Text, encoded with the shared upstream text encoder.
+            prompt, negative_prompt: Text, encoded with the shared upstream text encoder, the way the upstream
+                family encodes it (`encode_prompt`).
+            max_sequence_length (`int`, *optional*): Text tokens per prompt; the upstream family's default.
             prompt_embeds, negative_prompt_embeds (`torch.Tensor` (B, L, text_dim), *optional*): Upstream text
                 embeddings, used as they are (same text encoder), with optional attention masks.
             height, width (`int`, *optional*): Target size in pixels; output frames have exactly this size.

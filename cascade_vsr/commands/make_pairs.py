@@ -80,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, nargs=2, default=(0.3, 0.4), help="model-guided noise level range")
     parser.add_argument("--sdedit-steps", type=int, default=20, help="model-guided schedule steps (>= 1)")
     parser.add_argument(
+        "--sdedit-guidance-scale",
+        type=float,
+        default=None,
+        help="the upstream's classifier-free guidance scale for model-guided denoising (default: the upstream's own)",
+    )
+    parser.add_argument(
         "--upstream",
         default=None,
         help="a diffusers T2V pipeline folder (save_pretrained): HR/LR latents with its VAE; or `space_to_depth` "
@@ -121,6 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> PairSettings:
         dis_preset=args.dis_preset,
         alpha=args.alpha,
         sdedit_steps=args.sdedit_steps,
+        sdedit_guidance_scale=args.sdedit_guidance_scale,
         upstream=args.upstream,
         prompt=args.prompt,
         text_embeds=bool(args.text_embeds),
