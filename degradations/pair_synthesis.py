@@ -27,7 +27,9 @@ def load_upstream(path: str) -> Any:
         return SpaceToDepthAutoencoder()
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipeline = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)  # one SDEdit call per clip: make-pairs shows its own progress
+    return pipeline
 
 
 class ClipSynthesizer:

@@ -19,6 +19,7 @@ def vaes():
         "hunyuan_video": tu.tiny_hunyuan_vae(),
         "ltx_video": tu.tiny_ltx_vae(),
         "mochi": tu.tiny_mochi_vae(),
+        "wan_z48": tu.tiny_wan_ti2v_vae(),  # Wan 2.2 TI2V
     }
 
 
@@ -60,7 +61,7 @@ def test_get_adapter_rejects_unknown_upstream(bad):
         get_adapter(bad)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [*FAMILIES, "wan_z48"])
 def test_layout_round_trip_is_exact(name):
     adapter = get_adapter(name)
     z = _model_latents(adapter, frames=2, height=3, width=5)
@@ -102,7 +103,7 @@ def test_ltx_packed_latents_need_their_grid():
         adapter.to_model(packed, latent_num_frames=2, latent_height=4, latent_width=5)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [*FAMILIES, "wan_z48"])
 def test_normalization_round_trip(vaes, name):
     vae = vaes[name]
     adapter = get_adapter(vae)
@@ -150,7 +151,7 @@ def test_cogvideox_decode_equals_pipeline_decode_latents():
     assert torch.equal(adapter.decode(pipe.vae, z), expected)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [*FAMILIES, "wan_z48"])
 @torch.no_grad()
 def test_encode_decode_shapes_and_frame_rule(vaes, name):
     vae = vaes[name]
