@@ -239,10 +239,10 @@ def select_units(
 
     Score = q_mean . k_mean / sqrt(D), per head. Non-candidates never win; ties go to the lower unit index
     (stable sort). Returns indices (B, heads, U, k) and whether each slot holds a real candidate (a unit with
-    fewer than k candidates gets empty slots), with k = min(topk, U - 1) taken from the shapes: a caller that
+    fewer than k candidates gets empty slots), with k = min(topk, Uk - 1) taken from the shapes: a caller that
     knows that no unit has that many candidates passes a smaller `topk` (`sparse_unit_layout.slots - 1`).
     """
-    k_eff = min(topk, q_mean.shape[-2] - 1)
+    k_eff = min(topk, k_mean.shape[-2] - 1)
     if k_eff <= 0:  # nothing to select (topk=0, or one unit per scope): skip the scoring
         empty = q_mean.new_zeros(*q_mean.shape[:-1], 0, dtype=torch.long)
         return empty, empty.bool()

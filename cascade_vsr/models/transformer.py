@@ -38,6 +38,13 @@ from cascade_vsr.models.attention_spec import (
     diffusers_backends,
     layer_attention_specs,
 )
+from cascade_vsr.models.causal_attention import (
+    CausalContext,
+    CausalKVCache,
+    causal_self_attention,
+    chunk_ids,
+    chunk_visibility,
+)
 from cascade_vsr.models.loading import SafeLoadingMixin
 from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, check_frame_offset, rope_axis_dims
 
@@ -76,6 +83,7 @@ class CascadeVSRAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         grid: tuple[int, int, int] | None = None,
+        causal: CausalContext | None = None,
     ) -> torch.Tensor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = rearrange(attn.to_q(hidden_states), "b n (h d) -> b n h d", h=attn.heads)
@@ -91,7 +99,13 @@ class CascadeVSRAttnProcessor:
                 raise ValueError("self-attention needs the layer's `spec`, `rotary_emb` and the token `grid`")
             query, key, value = (rearrange(x, "b n h d -> b h n d") for x in (query, key, value))
             query, key = apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb)
-            out = rearrange(self_attention(query, key, value, grid, attn.spec), "b h n d -> b n (h d)")
+            if causal is None:
+                out = self_attention(query, key, value, grid, attn.spec)
+            else:
+                if causal.cache is not None:  # the cached chunks' keys and values, then this chunk's
+                    key, value = causal.cache.keys_values(attn, key, value, grid[0])
+                out = causal_self_attention(query, key, value, grid, causal.key_frames, causal.visibility, attn.spec)
+            out = rearrange(out, "b h n d -> b n (h d)")
         out = attn.to_out[0](out.type_as(hidden_states))
         return attn.to_out[1](out)
 
@@ -133,8 +147,9 @@ class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         grid: tuple[int, int, int] | None = None,
+        causal: CausalContext | None = None,
     ) -> torch.Tensor:
-        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, grid)
+        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, grid, causal)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,13 +188,14 @@ class CascadeVSRTransformerBlock(nn.Module):
         modulation: torch.Tensor,
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
         grid: tuple[int, int, int],
+        causal: CausalContext | None = None,
     ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
             self.scale_shift_table + modulation.float()
         ).unbind(dim=1)
 
         norm_hidden = self.norm1(hidden_states.float()) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        attn_out = self.attn1(norm_hidden.type_as(hidden_states), rotary_emb=rotary_emb, grid=grid)
+        attn_out = self.attn1(norm_hidden.type_as(hidden_states), rotary_emb=rotary_emb, grid=grid, causal=causal)
         hidden_states = (hidden_states.float() + attn_out.float() * gate_msa[:, None]).type_as(hidden_states)
 
         cross_out = self.attn2(
@@ -261,6 +277,13 @@ class CascadeVSRTransformer3DModel(
             velocity of the paper.
         window_reference (`tuple[int, int]`): (h, w) tokens of the training resolution the adaptive window is
             sized at (3 x 3 windows at that area; 45 x 80 = 720p with an 8x VAE and a 2x2 patch).
+        causal_chunk_frames (`int`, *optional*): Block-causal self-attention (InfVSR): the latent frames are cut
+            into chunks of this many, and the frames of a chunk attend to their chunk and to the previous
+            `causal_cache_chunks` chunks only, in every layer and mode (`causal_attention`; a `window` layer keeps
+            its spatial windows over all visible frames, a `sparse_topk` layer selects among their units). A
+            forward over a clip is the offline form; `forward(..., kv_cache=CausalKVCache(m))` chunk by chunk is
+            the streaming form, with the same result. Needs a temporal patch of 1 and no `temporal_unit`.
+        causal_cache_chunks (`int`): Previous chunks each chunk sees (m).
 
     diffusers integrations (the mixins do the work):
         - LoRA (`PeftAdapterMixin`): `add_adapter`, `load_lora_adapter`, `set_adapters`, `disable_lora`, `fuse_lora`,
@@ -313,6 +336,8 @@ class CascadeVSRTransformer3DModel(
         window_size: tuple[int, int, int] | None = None,
         window_reference: tuple[int, int] = (45, 80),
         condition_residual_std: float | None = None,
+        causal_chunk_frames: int | None = None,
+        causal_cache_chunks: int = 1,
     ):
         super().__init__()
         for name, value in dict(
@@ -335,6 +360,28 @@ class CascadeVSRTransformer3DModel(
         check_window(window_reference, 2, "window_reference")
         if condition_residual_std is not None and not condition_residual_std > 0:
             raise ValueError(f"`condition_residual_std` must be None or > 0, got {condition_residual_std!r}")
+        if causal_chunk_frames is not None:
+            if (
+                isinstance(causal_chunk_frames, bool)
+                or not isinstance(causal_chunk_frames, int)
+                or causal_chunk_frames < 1
+            ):
+                raise ValueError(f"`causal_chunk_frames` must be None or an int >= 1, got {causal_chunk_frames!r}")
+            if (
+                isinstance(causal_cache_chunks, bool)
+                or not isinstance(causal_cache_chunks, int)
+                or causal_cache_chunks < 0
+            ):
+                raise ValueError(f"`causal_cache_chunks` must be an int >= 0, got {causal_cache_chunks!r}")
+            if patch_size[0] != 1:
+                raise ValueError(
+                    f"`causal_chunk_frames` needs a temporal patch of 1, got patch_size={tuple(patch_size)}"
+                )
+            if temporal_unit is not None:
+                raise ValueError(
+                    "`causal_chunk_frames` and `temporal_unit` both bound attention in time: set one, got "
+                    f"temporal_unit={temporal_unit}"
+                )
         specs = layer_attention_specs(
             attention_mode,
             num_layers,
@@ -513,6 +560,7 @@ class CascadeVSRTransformer3DModel(
         frame_offset: float = 0.0,
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
+        kv_cache: CausalKVCache | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         r"""
         Args:
@@ -529,12 +577,31 @@ class CascadeVSRTransformer3DModel(
                 weight of the loaded LoRA adapters in this call (`apply_lora_scale`); no other per-call attention
                 options exist (backends: `set_attention_backend`), so any other key is an error.
             return_dict (`bool`): Return a `Transformer2DModelOutput` instead of a tuple.
+            kv_cache (`CausalKVCache`, *optional*): Streaming of a block-causal model (`causal_chunk_frames`):
+                `hidden_states` is the next chunk (at most `causal_chunk_frames` latent frames), its frame
+                positions continue from `kv_cache.frames_seen` (plus `frame_offset`), it attends to the cached
+                chunks, and the cache then holds its keys and values (`kv_cache.advance()` is called here).
 
         Returns:
             The predicted velocity `eps - z_0`, with the shape of `hidden_states`.
         """
         self._check_inputs(hidden_states, condition, encoder_hidden_states, encoder_attention_mask)
         check_frame_offset(frame_offset)
+        chunk_frames = self.config.causal_chunk_frames
+        if kv_cache is not None:
+            if chunk_frames is None:
+                raise ValueError("`kv_cache` streams a block-causal model: this one has no `causal_chunk_frames`")
+            if not isinstance(kv_cache, CausalKVCache) or kv_cache.cache_chunks != self.config.causal_cache_chunks:
+                raise ValueError(
+                    f"`kv_cache` must be a CausalKVCache({self.config.causal_cache_chunks}) (the model's "
+                    f"causal_cache_chunks), got {kv_cache!r}"
+                )
+            if hidden_states.shape[2] > chunk_frames:
+                raise ValueError(
+                    f"a streamed chunk has at most causal_chunk_frames={chunk_frames} latent frames, got "
+                    f"{hidden_states.shape[2]}"
+                )
+            frame_offset = frame_offset + kv_cache.frames_seen
         if attention_kwargs:  # `scale` was taken by `apply_lora_scale`
             raise ValueError(
                 f"`attention_kwargs` takes only the key 'scale' (LoRA weight), got {sorted(attention_kwargs)}"
@@ -563,6 +630,13 @@ class CascadeVSRTransformer3DModel(
         grid = tuple(x.shape[2:])
         x = rearrange(x, "b d t h w -> b (t h w) d")
         rotary_emb = self.rope(grid, frame_offset, device=x.device)
+        causal = None
+        if kv_cache is not None:
+            visibility, key_frames = kv_cache.visibility(grid[0])
+            causal = CausalContext(visibility, key_frames, kv_cache)
+        elif chunk_frames is not None:
+            chunks = chunk_ids(grid[0], chunk_frames)
+            causal = CausalContext(chunk_visibility(chunks, chunks, self.config.causal_cache_chunks), grid[0])
 
         # 2. Conditioning: timestep + noise-level embedding -> shared AdaLN-zero modulation; text projection.
         time_features = self.time_proj(timestep.float())
@@ -583,9 +657,9 @@ class CascadeVSRTransformer3DModel(
         # 3. Blocks
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, text, text_mask, modulation, rotary_emb, grid)
+                x = self._gradient_checkpointing_func(block, x, text, text_mask, modulation, rotary_emb, grid, causal)
             else:
-                x = block(x, text, text_mask, modulation, rotary_emb, grid)
+                x = block(x, text, text_mask, modulation, rotary_emb, grid, causal)
 
         # 4. Output modulation, projection, unpatchify, crop the padding.
         shift, scale = (self.scale_shift_table + temb[:, None].float()).unbind(dim=1)
@@ -599,6 +673,8 @@ class CascadeVSRTransformer3DModel(
         if self.config.condition_residual_std is not None:
             output = preconditioned_velocity(output, hidden_states, sigma, prior_mean, prior_std)
         output = output.to(hidden_states.dtype)
+        if kv_cache is not None:
+            kv_cache.advance()
 
         if not return_dict:
             return (output,)
