@@ -9,10 +9,11 @@ input (`self_ensemble`).
 from __future__ import annotations
 
 import contextvars
+import itertools
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cascade_vsr.core.color import COLOR_FIXES
 from cascade_vsr.core.flow import frame_correlated_noise, noise_augment
-from cascade_vsr.core.validation import safe_loading_kwargs
+from cascade_vsr.core.validation import check_latents, safe_loading_kwargs
 from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D, resize_frames
@@ -51,6 +52,7 @@ from cascade_vsr.pipelines.self_ensemble import (
     generator_for_run,
     swaps_height_width,
 )
+from cascade_vsr.pipelines.streaming import StreamingNoise, stream_chunks
 from cascade_vsr.pipelines.target_size import check_target_size, resolve_target_size
 from cascade_vsr.pipelines.upstream import (
     UpstreamFamily,
@@ -1094,3 +1096,129 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         if not return_dict:
             return (frames,)
         return CascadeVSRPipelineOutput(frames=frames)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        lr_latents: Iterable[torch.Tensor],
+        height: int | None = None,
+        width: int | None = None,
+        scale: float | tuple[float, float] | None = None,
+        num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        noise_aug_strength: float | None = None,
+        noise_frame_correlation: float | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "np",
+        max_sequence_length: int | None = None,
+    ) -> Iterator[torch.Tensor | np.ndarray]:
+        r"""
+        Super-resolve a video of any length chunk by chunk, at constant memory, with a block-causal model
+        (`transformer.config.causal_chunk_frames`; `pipelines.streaming` says what makes it exact).
+
+        Args:
+            lr_latents (iterable of `torch.Tensor` (B, C, Tc, h, w)): Model-space LR latent chunks of any lengths,
+                in order (e.g. `adapter.to_model` of an upstream's output, or frames through a per-frame VAE).
+            height, width, scale, num_inference_steps, sigmas, guidance_scale, prompt, negative_prompt,
+                prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask,
+                noise_aug_strength, noise_frame_correlation, max_sequence_length: as in `__call__` (the model's
+                sampling settings by default).
+            generator (`torch.Generator`, *optional*): The noise of every chunk, drawn in order (`StreamingNoise`).
+            output_type (`str`): `"latent"` (HR latent chunks), `"np"` or `"pt"` (decoded frames; needs a VAE
+                without temporal context, e.g. space-to-depth).
+
+        Yields:
+            HR chunks of `causal_chunk_frames` latent frames (the last may be shorter), as `__call__` returns
+            frames: (B, C, Tc, H/s, W/s) latents, (B, Tc, H, W, 3) arrays or (B, Tc, 3, H, W) tensors.
+        """
+        if self.transformer.config.causal_chunk_frames is None:
+            raise ValueError("`stream` needs a block-causal transformer (`causal_chunk_frames` in its config)")
+        if output_type not in ("latent", "np", "pt"):
+            raise ValueError(f"`output_type` of a stream must be 'latent', 'np' or 'pt', got {output_type!r}")
+        adapter = self.adapter
+        if output_type != "latent" and (self.vae is None or adapter.name != "space_to_depth"):
+            raise ValueError(
+                f"decoding a stream needs a VAE without temporal context (space_to_depth); the {adapter.name} VAE "
+                "is not streamed yet: use output_type='latent'"
+            )
+        chunks = iter(lr_latents)
+        first = next(chunks, None)
+        if not isinstance(first, torch.Tensor) or first.ndim != 5:
+            raise ValueError(
+                "`lr_latents` must yield (B, C, Tc, h, w) model-space latent chunks; the first is not one"
+            )
+        settings = resolve_sampling(
+            self.config.get("sampling"),
+            False,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            noise_aug_strength=noise_aug_strength,
+            noise_frame_correlation=noise_frame_correlation,
+        )
+        self.check_inputs(
+            first, None, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, scale,
+            settings["num_inference_steps"], settings["sigmas"], settings["guidance_scale"],
+            settings["noise_aug_strength"], settings["noise_frame_correlation"], 1, None, output_type, None, 1, [],
+            None, max_sequence_length, None,
+        )  # fmt: skip
+        device = self._execution_device
+        sc = adapter.spatial_compression
+        height, width = resolve_target_size((first.shape[3] * sc, first.shape[4] * sc), height, width, scale)
+        latent_size = (math.ceil(height / sc), math.ceil(width / sc))
+        chunk_frames = self.transformer.config.causal_chunk_frames
+        set_schedule(
+            self.scheduler,
+            settings["sigmas"],
+            settings["num_inference_steps"],
+            self.sequence_length((chunk_frames, *latent_size)),
+            device,
+        )
+        guidance = settings["guidance_scale"]
+        do_cfg = guidance > 1.0 and (prompt is not None or prompt_embeds is not None)
+        text = self.prepare_text_conditioning(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+            first.shape[0],
+            do_cfg,
+            max_sequence_length,
+            device,
+        )
+
+        def checked(chunk_stream: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+            for index, chunk in enumerate(chunk_stream):
+                check_latents(chunk, f"lr_latents[{index}]", channels=adapter.latent_channels)
+                if chunk.shape[0] != first.shape[0] or chunk.shape[3:] != first.shape[3:]:
+                    raise ValueError(
+                        f"`lr_latents[{index}]` must have the batch and size of the first chunk "
+                        f"{(first.shape[0], *first.shape[3:])}, got {tuple(chunk.shape)}"
+                    )
+                yield chunk.to(device, torch.float32)
+
+        hr_chunks = stream_chunks(
+            self,
+            checked(itertools.chain([first], chunks)),
+            latent_size,
+            self.scheduler.sigmas.to(device, torch.float32),
+            text,
+            guidance,
+            settings["noise_aug_strength"],
+            StreamingNoise(settings["noise_frame_correlation"], generator),
+        )
+        for hr in hr_chunks:
+            if output_type == "latent":
+                yield hr
+            else:
+                decoded = adapter.decode(self.vae, hr).float()[..., :height, :width]
+                yield self.video_processor.postprocess_video(decoded, output_type=output_type)

@@ -192,3 +192,121 @@ def test_causal_config_and_cache_checks():
     )
     with pytest.raises(ValueError, match="no `causal_chunk_frames`"):
         plain(x[:, :, :2], condition[:, :, :2], t, s, text, kv_cache=CausalKVCache(1))
+
+
+# ---------------------------------------------------------------- the streaming pipeline
+
+
+def _streaming_stage(chunk: int, cache: int, num_blocks: int = 1):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cascade_vsr import CascadeVSRPipeline, LatentUpsampler3D, SpaceToDepthAutoencoder
+
+    torch.manual_seed(0)
+    transformer = CascadeVSRTransformer3DModel(
+        latent_channels=48,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        ffn_dim=32,
+        text_dim=16,
+        patch_size=(1, 1, 1),
+        attention_mode=["window", "sparse_topk"],
+        window_size=(4, 3, 3),
+        sparse_window=(2, 3),
+        causal_chunk_frames=chunk,
+        causal_cache_chunks=cache,
+        latent_space="space_to_depth",
+    )
+    upsampler = LatentUpsampler3D(
+        latent_channels=48, hidden_channels=16, num_blocks=num_blocks, space_to_depth_factor=4
+    )
+    pipe = CascadeVSRPipeline(
+        upsampler=randomize_(upsampler, seed=1).eval(),
+        transformer=randomize_(transformer).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=SpaceToDepthAutoencoder(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_upsampler_temporal_radius_is_its_receptive_field():
+    from cascade_vsr import LatentUpsampler3D
+
+    upsampler = randomize_(LatentUpsampler3D(latent_channels=4, hidden_channels=8, num_blocks=2)).eval()
+    x = torch.randn(1, 4, 17, 3, 3, generator=torch.Generator().manual_seed(0))
+    changed = x.clone()
+    changed[:, :, 8] += 1
+    with torch.no_grad():
+        delta = (upsampler(changed, (6, 6)).sample - upsampler(x, (6, 6)).sample).abs().amax(dim=(0, 1, 3, 4))
+    reached = (delta > 0).nonzero().flatten()
+    assert upsampler.temporal_radius == 7 and reached.min() == 8 - 7 and reached.max() == 8 + 7
+
+
+@pytest.mark.parametrize(
+    "chunk, cache, steps, pieces",
+    [(2, 1, 1, [1, 3, 2, 3]), (3, 2, 2, [4, 5]), (1, 1, 2, [9])],
+)
+@torch.no_grad()
+def test_streamed_pipeline_equals_the_offline_block_causal_computation(chunk, cache, steps, pieces):
+    """Upsampler (look-ahead windows), block-causal transformer (one cache per step) and the per-frame VAE: the
+    stream of LR pieces of any lengths gives the frames of the whole-clip computation with the same noise."""
+    from cascade_vsr.core.flow import noise_augment
+    from cascade_vsr.pipelines.sampling import set_schedule
+
+    pipe = _streaming_stage(chunk, cache)
+    frames = sum(pieces)
+    lr = torch.randn(1, 48, frames, 4, 5, generator=torch.Generator().manual_seed(3))
+    text = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(
+        scale=1.5, num_inference_steps=steps, noise_aug_strength=0.2, noise_frame_correlation=0.5,
+        prompt_embeds=text, guidance_scale=2.0,
+    )  # fmt: skip
+    starts = torch.tensor([0, *pieces]).cumsum(0).tolist()
+    lr_pieces = [lr[:, :, a:b] for a, b in zip(starts[:-1], starts[1:])]
+    streamed = list(pipe.stream(lr_pieces, output_type="pt", generator=torch.Generator().manual_seed(7), **kwargs))
+    assert [c.shape[1] for c in streamed] == [min(chunk, frames - s) for s in range(0, frames, chunk)]
+    streamed_latents = torch.cat(
+        list(pipe.stream(lr_pieces, output_type="latent", generator=torch.Generator().manual_seed(7), **kwargs)), 2
+    )
+
+    # The offline reference: whole-clip upsampling, the stream's noise draws in their documented order, the
+    # transformer's offline block-causal form at each step, one decode.
+    size = (6, 8)  # 1.5 x (4, 5) latents, rounded up
+    up = pipe.upsampler(lr, size).sample
+    generator = torch.Generator().manual_seed(7)
+    shared = torch.randn((1, 48, 1, *size), generator=generator)
+    condition_noise, initial = [], []
+    for start in range(0, frames, chunk):
+        shape = (1, 48, min(chunk, frames - start), *size)
+        condition_noise.append(torch.randn(shape, generator=generator))
+        initial.append(0.5**0.5 * shared + 0.5**0.5 * torch.randn(shape, generator=generator))
+    condition = noise_augment(up, 0.2, noise=torch.cat(condition_noise, 2))
+    latents = torch.cat(initial, 2)
+    set_schedule(pipe.scheduler, None, steps, 0, "cpu")  # the pipeline's default schedule (static shift)
+    null = pipe.transformer.null_text_embeds(1, 3)
+    for sigma, sigma_next in zip(pipe.scheduler.sigmas[:-1], pipe.scheduler.sigmas[1:]):
+        velocity = pipe.transformer(
+            torch.cat([latents] * 2), torch.cat([condition] * 2), (sigma * 1000).expand(2), torch.full((2,), 0.2),
+            torch.cat([null, text]), torch.ones(2, 3, dtype=torch.long),
+        ).sample  # fmt: skip
+        uncond, cond = velocity.chunk(2)
+        latents = latents + (sigma_next - sigma) * (uncond + 2.0 * (cond - uncond))
+    torch.testing.assert_close(streamed_latents, latents, rtol=0, atol=1e-5)
+    decoded = pipe.video_processor.postprocess_video(pipe.vae.decode(latents).sample[..., :24, :30], "pt")
+    torch.testing.assert_close(torch.cat(streamed, 1), decoded, rtol=0, atol=1e-5)
+
+
+def test_stream_refuses_what_it_cannot_stream():
+    pipe = _streaming_stage(2, 1)
+    lr = torch.zeros(1, 48, 2, 4, 5)
+    with pytest.raises(ValueError, match="`output_type` of a stream"):
+        next(pipe.stream([lr], scale=2, output_type="pil"))
+    with pytest.raises(ValueError, match="first is not one"):
+        next(pipe.stream([], scale=2))
+    with pytest.raises(ValueError, match=r"`lr_latents\[1\]` must have the batch and size"):
+        list(pipe.stream([lr, torch.zeros(1, 48, 2, 4, 6)], scale=2, num_inference_steps=1))
+    pipe.transformer.register_to_config(causal_chunk_frames=None)
+    with pytest.raises(ValueError, match="block-causal transformer"):
+        next(pipe.stream([lr], scale=2))

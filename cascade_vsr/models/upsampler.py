@@ -137,6 +137,12 @@ class LatentUpsampler3D(SafeLoadingMixin, ModelMixin, ConfigMixin):
         self.reset_residual()
         self.gradient_checkpointing = False
 
+    @property
+    def temporal_radius(self) -> int:
+        """Latent frames on each side that an output frame depends on: one per 3x3x3 convolution in the chain
+        (conv_in, two per residual block, hr_conv, conv_out); the norms are per frame."""
+        return 3 + 2 * self.config.num_blocks
+
     def reset_residual(self) -> None:
         """Zero the residual branch's last convolution: the upsampler becomes exactly its base resize again."""
         nn.init.zeros_(self.conv_out.weight)

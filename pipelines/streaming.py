@@ -1,0 +1,170 @@
+"""Streaming super-resolution with a block-causal stage (InfVSR): LR latent chunks in, HR chunks out, at a memory
+that does not grow with the length of the video.
+
+The transformer's self-attention is block-causal (`causal_chunk_frames` latent frames per chunk, the previous
+`causal_cache_chunks` chunks visible), so chunk k depends on chunks k - m .. k only and its keys and values are
+all that later chunks need (`CausalKVCache`). The other parts are made to give exactly the whole-clip numbers:
+
+- the upsampler's convolutions see `temporal_radius` frames on each side, so a chunk is upsampled once that many
+  later LR frames have arrived (or the input ended), on a window with that much context (`LookaheadUpsampler`);
+- a multi-step model denoises each chunk through all its steps before the next one, with one cache per step: at
+  step i the offline form lets chunk k see the earlier chunks' step-i latents, so the cache of step i holds their
+  step-i keys and values (memory: steps x m chunks);
+- decoding is per chunk, exact for a VAE without temporal context (space-to-depth); other VAEs are refused here
+  (`output_type="latent"` streams their latents).
+
+Noise is drawn per chunk in a fixed order (the condition's noise, then the initial noise; with frame-correlated
+noise the shared image once, first), see `StreamingNoise`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cascade_vsr.core.flow import noise_augment
+from cascade_vsr.models.causal_attention import CausalKVCache
+from cascade_vsr.models.upsampler import LatentUpsampler3D
+
+
+class LookaheadUpsampler:
+    """`LatentUpsampler3D` over LR latent frames that arrive in pieces, equal frame for frame to one call on the
+    whole clip: an output frame depends on the LR frames within `temporal_radius` of it, and windows are cut with
+    that much context on each side (or at the clip's true ends, where the whole-clip call pads the same)."""
+
+    def __init__(self, upsampler: LatentUpsampler3D, size: tuple[int, int]):
+        self.upsampler, self.size = upsampler, size
+        self.radius = upsampler.temporal_radius
+        self.frames: torch.Tensor | None = None  # LR frames from `first` on: (B, C, T, h, w)
+        self.first = 0  # clip index of self.frames[:, :, 0]
+        self.emitted = 0  # upsampled frames handed out
+        self.ended = False
+
+    @property
+    def received(self) -> int:
+        return self.first + (0 if self.frames is None else self.frames.shape[2])
+
+    def push(self, lr_latents: torch.Tensor) -> None:
+        self.frames = lr_latents if self.frames is None else torch.cat([self.frames, lr_latents], dim=2)
+
+    def end(self) -> None:
+        self.ended = True
+
+    def ready(self, num_frames: int) -> bool:
+        """Whether the next `num_frames` (or, at the end, the rest) can be upsampled exactly now."""
+        if self.ended:
+            return self.received > self.emitted
+        return self.received >= self.emitted + num_frames + self.radius
+
+    @torch.no_grad()
+    def pop(self, num_frames: int) -> torch.Tensor:
+        """The next `num_frames` upsampled frames (fewer at the end), then forget what no later frame needs."""
+        start, stop = self.emitted, min(self.emitted + num_frames, self.received)
+        window_start = max(start - self.radius, self.first)
+        window_stop = min(stop + self.radius, self.received)
+        window = self.frames[:, :, window_start - self.first : window_stop - self.first]
+        upsampled = self.upsampler(window.to(self.upsampler.dtype), size=self.size, return_dict=False)[0].float()
+        self.emitted = stop
+        keep_from = max(stop - self.radius, self.first)
+        self.frames, self.first = self.frames[:, :, keep_from - self.first :], keep_from
+        return upsampled[:, :, start - window_start : stop - window_start]
+
+
+@dataclass
+class StreamingNoise:
+    """The stream's noise, drawn per chunk from one generator: the shared image of frame-correlated noise once,
+    first (when the correlation is above 0); then for each chunk the condition's noise and the initial noise, each
+    `randn` of the chunk's shape."""
+
+    noise_frame_correlation: float
+    generator: torch.Generator | None
+    shared: torch.Tensor | None = None
+
+    def _randn(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
+
+    def chunk(self, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition noise, initial noise) of a (B, C, Tc, H, W) chunk."""
+        correlation = self.noise_frame_correlation
+        if correlation > 0 and self.shared is None:
+            self.shared = self._randn((*shape[:2], 1, *shape[3:]), device)
+        condition_noise, independent = self._randn(shape, device), self._randn(shape, device)
+        if correlation == 0:
+            return condition_noise, independent
+        return condition_noise, correlation**0.5 * self.shared + (1 - correlation) ** 0.5 * independent
+
+
+def denoise_chunk(
+    pipe,
+    condition: torch.Tensor,
+    initial: torch.Tensor,
+    caches: list[CausalKVCache],
+    text: tuple[torch.Tensor | None, torch.Tensor | None],
+    noise_aug_level: torch.Tensor,
+    guidance_scale: float,
+    sigmas: torch.Tensor,
+) -> torch.Tensor:
+    """All the steps of one chunk: step i attends through `caches[i]` (the earlier chunks at step i)."""
+    prompt_embeds, prompt_attention_mask = text
+    do_cfg = guidance_scale > 1.0 and prompt_embeds is not None and prompt_embeds.shape[0] == 2 * initial.shape[0]
+    latents = initial
+    transformer = pipe.transformer
+    for i, cache in enumerate(caches):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        model_condition = torch.cat([condition] * 2) if do_cfg else condition
+        velocity = transformer(
+            hidden_states=model_input.to(transformer.dtype),
+            condition=model_condition.to(transformer.dtype),
+            timestep=(sigma * 1000).expand(model_input.shape[0]).to(latents.device),
+            noise_aug_level=noise_aug_level,
+            encoder_hidden_states=prompt_embeds,
+            encoder_attention_mask=prompt_attention_mask,
+            kv_cache=cache,
+            return_dict=False,
+        )[0].float()
+        if do_cfg:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + guidance_scale * (cond - uncond)
+        latents = latents + (sigma_next - sigma) * velocity  # FlowMatchEulerDiscreteScheduler.step
+    return latents
+
+
+def stream_chunks(
+    pipe,
+    lr_chunks: Iterable[torch.Tensor],
+    latent_size: tuple[int, int],
+    sigmas: torch.Tensor,
+    text: tuple[torch.Tensor | None, torch.Tensor | None],
+    guidance_scale: float,
+    noise_aug_strength: float,
+    noise: StreamingNoise,
+) -> Iterator[torch.Tensor]:
+    """HR latent chunks (B, C, Tc, H, W) of model-space LR latent chunks of any length, in order."""
+    transformer = pipe.transformer
+    chunk_frames = transformer.config.causal_chunk_frames
+    caches = [CausalKVCache(transformer.config.causal_cache_chunks) for _ in range(len(sigmas) - 1)]
+    upsampler = LookaheadUpsampler(pipe.upsampler, latent_size)
+    noise_level = None
+
+    def run(upsampled: torch.Tensor) -> torch.Tensor:
+        nonlocal noise_level
+        condition_noise, initial = noise.chunk(tuple(upsampled.shape), upsampled.device)
+        condition = noise_augment(upsampled, noise_aug_strength, noise=condition_noise)
+        sigma_start = float(sigmas[0])
+        if sigma_start < 1.0:
+            initial = (1 - sigma_start) * upsampled + sigma_start * initial
+        batch = upsampled.shape[0] * (2 if text[0] is not None and text[0].shape[0] == 2 * upsampled.shape[0] else 1)
+        if noise_level is None:
+            noise_level = torch.full((batch,), float(noise_aug_strength), device=upsampled.device)
+        return denoise_chunk(pipe, condition, initial, caches, text, noise_level, guidance_scale, sigmas)
+
+    for lr in lr_chunks:
+        upsampler.push(lr)
+        while upsampler.ready(chunk_frames):
+            yield run(upsampler.pop(chunk_frames))
+    upsampler.end()
+    while upsampler.ready(chunk_frames):
+        yield run(upsampler.pop(chunk_frames))
