@@ -241,3 +241,63 @@ def test_reference_prints_the_evaluate_table(tmp_path, stage, lr_frames, capsys)
     sr = read_frames(tmp_path / "sr")
     expected = float(psnr(sr, ground_truth).mean())
     assert "cascade-vsr" in printed and "bicubic" in printed and f"{expected:10.2f}" in printed
+
+
+@pytest.fixture(scope="module")
+def causal_stage(tmp_path_factory):
+    """A tiny random block-causal pixel-space stage folder (2 latent frames a chunk, 1 cached chunk)."""
+    torch.manual_seed(0)
+    transformer = CascadeVSRTransformer3DModel(
+        latent_channels=48,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        ffn_dim=64,
+        text_dim=16,
+        latent_space="space_to_depth",
+        patch_size=(1, 1, 1),
+        attention_mode="window",
+        window_size=(2, 4, 4),
+        condition_residual_std=0.05,
+        causal_chunk_frames=2,
+        causal_cache_chunks=1,
+    )
+    upsampler = LatentUpsampler3D(latent_channels=48, hidden_channels=16, num_blocks=1, space_to_depth_factor=4)
+    path = tmp_path_factory.mktemp("causal") / "model"
+    settings = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0}
+    return export_pipeline(path, randomize_(upsampler, std=0.01), randomize_(transformer, std=0.01, seed=1), settings)
+
+
+def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_frames):
+    """`upscale` streams a block-causal stage: its frames are `CascadeVSRPipeline.stream`'s on the encoded input,
+    and --no-stream runs the windowed path instead (other numbers: whole windows, not a stream)."""
+    from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
+
+    frames = lr_frames[:7]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index, frame in enumerate(frames):
+        import PIL.Image
+
+        PIL.Image.fromarray(frame).save(folder / f"{index:04d}.png")
+    out = tmp_path / "streamed"
+    assert main(["upscale", str(folder), "-o", str(out), "--model", str(causal_stage), "--scale", "2"]) == 0
+    streamed = read_frames(out)
+
+    pipe = CascadeVSRPipeline.from_pretrained(causal_stage, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    video = rearrange(torch.from_numpy(frames), "t h w c -> 1 t c h w").float() / 255
+    lr = SpaceToDepthAutoencoder().encode(pipe.preprocess_video(pipe.adapter, video)).latent_dist.mode()
+    chunks = [lr[:, :, i : i + 2] for i in range(0, 7, 2)]
+    expected = np.concatenate(
+        [c[0] for c in pipe.stream(chunks, scale=2, generator=torch.Generator().manual_seed(0), output_type="np")]
+    )
+    np.testing.assert_array_equal(streamed, np.clip(np.rint(expected * 255), 0, 255).astype(np.uint8))
+
+    windowed = tmp_path / "windowed"
+    args = ["upscale", str(folder), "-o", str(windowed), "--model", str(causal_stage), "--scale", "2", "--no-stream"]
+    assert main(args) == 0
+    assert read_frames(windowed).shape == streamed.shape
+    with pytest.raises(ValueError, match="--tile do not stream: pass --no-stream"):
+        main([*args[:-1], "-o", str(tmp_path / "tiled"), "--tile", "32"])
+    assert not (tmp_path / "tiled").exists()

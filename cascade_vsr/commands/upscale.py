@@ -2,8 +2,10 @@
 
 INPUT is a video file (anything PyAV reads), a folder of PNG / JPEG frames or a glob of them. OUT is a video file
 (codec by extension; the input's frame rate kept and its audio copied) or a folder that receives lossless PNG frames;
-several inputs go to a folder, one output per input. Frames are read, super-resolved and written in temporal chunks
-that overlap and cross-fade, so memory does not depend on the video's length. The model folder's own sampling
+several inputs go to a folder, one output per input. A block-causal stage (`causal_chunk_frames`) streams: LR frames
+go in chunk by chunk and HR chunks come out, each attending to the previous chunks through a rolling KV cache
+(`CascadeVSRPipeline.stream`), with no seam and at constant memory. Other stages run in temporal windows that
+overlap and cross-fade, so memory does not depend on the video's length either. The model folder's own sampling
 settings are used unless an option overrides them.
 """
 
@@ -37,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampler.add_argument("--self-ensemble", type=int, default=None, help="runs on flips / transposes, averaged (1-8)")
     sampler.add_argument("--seed", type=int, default=0)
     chunks = parser.add_argument_group("memory")
+    chunks.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stream a block-causal stage chunk by chunk (default: whenever the stage is block-causal); "
+        "--no-stream runs overlapping windows",
+    )
     chunks.add_argument("--chunk-frames", type=int, default=32, help="frames super-resolved together")
     chunks.add_argument("--chunk-overlap", type=int, default=4, help="frames shared (and cross-faded) by two chunks")
     chunks.add_argument("--tile", type=int, default=None, help="LR tile side in pixels for frames too large at once")
@@ -235,8 +244,57 @@ def super_resolve_window(pipe, frames, out_size: tuple[int, int], args: argparse
     return rearrange(hr[0, :count], "t c h w -> t h w c").numpy()
 
 
+def streams(pipe, args: argparse.Namespace) -> bool:
+    """Whether this stage and these options stream (`--stream`; by default a block-causal stage does)."""
+    causal = pipe.transformer.config.causal_chunk_frames is not None
+    if args.stream is None:
+        args.stream = causal
+    if not args.stream:
+        return False
+    if not causal:
+        raise ValueError(f"`--stream` needs a block-causal stage (causal_chunk_frames); {args.model} is not one")
+    if pipe.adapter.name != "space_to_depth":
+        raise ValueError(
+            f"`--stream` decodes per frame: the {pipe.adapter.name} VAE is not streamed; pass --no-stream"
+        )
+    refused = [name for name in ("tile", "color_fix") if getattr(args, name) is not None]
+    if args.self_ensemble not in (None, 1):
+        refused.append("self_ensemble")
+    if refused:
+        options = ", ".join("--" + name.replace("_", "-") for name in refused)
+        raise ValueError(f"{options} do not stream: pass --no-stream to run overlapping windows")
+    return True
+
+
+def stream_super_resolve(pipe, source, out_size: tuple[int, int], args: argparse.Namespace):
+    """uint8 HR frame chunks of a `VideoSource`, streamed (`CascadeVSRPipeline.stream`)."""
+    import numpy as np
+    import torch
+    from einops import rearrange
+
+    adapter = pipe.adapter
+
+    def lr_chunks():
+        for frames in source.chunks(pipe.transformer.config.causal_chunk_frames):
+            video = rearrange(torch.from_numpy(frames), "t h w c -> 1 t c h w").float() / 255
+            yield adapter.encode(pipe.vae, pipe.preprocess_video(adapter, video).to(pipe.device))
+
+    options = {
+        "num_inference_steps": args.num_inference_steps,
+        "noise_aug_strength": args.noise_aug_strength,
+        "noise_frame_correlation": args.noise_frame_correlation,
+        "guidance_scale": args.guidance_scale,
+    }
+    generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    hr_chunks = pipe.stream(
+        lr_chunks(), height=out_size[0], width=out_size[1], generator=generator, output_type="np", **options
+    )
+    for hr in hr_chunks:
+        yield np.clip(np.rint(hr[0] * 255), 0, 255).astype(np.uint8)
+
+
 def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict:
-    """Super-resolve one input into `output`, window by window; returns the summary figures."""
+    """Super-resolve one input into `output`, streamed or window by window; returns the summary figures."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -265,14 +323,19 @@ def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict
     # windows of a long video share one shape (the last one padded); a video that fits in one window runs as is
     length = args.chunk_frames if source.num_frames > args.chunk_frames else source.num_frames
     with sink, tqdm(total=source.num_frames, unit="frame", desc=source.name) as progress:
-        for frames, last in overlapping_windows(source.chunks(step), args.chunk_frames, args.chunk_overlap):
-            hr = super_resolve_window(pipe, frames, out_size, args, length)
-            if pending is not None and len(pending):
-                hr = cross_fade(pending, hr)
-            keep = len(hr) if last else len(hr) - args.chunk_overlap
-            sink.write(np.clip(np.rint(hr[:keep] * 255), 0, 255).astype(np.uint8))
-            progress.update(keep)
-            pending = None if last else hr[keep:]
+        if streams(pipe, args):
+            for hr in stream_super_resolve(pipe, source, out_size, args):
+                sink.write(hr)
+                progress.update(len(hr))
+        else:
+            for frames, last in overlapping_windows(source.chunks(step), args.chunk_frames, args.chunk_overlap):
+                hr = super_resolve_window(pipe, frames, out_size, args, length)
+                if pending is not None and len(pending):
+                    hr = cross_fade(pending, hr)
+                keep = len(hr) if last else len(hr) - args.chunk_overlap
+                sink.write(np.clip(np.rint(hr[:keep] * 255), 0, 255).astype(np.uint8))
+                progress.update(keep)
+                pending = None if last else hr[keep:]
     seconds = time.perf_counter() - start
     return {
         "input": item,
