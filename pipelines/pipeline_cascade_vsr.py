@@ -1212,7 +1212,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
             latent_size,
             self.scheduler.sigmas.to(device, torch.float32),
             text,
-            guidance,
+            guidance if do_cfg else None,
             settings["noise_aug_strength"],
             StreamingNoise(settings["noise_frame_correlation"], generator),
         )

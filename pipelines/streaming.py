@@ -103,12 +103,13 @@ def denoise_chunk(
     caches: list[CausalKVCache],
     text: tuple[torch.Tensor | None, torch.Tensor | None],
     noise_aug_level: torch.Tensor,
-    guidance_scale: float,
+    guidance_scale: float | None,
     sigmas: torch.Tensor,
 ) -> torch.Tensor:
-    """All the steps of one chunk: step i attends through `caches[i]` (the earlier chunks at step i)."""
+    """All the steps of one chunk: step i attends through `caches[i]` (the earlier chunks at step i). With a
+    `guidance_scale` the text holds the unconditional half first (CFG, batched)."""
     prompt_embeds, prompt_attention_mask = text
-    do_cfg = guidance_scale > 1.0 and prompt_embeds is not None and prompt_embeds.shape[0] == 2 * initial.shape[0]
+    do_cfg = guidance_scale is not None
     latents = initial
     transformer = pipe.transformer
     for i, cache in enumerate(caches):
@@ -138,11 +139,12 @@ def stream_chunks(
     latent_size: tuple[int, int],
     sigmas: torch.Tensor,
     text: tuple[torch.Tensor | None, torch.Tensor | None],
-    guidance_scale: float,
+    guidance_scale: float | None,
     noise_aug_strength: float,
     noise: StreamingNoise,
 ) -> Iterator[torch.Tensor]:
-    """HR latent chunks (B, C, Tc, H, W) of model-space LR latent chunks of any length, in order."""
+    """HR latent chunks (B, C, Tc, H, W) of model-space LR latent chunks of any length, in order; `guidance_scale`
+    None runs without CFG."""
     transformer = pipe.transformer
     chunk_frames = transformer.config.causal_chunk_frames
     caches = [CausalKVCache(transformer.config.causal_cache_chunks) for _ in range(len(sigmas) - 1)]
@@ -156,7 +158,7 @@ def stream_chunks(
         sigma_start = float(sigmas[0])
         if sigma_start < 1.0:
             initial = (1 - sigma_start) * upsampled + sigma_start * initial
-        batch = upsampled.shape[0] * (2 if text[0] is not None and text[0].shape[0] == 2 * upsampled.shape[0] else 1)
+        batch = upsampled.shape[0] * (1 if guidance_scale is None else 2)
         if noise_level is None:
             noise_level = torch.full((batch,), float(noise_aug_strength), device=upsampled.device)
         return denoise_chunk(pipe, condition, initial, caches, text, noise_level, guidance_scale, sigmas)

@@ -105,7 +105,7 @@ def test_causal_modes_match_a_dense_reference(spec, streamed):
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
 
 
-def _tiny_causal(mode: str, chunk: int, cache: int) -> CascadeVSRTransformer3DModel:
+def _tiny_causal(mode: str, chunk: int, cache: int, **config) -> CascadeVSRTransformer3DModel:
     torch.manual_seed(0)
     options = {"window": dict(window_size=(4, 3, 3)), "sparse_topk": dict(sparse_window=(2, 3), sparse_topk=1)}
     model = CascadeVSRTransformer3DModel(
@@ -120,6 +120,7 @@ def _tiny_causal(mode: str, chunk: int, cache: int) -> CascadeVSRTransformer3DMo
         causal_chunk_frames=chunk,
         causal_cache_chunks=cache,
         **options.get(mode, {}),
+        **config,
     )
     return randomize_(model).eval()
 
@@ -310,3 +311,46 @@ def test_stream_refuses_what_it_cannot_stream():
     pipe.transformer.register_to_config(causal_chunk_frames=None)
     with pytest.raises(ValueError, match="block-causal transformer"):
         next(pipe.stream([lr], scale=2))
+
+
+@torch.no_grad()
+def test_visual_guidance_is_the_first_chunks_key_frames_for_every_chunk():
+    """Joint visual guidance: with no cached chunk (m = 0) a chunk still depends on the clip's first frames, through
+    their pooled tokens in the cross-attention, the same offline and streamed; without it, it does not."""
+    guided = _tiny_causal("window", chunk=2, cache=0, visual_guidance_frames=2, visual_guidance_grid=(2, 3))
+    plain = _tiny_causal("window", chunk=2, cache=0)
+    x, condition, t, s, text = _inputs()
+    changed = condition.clone()
+    changed[:, :, 0] += 1  # a key frame
+    for model, depends in ((guided, True), (plain, False)):
+        before, after = model(x, condition, t, s, text)[0], model(x, changed, t, s, text)[0]
+        assert torch.equal(after[:, :, 2:], before[:, :, 2:]) is not depends
+    offline = guided(x, condition, t, s, text)[0]
+    kv_cache = CausalKVCache(0)
+    streamed = [
+        guided(x[:, :, i : i + 2], condition[:, :, i : i + 2], t, s, text, kv_cache=kv_cache)[0] for i in (0, 2, 4)
+    ]
+    assert kv_cache.guidance.shape == (2, 4, 2, 2, 3)
+    torch.testing.assert_close(torch.cat(streamed, 2), offline, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="at most causal_chunk_frames=2"):
+        _tiny_causal("full", chunk=2, cache=1, visual_guidance_frames=3)
+
+
+def test_the_trainer_trains_the_offline_block_causal_form(pairs, tmp_path):
+    """One step of the trainer on a block-causal configuration; the export streams (its config is causal)."""
+    from cascade_vsr.training.config import load_config
+    from cascade_vsr.training.trainer import train
+
+    from ._recipes import tiny_args
+
+    causal = ["--causal_chunk_frames", "1", "--causal_cache_chunks", "1", "--visual_guidance_frames", "1"]
+    small = ["--crop_size", "2", "4", "--num_latent_frames", "2", "--train_batch_size", "2", "--use_ema", "false"]
+    summary = train(*load_config(None, tiny_args(pairs, tmp_path / "run", 1, *small, *causal)))
+    exported = CascadeVSRTransformer3DModel.from_pretrained(summary["export_dir"], subfolder="transformer")
+    assert (exported.config.causal_chunk_frames, exported.config.causal_cache_chunks) == (1, 1)
+    assert exported.visual_guidance_embedder is not None
+    resumed = tiny_args(
+        pairs, tmp_path / "next", 1, *small, *causal, "--pretrained_model_name_or_path", summary["export_dir"]
+    )
+    with pytest.raises(ValueError, match="`visual_guidance_frames` adds weights"):
+        train(*load_config(None, resumed))

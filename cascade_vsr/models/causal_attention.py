@@ -173,6 +173,7 @@ class CausalKVCache:
     next_chunk: int = 0
     frames_seen: int = 0
     frame_chunks: list[int] = field(default_factory=list)  # chunk of each cached frame
+    guidance: torch.Tensor | None = None  # the first chunk's pooled key frames (visual guidance), kept for all
     _entries: dict = field(default_factory=dict)  # layer -> (k, v) (B, heads, frames * H * W, D)
     _staged: dict = field(default_factory=dict)
     _staged_frames: int | None = None

@@ -284,6 +284,11 @@ class CascadeVSRTransformer3DModel(
             forward over a clip is the offline form; `forward(..., kv_cache=CausalKVCache(m))` chunk by chunk is
             the streaming form, with the same result. Needs a temporal patch of 1 and no `temporal_unit`.
         causal_cache_chunks (`int`): Previous chunks each chunk sees (m).
+        visual_guidance_frames (`int`, *optional*): Joint visual guidance (InfVSR): the condition of the clip's
+            first this-many latent frames (of a stream: of its first chunk, kept in the `CausalKVCache`), average
+            pooled to `visual_guidance_grid` tokens per frame and embedded, joins the text tokens of every
+            cross-attention: one global reference for every chunk, against identity and colour drift.
+        visual_guidance_grid (`tuple[int, int]`): (h, w) pooled tokens per key frame.
 
     diffusers integrations (the mixins do the work):
         - LoRA (`PeftAdapterMixin`): `add_adapter`, `load_lora_adapter`, `set_adapters`, `disable_lora`, `fuse_lora`,
@@ -312,6 +317,7 @@ class CascadeVSRTransformer3DModel(
         "noise_level_embedder",
         "modulation_proj",
         "text_embedder",
+        "visual_guidance_embedder",
         "norm",
     ]
 
@@ -338,6 +344,8 @@ class CascadeVSRTransformer3DModel(
         condition_residual_std: float | None = None,
         causal_chunk_frames: int | None = None,
         causal_cache_chunks: int = 1,
+        visual_guidance_frames: int | None = None,
+        visual_guidance_grid: tuple[int, int] = (4, 4),
     ):
         super().__init__()
         for name, value in dict(
@@ -382,6 +390,21 @@ class CascadeVSRTransformer3DModel(
                     "`causal_chunk_frames` and `temporal_unit` both bound attention in time: set one, got "
                     f"temporal_unit={temporal_unit}"
                 )
+        if visual_guidance_frames is not None:
+            if (
+                isinstance(visual_guidance_frames, bool)
+                or not isinstance(visual_guidance_frames, int)
+                or visual_guidance_frames < 1
+            ):
+                raise ValueError(
+                    f"`visual_guidance_frames` must be None or an int >= 1, got {visual_guidance_frames!r}"
+                )
+            if causal_chunk_frames is not None and visual_guidance_frames > causal_chunk_frames:
+                raise ValueError(
+                    f"`visual_guidance_frames` ({visual_guidance_frames}) are the first chunk's key frames: at most "
+                    f"causal_chunk_frames={causal_chunk_frames}"
+                )
+            check_window(visual_guidance_grid, 2, "visual_guidance_grid")
         specs = layer_attention_specs(
             attention_mode,
             num_layers,
@@ -407,6 +430,11 @@ class CascadeVSRTransformer3DModel(
         # Learned "empty prompt" in the text encoder's space: the unconditional branch of CFG and the
         # 10% prompt dropout of training both use it.
         self.null_text_embedding = nn.Parameter(torch.randn(1, 1, text_dim) * 0.02)
+        # Joint visual guidance (InfVSR): pooled condition tokens of the clip's first frames, read by the text
+        # cross-attention of every block, the same for every chunk of a stream.
+        self.visual_guidance_embedder = None
+        if visual_guidance_frames is not None:
+            self.visual_guidance_embedder = PixArtAlphaTextProjection(latent_channels, inner_dim, act_fn="gelu_tanh")
 
         self.rope = RotaryPositionEmbedding3D(attention_head_dim, rope_theta)
         self.blocks = nn.ModuleList(
@@ -490,6 +518,31 @@ class CascadeVSRTransformer3DModel(
         # straight into the parameters, bypassing `_load_from_state_dict`.
         super()._fix_state_dict_keys_on_load(state_dict)
         rename_legacy_output_projection(state_dict)
+
+    def _add_visual_guidance(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        condition: torch.Tensor,
+        kv_cache: CausalKVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append the visual guidance tokens to the text tokens (and to their mask, visible)."""
+        if kv_cache is not None and kv_cache.guidance is not None:
+            key_frames = kv_cache.guidance
+        else:
+            count = min(self.config.visual_guidance_frames, condition.shape[2])
+            key_frames = F.adaptive_avg_pool3d(
+                condition[:, :, :count].float(), (count, *self.config.visual_guidance_grid)
+            )
+            if kv_cache is not None:  # the first chunk of a stream: every later chunk reuses its key frames
+                kv_cache.guidance = key_frames
+        tokens = rearrange(key_frames, "b c k h w -> b (k h w) c")
+        tokens = self.visual_guidance_embedder(tokens.to(get_parameter_dtype(self.visual_guidance_embedder)))
+        text = torch.cat([text, tokens.to(text.dtype)], dim=1)
+        if text_mask is not None:
+            visible = text_mask.new_ones(*text_mask.shape[:-1], tokens.shape[1])
+            text_mask = torch.cat([text_mask, visible], dim=-1)
+        return text, text_mask
 
     def null_text_embeds(self, batch_size: int, seq_len: int = 1) -> torch.Tensor:
         """The learned null prompt as (batch_size, seq_len, text_dim) encoder hidden states."""
@@ -653,6 +706,8 @@ class CascadeVSRTransformer3DModel(
         text_mask = None
         if encoder_attention_mask is not None:
             text_mask = rearrange(encoder_attention_mask.bool(), "b l -> b 1 1 l").expand(batch_size, -1, -1, -1)
+        if self.visual_guidance_embedder is not None:
+            text, text_mask = self._add_visual_guidance(text, text_mask, condition, kv_cache)
 
         # 3. Blocks
         for block in self.blocks:

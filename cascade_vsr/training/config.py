@@ -41,6 +41,17 @@ class ModelConfig:
     )
     sparse_topk: int | None = field(default=None, metadata={"help": "sparse_topk: other units each unit attends."})
     window_size: list[int] | None = field(default=None, metadata={"help": "window mode: (t, h, w) window size."})
+    causal_chunk_frames: int | None = field(
+        default=None,
+        metadata={"help": "Block-causal self-attention (streaming, InfVSR): latent frames per chunk (offline form)."},
+    )
+    causal_cache_chunks: int | None = field(
+        default=None, metadata={"help": "Block-causal: previous chunks each chunk sees (default 1)."}
+    )
+    visual_guidance_frames: int | None = field(
+        default=None,
+        metadata={"help": "Joint visual guidance from the first latent frames' condition (a fresh model only)."},
+    )
     condition_residual_std: float | None = field(
         default=None,
         metadata={
@@ -59,7 +70,14 @@ class ModelConfig:
         """Attention fields, passed as overrides to `from_pretrained` so stage n+1 may change them."""
         config = {"attention_mode": self.attention_mode}
         # Only fields that are set: a transformer version without the sparse modes takes none of them.
-        for name in ("temporal_unit", "sparse_topk", "sparse_window", "window_size"):
+        for name in (
+            "temporal_unit",
+            "sparse_topk",
+            "sparse_window",
+            "window_size",
+            "causal_chunk_frames",
+            "causal_cache_chunks",
+        ):
             value = getattr(self, name)
             if value is not None:
                 config[name] = tuple(value) if isinstance(value, list) else value
@@ -77,6 +95,7 @@ class ModelConfig:
             freq_dim=self.freq_dim,
             latent_space=self.latent_space,
             condition_residual_std=self.condition_residual_std,
+            visual_guidance_frames=self.visual_guidance_frames,
             **self.attention_config(),
         )
 

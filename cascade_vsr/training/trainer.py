@@ -241,6 +241,11 @@ def build_models(model_config: ModelConfig) -> tuple[LatentUpsampler3D, CascadeV
             LatentUpsampler3D(**model_config.upsampler_kwargs()),
             CascadeVSRTransformer3DModel(**model_config.transformer_kwargs()),
         )
+    if model_config.visual_guidance_frames is not None:
+        raise ValueError(
+            "`visual_guidance_frames` adds weights: it trains a fresh model, not one loaded from "
+            "`pretrained_model_name_or_path`"
+        )
     upsampler = LatentUpsampler3D.from_pretrained(path, subfolder="upsampler")
     transformer = CascadeVSRTransformer3DModel.from_pretrained(
         path, subfolder="transformer", **model_config.attention_config()

@@ -1,0 +1,146 @@
+"""Streaming `cascade-vsr upscale` (a block-causal stage, rolling KV cache) against the windowed path of the same
+network -> benchmarks/results/streaming.json: peak memory per input length, frames per second, and where a
+streamed chunk's time goes.
+
+The network is the one-step demo model (`demo_model_path(one_step=True)`) with block-causal self-attention switched
+on in its config (`causal_chunk_frames`, `causal_cache_chunks`; they add no weights). It was not fine-tuned causally,
+so this measures memory and speed, not quality. Inputs are the real bigbuckbunny clip at 160x96, played forward and
+backward to the length asked (`upscale_memory.ping_pong`), super-resolved 2x (320x192) in fresh processes: the
+streamed path for every length, the windowed path (`--no-stream`, 32-frame windows overlapping by 4) for the
+shortest one. Peak RSS is the process's exact high-water mark (`upscale_memory.run_upscale`).
+
+The time split comes from torch's profiler on one streamed chunk in this process: self CPU time by operator
+family (attention kernels, linear layers, convolutions of the upsampler, the rest).
+
+    .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames 4] [--cache-chunks 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from upscale_memory import MALLOC_SETTINGS, cpu_name, make_input, ping_pong, run_upscale  # noqa: E402
+
+from cascade_vsr.commands.demo import demo_model_path  # noqa: E402
+from cascade_vsr.core.video import read_video, resize_frames, sample_video_path, video_info  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "streaming.json"
+
+
+def causal_copy(model: Path, folder: Path, chunk_frames: int, cache_chunks: int) -> Path:
+    """The stage folder `model` with block-causal attention switched on in its transformer's config."""
+    target = folder / "causal_model"
+    shutil.copytree(model, target)
+    config_path = target / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(causal_chunk_frames=chunk_frames, causal_cache_chunks=cache_chunks)
+    config_path.write_text(json.dumps(config, indent=2))
+    return target
+
+
+def command(video: Path, output: Path, model: Path, stream: bool) -> list[str]:
+    return [
+        sys.executable, "-m", "cascade_vsr.cli", "upscale", str(video), "-o", str(output), "--scale", "2",
+        "--model", str(model), "--stream" if stream else "--no-stream",
+    ]  # fmt: skip
+
+
+def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int) -> dict[str, float]:
+    """Self CPU seconds of one streamed chunk (after a warm-up chunk), by operator family."""
+    import torch
+    from einops import rearrange
+    from torch.profiler import ProfilerActivity, profile
+
+    from cascade_vsr import CascadeVSRPipeline
+
+    pipe = CascadeVSRPipeline.from_pretrained(model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    video = rearrange(torch.from_numpy(frames[: 3 * chunk_frames]), "t h w c -> 1 t c h w").float() / 255
+    lr = pipe.adapter.encode(pipe.vae, pipe.preprocess_video(pipe.adapter, video))
+    chunks = [lr[:, :, i : i + chunk_frames] for i in range(0, lr.shape[2], chunk_frames)]
+    stream = pipe.stream(chunks, scale=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    next(stream)  # warm-up: the first chunk also waits for the upsampler's look-ahead
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        next(stream)
+    families = {"attention": 0.0, "linear": 0.0, "convolution (upsampler)": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        seconds = event.self_cpu_time_total / 1e6
+        if "attention" in name or "softmax" in name or "sdpa" in name:
+            families["attention"] += seconds
+        elif name in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"):
+            families["linear"] += seconds
+        elif "conv" in name:
+            families["convolution (upsampler)"] += seconds
+        else:
+            families["other"] += seconds
+    return families
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--size", type=int, nargs=2, default=(96, 160), metavar=("H", "W"))
+    parser.add_argument("--chunk-frames", type=int, default=4, help="latent frames per causal chunk")
+    parser.add_argument("--cache-chunks", type=int, default=1)
+    parser.add_argument("--model", type=Path, default=demo_model_path(one_step=True))
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    source = sample_video_path("bigbuckbunny.mp4")
+    clip = resize_frames(read_video(source), tuple(args.size), mode="area", crop_to_aspect=True)
+    env = {**__import__("os").environ, **MALLOC_SETTINGS["demo"]}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model = causal_copy(args.model, folder, args.chunk_frames, args.cache_chunks)
+        lengths = sorted(args.frames)
+        for count in lengths:
+            video = make_input(ping_pong(clip, count), count, video_info(source)["fps"], folder)
+            runs = [("streamed", True)] + ([("windowed", False)] if count == lengths[0] else [])
+            for label, stream in runs:
+                result = run_upscale(command(video, folder / f"{label}_{count}.mp4", model, stream), env,
+                                     folder / f"{label}_{count}.log", 0.2)  # fmt: skip
+                result.pop("rss_trace")
+                rows.append({"path": label, "input_frames": count, **result})
+                print(f"{label:>9} {count:>5} frames: peak RSS {result['peak_rss_mib']:.0f} MiB, "
+                      f"{result['frames_per_s']:.2f} frames/s", flush=True)  # fmt: skip
+        split = profile_chunk(model, clip, args.chunk_frames)
+
+    streamed = [r for r in rows if r["path"] == "streamed"]
+    ratio = streamed[-1]["peak_rss_mib"] / streamed[0]["peak_rss_mib"]
+    print()
+    print(f"{'path':<10}{'frames':>8}{'peak RSS MiB':>14}{'frames/s':>10}")
+    for row in rows:
+        print(f"{row['path']:<10}{row['input_frames']:>8}{row['peak_rss_mib']:>14.0f}{row['frames_per_s']:>10.2f}")
+    print(f"peak RSS, {streamed[-1]['input_frames']} vs {streamed[0]['input_frames']} frames (streamed): {ratio:.3f}")
+    total = sum(split.values())
+    print("one streamed chunk, self CPU time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "causal_chunk_frames": args.chunk_frames,
+                "causal_cache_chunks": args.cache_chunks,
+                "size": list(args.size),
+                "cpu": cpu_name(),
+                "rows": rows,
+                "peak_rss_ratio_longest_vs_shortest": ratio,
+                "chunk_self_cpu_seconds": split,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
