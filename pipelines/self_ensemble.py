@@ -8,6 +8,7 @@ transformed back, their mean is better than any one run. The 8 transforms are th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,6 +44,34 @@ def dihedral_transform(video: torch.Tensor, index: int, inverse: bool = False) -
     for step in reversed(steps) if inverse else steps:
         video = step(video)
     return video.contiguous() if index else video
+
+
+def latent_dihedral_transform(
+    latents: torch.Tensor, index: int, latent_space: str | None, inverse: bool = False
+) -> torch.Tensor:
+    """`dihedral_transform` of the picture, done on its (B, C, ..., h, w) latents, for the latent spaces where it is
+    exact: `space_to_depth` (C = 3 * f * f channels, channel c * f * f + i * f + j holding pixel (f y + i, f x + j) of
+    colour c). Flipping or transposing the picture flips or transposes the latent grid and, in the same way, each
+    colour's f x f block of pixel offsets, which is a permutation of the channels. A learned VAE's channels do not
+    move with the picture: any other `latent_space` is refused."""
+    if latent_space != "space_to_depth":
+        raise ValueError(
+            "flipping / transposing latents is exact only in the space_to_depth latent space (a learned VAE's "
+            f"channels do not move with the picture): `latent_space` must be 'space_to_depth', got {latent_space!r}"
+        )
+    _check_index(index)
+    if index == 0:
+        return latents
+    channels = latents.shape[1]
+    factor = math.isqrt(channels // 3)
+    if latents.ndim < 4 or 3 * factor**2 != channels:
+        raise ValueError(
+            "`latents` must be (B, C, ..., h, w) space_to_depth latents with C = 3 * factor**2 channels, got shape "
+            f"{tuple(latents.shape)}"
+        )
+    offsets = torch.arange(channels, device=latents.device).reshape(3, factor, factor)
+    permutation = dihedral_transform(offsets, index, inverse).reshape(channels)
+    return dihedral_transform(latents, index, inverse).index_select(1, permutation)
 
 
 def generator_for_run(

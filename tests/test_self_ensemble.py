@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from cascade_vsr.models.space_to_depth import SpaceToDepthAutoencoder
 from cascade_vsr.pipelines.self_ensemble import (
     NUM_TRANSFORMS,
     dihedral_transform,
     generator_for_run,
+    latent_dihedral_transform,
     swaps_height_width,
 )
 from tests.test_pixel_space import _pipe
@@ -154,3 +156,20 @@ def test_bad_self_ensemble_raises_before_compute(pipe, video, monkeypatch):
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             pipe(**{"height": SIZE[0], "width": SIZE[1], "num_inference_steps": 1, **kwargs})
+
+
+def test_latent_transform_is_the_pixel_transform_in_space_to_depth_latents():
+    vae = SpaceToDepthAutoencoder()
+    video = torch.rand(2, 3, 2, 8, 12, generator=_gen(4)) * 2 - 1  # (B, C, T, H, W): a non-square picture
+    latents = vae.encode(video).latent_dist.mode()
+    for index in range(NUM_TRANSFORMS):
+        # independent reference: decode, transform the pixels, encode
+        expected = vae.encode(dihedral_transform(video, index)).latent_dist.mode()
+        result = latent_dihedral_transform(latents, index, "space_to_depth")
+        assert torch.equal(result, expected), index
+        assert torch.equal(latent_dihedral_transform(result, index, "space_to_depth", inverse=True), latents)
+    for space in (None, "wan"):
+        with pytest.raises(ValueError, match="`latent_space` must be 'space_to_depth'"):
+            latent_dihedral_transform(latents, 1, space)
+    with pytest.raises(ValueError, match="3 \\* factor\\*\\*2 channels"):
+        latent_dihedral_transform(torch.zeros(1, 16, 1, 2, 2), 1, "space_to_depth")

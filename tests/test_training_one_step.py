@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,13 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cascade_vsr import CascadeVSRPipeline
+from cascade_vsr import CascadeVSRPipeline, SpaceToDepthAutoencoder
 from cascade_vsr.core.flow import frame_correlated_noise
 from cascade_vsr.models.discriminator import CascadeVSRDiscriminator
+from cascade_vsr.pipelines.self_ensemble import dihedral_transform
 from cascade_vsr.training.config import load_config
 from cascade_vsr.training.data import PairLatentDataset, collate_pairs
 from cascade_vsr.training.distill import distill, distillation_rounds
-from cascade_vsr.training.objectives import discriminator_step_loss, draw_inputs, generator_step_loss
+from cascade_vsr.training.objectives import (
+    discriminator_step_loss,
+    draw_inputs,
+    generator_step_loss,
+    teacher_two_steps,
+)
 from cascade_vsr.training.trainer import (
     CascadeVSRTrainModule,
     OneStepGenerator,
@@ -226,3 +233,91 @@ def test_frame_correlated_training_noise_matches_the_sampler(pairs, teacher):
         noise_correlation=1.0,
     )
     torch.testing.assert_close(inputs_again.noise, expected)
+
+
+def _pixel_transform(latents: torch.Tensor, index: int, inverse: bool = False) -> torch.Tensor:
+    """A flip / transpose of space_to_depth latents done on the pixels: decode, transform, encode."""
+    vae = SpaceToDepthAutoencoder()
+    return vae.encode(dihedral_transform(vae.decode(latents).sample, index, inverse)).latent_dist.mode()
+
+
+def test_self_ensemble_target_is_the_mean_of_eight_explicit_teacher_runs(pairs, teacher):
+    _, _, config = load_config(None, one_step_args(pairs, "unused", 1, teacher))
+    inputs = fixed_batch(pairs, config)  # crops of 2 x 4 latents: the transposes change the shape
+    model, sigmas = stage(teacher), teacher_sigmas(teacher, 2)
+    noisy, start, end, target = teacher_two_steps(
+        model, inputs, sigmas, self_ensemble=8, latent_space="space_to_depth"
+    )
+    assert torch.equal(start, torch.ones(2)) and torch.equal(end, torch.zeros(2))
+    torch.testing.assert_close(noisy, inputs.noise)
+    # the reference: 8 plain two-step teacher runs (written out), on pixel-transformed inputs, transformed back
+    runs = []
+    for index in range(8):
+        transformed = dataclasses.replace(
+            inputs,
+            hr=_pixel_transform(inputs.hr, index),
+            lr=_pixel_transform(inputs.lr, index),
+            noise=_pixel_transform(inputs.noise, index),
+            aug_noise=_pixel_transform(inputs.aug_noise, index),
+        )
+        runs.append(_pixel_transform(euler(model, transformed, sigmas), index, inverse=True))
+    expected = torch.stack(runs).mean(0)
+    torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-5)
+    single = teacher_two_steps(model, inputs, sigmas)[3]
+    torch.testing.assert_close(single, runs[0], rtol=1e-4, atol=1e-5)
+    assert (single - target).abs().max() > 1e-3  # the tiny teacher is not equivariant: the mean differs
+    # the first N transforms
+    four = teacher_two_steps(model, inputs, sigmas, self_ensemble=4, latent_space="space_to_depth")[3]
+    torch.testing.assert_close(four, torch.stack(runs[:4]).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_dihedral_augmentation_flips_and_transposes_the_pairs(pairs, teacher):
+    _, _, plain = load_config(None, one_step_args(pairs, "unused", 1, teacher))
+    _, _, config = load_config(None, one_step_args(pairs, "unused", 1, teacher, "--dihedral_augmentation", "true"))
+    dataset = PairLatentDataset(pairs, crop_size=(2, 4), num_frames=1)
+    batch = collate_pairs([dataset[(i, 0)] for i in range(4)])
+    seen = set()
+    for seed in range(12):
+        inputs, _ = draw_inputs(batch, torch.Generator().manual_seed(seed), config, torch.device("cpu"), None, 1.0,
+                                latent_space="space_to_depth")  # fmt: skip
+        # the reference: the transforms drawn first (a transpose for the batch, then a flip per sample), done on
+        # the pixels; then the draws of an unaugmented batch
+        reference = torch.Generator().manual_seed(seed)
+        transpose = int(torch.randint(2, (1,), generator=reference))
+        indices = [flip + 4 * transpose for flip in torch.randint(4, (4,), generator=reference).tolist()]
+        for name, key in (("hr", "hr_latents"), ("lr", "lr_latents")):
+            expected = torch.cat([_pixel_transform(batch[key][b : b + 1], i) for b, i in enumerate(indices)])
+            assert torch.equal(getattr(inputs, name), expected), (seed, name)
+        rest, _ = draw_inputs(
+            {**batch, "hr_latents": inputs.hr, "lr_latents": inputs.lr},
+            reference,
+            plain,
+            torch.device("cpu"),
+            None,
+            1.0,
+        )
+        assert torch.equal(rest.noise, inputs.noise) and torch.equal(rest.aug_noise, inputs.aug_noise)
+        seen.update(indices)
+    assert seen == set(range(8))
+    unaugmented, _ = draw_inputs(batch, torch.Generator().manual_seed(0), plain, torch.device("cpu"))
+    assert torch.equal(unaugmented.hr, batch["hr_latents"])  # off by default, and then nothing is drawn for it
+
+
+def test_dihedral_options_are_checked(pairs, teacher):
+    def config(*extra):
+        return load_config(None, one_step_args(pairs, "unused", 1, teacher, "--objective", "distill", *extra))
+
+    with pytest.raises(ValueError, match="`distill_teacher_self_ensemble` must be in 1..8"):
+        config("--distill_teacher_self_ensemble", "9")
+    with pytest.raises(ValueError, match="`distill_teacher_self_ensemble` 2 is for `objective` distill"):
+        config("--distill_teacher_self_ensemble", "2", "--objective", "diffusion")
+    for option in (["--distill_teacher_self_ensemble", "8"], ["--dihedral_augmentation", "true"]):
+        with pytest.raises(ValueError, match=f"`{option[0][2:]}` flips.*`latent_space` must be 'space_to_depth'"):
+            config(*option, "--latent_space", "wan")
+
+
+def test_distillation_with_both_options_trains(pairs, teacher, tmp_path):
+    extra = ["--objective", "distill", "--distill_teacher_self_ensemble", "8", "--dihedral_augmentation", "true"]
+    summary = train(*load_config(None, one_step_args(pairs, tmp_path / "x8", 2, teacher, *extra)))
+    assert summary["steps"] == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    assert json.loads((tmp_path / "x8/config.json").read_text())["distill_teacher_self_ensemble"] == 8

@@ -180,6 +180,21 @@ class TrainConfig:
         default=2, metadata={"help": "distill: the teacher's Euler steps; the student learns half as many."}
     )
     distill_guidance_scale: float = field(default=1.0, metadata={"help": "distill: the teacher's CFG scale."})
+    distill_teacher_self_ensemble: int = field(
+        default=1,
+        metadata={
+            "help": "distill: the target is the mean of the teacher's two steps on the first N (1-8) flips / "
+            "transposes of its inputs, each transformed back (the self-ensemble's gain, taught to one run; "
+            "space_to_depth latents only)."
+        },
+    )
+    dihedral_augmentation: bool = field(
+        default=False,
+        metadata={
+            "help": "Flip / transpose each training pair at random (flips per sample, transposes per micro-batch; "
+            "space_to_depth latents only)."
+        },
+    )
     discriminator_learning_rate: float = field(default=5e-5, metadata={"help": "adversarial: the discriminator's."})
     discriminator_head_layers: list[int] | None = field(
         default=None,
@@ -415,6 +430,25 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         raise ValueError(f"`distill_teacher_steps` must be an even number >= 2, got {train.distill_teacher_steps}")
     if train.distill_guidance_scale < 1:
         raise ValueError(f"`distill_guidance_scale` must be >= 1 (1: none), got {train.distill_guidance_scale}")
+    if not 1 <= train.distill_teacher_self_ensemble <= 8:
+        raise ValueError(
+            f"`distill_teacher_self_ensemble` must be in 1..8 (1: a single teacher run), got "
+            f"{train.distill_teacher_self_ensemble}"
+        )
+    if train.distill_teacher_self_ensemble > 1 and train.objective != "distill":
+        raise ValueError(
+            f"`distill_teacher_self_ensemble` {train.distill_teacher_self_ensemble} is for `objective` distill, "
+            f"got {train.objective!r}"
+        )
+    for name, used in (
+        ("distill_teacher_self_ensemble", train.distill_teacher_self_ensemble > 1),
+        ("dihedral_augmentation", train.dihedral_augmentation),
+    ):
+        if used and model.latent_space != "space_to_depth":
+            raise ValueError(
+                f"`{name}` flips and transposes latents, which is exact only in the space_to_depth latent space: "
+                f"`latent_space` must be 'space_to_depth', got {model.latent_space!r}"
+            )
     for name in ("gan_weight", "l1_weight", "feature_matching_weight", "r1_weight", "r2_weight",
                  "pixel_loss_weight", "temporal_smoothness_weight", "discriminator_sigma"):  # fmt: skip
         if getattr(train, name) < 0:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from cascade_vsr.core.flow import add_noise, frame_correlated_noise, sigma_to_timestep
+from cascade_vsr.pipelines.self_ensemble import latent_dihedral_transform, swaps_height_width
 from cascade_vsr.training.adversarial import (
     approximate_gradient_penalty,
     feature_matching_loss,
@@ -45,6 +46,21 @@ class StepInputs:
         return self.drop_text, self.prompt_embeds, self.prompt_attention_mask
 
 
+def dihedral_indices(batch_size: int, generator: torch.Generator, device: torch.device) -> list[int]:
+    """Random flips / transposes of a micro-batch (`dihedral_transform` indices): the flips drawn per sample, the
+    transpose once for the micro-batch (its samples keep one shape); each sample's index is uniform over the 8."""
+    transpose = int(torch.randint(2, (1,), generator=generator, device=device))
+    flips = torch.randint(4, (batch_size,), generator=generator, device=device).tolist()
+    return [flip + 4 * transpose for flip in flips]
+
+
+def dihedral_augment(latents: torch.Tensor, indices: list[int], latent_space: str | None) -> torch.Tensor:
+    """Sample b of (B, C, F, h, w) `latents` flipped / transposed by `indices[b]` (`latent_dihedral_transform`)."""
+    return torch.cat(
+        [latent_dihedral_transform(latents[b : b + 1], index, latent_space) for b, index in enumerate(indices)]
+    )
+
+
 def draw_inputs(
     batch: dict,
     generator: torch.Generator,
@@ -52,14 +68,19 @@ def draw_inputs(
     device: torch.device,
     sigma_sampler=None,
     noise_correlation: float = 0.0,
+    latent_space: str | None = None,
 ) -> tuple[StepInputs, torch.Tensor | None]:
     """The micro-batch on `device` with its noise draws; also a flow-matching sigma per sample when a
-    `sigma_sampler` is given (the diffusion objective). The order of the draws is fixed: sigma, condition level,
+    `sigma_sampler` is given (the diffusion objective). The order of the draws is fixed: the flips / transposes of
+    `config.dihedral_augmentation` (only when it is on; `latent_space` is the model's), sigma, condition level,
     noise (correlated between frames by `noise_correlation`, as the sampler draws it), condition noise, text
     dropout."""
     hr = batch["hr_latents"].to(device)
     lr = batch["lr_latents"].to(device)
     batch_size = hr.shape[0]
+    if config.dihedral_augmentation:
+        indices = dihedral_indices(batch_size, generator, device)
+        hr, lr = dihedral_augment(hr, indices, latent_space), dihedral_augment(lr, indices, latent_space)
     sigma = None
     if sigma_sampler is not None:
         sigma = sigma_sampler.sample(batch_size, generator=generator, device=device)
@@ -102,12 +123,46 @@ def guided_velocity(
     return unconditional + guidance_scale * (velocity - unconditional)
 
 
+def _teacher_euler(
+    teacher: nn.Module,
+    noisy: torch.Tensor,
+    lr: torch.Tensor,
+    aug_noise: torch.Tensor,
+    aug_level: torch.Tensor,
+    text: tuple[torch.Tensor, torch.Tensor | None],
+    sigmas: tuple[torch.Tensor, ...],
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The teacher's Euler steps from `noisy` through the per-sample `sigmas` (from, ..., to)."""
+    condition = teacher.condition(lr, tuple(noisy.shape[-2:]), aug_noise, aug_level)
+    latents = noisy.float()
+    for sigma_from, sigma_to in zip(sigmas[:-1], sigmas[1:]):
+        velocity = guided_velocity(teacher, latents, condition, sigma_from, aug_level, text, guidance_scale)
+        latents = latents + (sigma_to - sigma_from).reshape(-1, 1, 1, 1, 1) * velocity.float()
+    return latents
+
+
+def _transformed(tensor: torch.Tensor, indices: list[int], latent_space: str | None) -> torch.Tensor:
+    """The `indices` transforms of `tensor`, one after another along the batch."""
+    return torch.cat([latent_dihedral_transform(tensor, index, latent_space) for index in indices])
+
+
 @torch.no_grad()
 def teacher_two_steps(
-    teacher: nn.Module, inputs: StepInputs, sigmas: torch.Tensor, guidance_scale: float = 1.0
+    teacher: nn.Module,
+    inputs: StepInputs,
+    sigmas: torch.Tensor,
+    guidance_scale: float = 1.0,
+    self_ensemble: int = 1,
+    latent_space: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick a student step k per sample on the teacher's grid `sigmas` (N + 1 values ending at 0): from
     z = noised HR at sigmas[2k], the teacher's two Euler steps to sigmas[2k + 2].
+
+    With `self_ensemble` N > 1, the teacher's result is the mean over the first N flips / transposes g of its
+    inputs (z, the LR latents and the condition noise, all transformed by g in `latent_space`) of g^-1 applied to
+    its two steps from them: the geometric self-ensemble of the pipeline, from the same noise. Transforms of one
+    shape run as one batch.
 
     Returns (z at sigmas[2k], sigmas[2k], sigmas[2k + 2], the teacher's latents at sigmas[2k + 2])."""
     batch_size = inputs.hr.shape[0]
@@ -116,13 +171,34 @@ def teacher_two_steps(
     sigmas = sigmas.to(inputs.hr.device)
     start, middle, end = sigmas[2 * step], sigmas[2 * step + 1], sigmas[2 * step + 2]
     noisy = add_noise(inputs.hr, inputs.noise, start)
-    condition = teacher.condition(inputs.lr, tuple(inputs.hr.shape[-2:]), inputs.aug_noise, inputs.aug_level)
     text = teacher.text(batch_size, *inputs.text)
-    latents = noisy.float()
-    for sigma_from, sigma_to in ((start, middle), (middle, end)):
-        velocity = guided_velocity(teacher, latents, condition, sigma_from, inputs.aug_level, text, guidance_scale)
-        latents = latents + (sigma_to - sigma_from).reshape(-1, 1, 1, 1, 1) * velocity.float()
-    return noisy, start, end, latents
+    if self_ensemble == 1:
+        latents = _teacher_euler(
+            teacher, noisy, inputs.lr, inputs.aug_noise, inputs.aug_level, text, (start, middle, end), guidance_scale
+        )
+        return noisy, start, end, latents
+    total = torch.zeros(noisy.shape, dtype=torch.float32, device=noisy.device)
+    for transposed in (False, True):
+        group = [index for index in range(self_ensemble) if swaps_height_width(index) == transposed]
+        if not group:
+            continue
+        runs = len(group)
+        embeds, mask = text
+        group_text = (embeds.repeat(runs, 1, 1), None if mask is None else mask.repeat(runs, 1))
+        group_sigmas = tuple(sigma.repeat(runs) for sigma in (start, middle, end))
+        latents = _teacher_euler(
+            teacher,
+            _transformed(noisy, group, latent_space),
+            _transformed(inputs.lr, group, latent_space),
+            _transformed(inputs.aug_noise, group, latent_space),
+            inputs.aug_level.repeat(runs),
+            group_text,
+            group_sigmas,
+            guidance_scale,
+        )
+        for index, run in zip(group, latents.chunk(runs)):
+            total += latent_dihedral_transform(run, index, latent_space, inverse=True)
+    return noisy, start, end, total / self_ensemble
 
 
 # -- adversarial post-training ----------------------------------------------------------------------------------

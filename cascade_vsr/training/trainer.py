@@ -568,7 +568,14 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             loss = module(inputs.hr, inputs.lr, inputs.noise, sigma, inputs.aug_noise, inputs.aug_level, *inputs.text)
             return loss, {}
         if objective == "distill":
-            noisy, start, end, target = teacher_two_steps(teacher, inputs, sigmas, train_config.distill_guidance_scale)
+            noisy, start, end, target = teacher_two_steps(
+                teacher,
+                inputs,
+                sigmas,
+                train_config.distill_guidance_scale,
+                train_config.distill_teacher_self_ensemble,
+                model_config.latent_space,
+            )
             loss = module(noisy, inputs.lr, start, end, target, inputs.aug_noise, inputs.aug_level, *inputs.text)
             return loss, {}
         return generator_step_loss(module, d_unwrapped, inputs, train_config, decode)
@@ -584,7 +591,12 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             micro = []
             for index in range(accumulation):
                 generator = _step_generator(train_config.seed, accelerator.process_index, state.step, index, device)
-                micro.append(draw_inputs(next(batches), generator, train_config, device, sigma_sampler, correlation))
+                batch = next(batches)
+                micro.append(
+                    draw_inputs(
+                        batch, generator, train_config, device, sigma_sampler, correlation, model_config.latent_space
+                    )
+                )
             record = {"step": state.step + 1}
             if discriminator is not None:
                 d_loss, d_norm, d_parts = update(
