@@ -7,7 +7,8 @@ on in its config (`causal_chunk_frames`, `causal_cache_chunks`; they add no weig
 so this measures memory and speed, not quality. Inputs are the real bigbuckbunny clip at 160x96, played forward and
 backward to the length asked (`upscale_memory.ping_pong`), super-resolved 2x (320x192) in fresh processes: the
 streamed path for every length, the windowed path (`--no-stream`, 32-frame windows overlapping by 4) for the
-shortest one. Peak RSS is the process's exact high-water mark (`upscale_memory.run_upscale`).
+shortest one. Peak RSS is the process's exact high-water mark (`upscale_memory.run_upscale`), with `make demo`'s
+allocator settings (`--malloc demo`, freed memory kept in glibc's heap) or glibc's defaults (`--malloc glibc`).
 
 The time split comes from torch's profiler on one streamed chunk in this process: self CPU time by operator
 family (attention kernels, linear layers, convolutions of the upsampler, the rest).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -92,12 +94,13 @@ def main() -> None:
     parser.add_argument("--chunk-frames", type=int, default=4, help="latent frames per causal chunk")
     parser.add_argument("--cache-chunks", type=int, default=1)
     parser.add_argument("--model", type=Path, default=demo_model_path(one_step=True))
+    parser.add_argument("--malloc", choices=sorted(MALLOC_SETTINGS), default="demo", help="glibc allocator settings")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     source = sample_video_path("bigbuckbunny.mp4")
     clip = resize_frames(read_video(source), tuple(args.size), mode="area", crop_to_aspect=True)
-    env = {**__import__("os").environ, **MALLOC_SETTINGS["demo"]}
+    env = {**os.environ, **MALLOC_SETTINGS[args.malloc]}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -129,6 +132,7 @@ def main() -> None:
         json.dumps(
             {
                 "model": str(args.model),
+                "malloc": args.malloc,
                 "causal_chunk_frames": args.chunk_frames,
                 "causal_cache_chunks": args.cache_chunks,
                 "size": list(args.size),
