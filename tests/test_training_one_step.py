@@ -321,3 +321,29 @@ def test_distillation_with_both_options_trains(pairs, teacher, tmp_path):
     summary = train(*load_config(None, one_step_args(pairs, tmp_path / "x8", 2, teacher, *extra)))
     assert summary["steps"] == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert json.loads((tmp_path / "x8/config.json").read_text())["distill_teacher_self_ensemble"] == 8
+
+
+@torch.no_grad()
+def test_distillation_loss_adds_the_temporal_term_of_its_error(pairs, teacher):
+    """`temporal_loss_weight` in distillation: mean of e^2 + w (e_f - e_{f-1})^2 over the student's error e against
+    the teacher's latents, by hand; w = 0 is the plain MSE."""
+    from cascade_vsr.training.trainer import DistillationTrainModule
+
+    generator = torch.Generator().manual_seed(0)
+    model_config, _, _ = load_config(None, ["--data_dir", "x", "--pretrained_model_name_or_path", str(teacher)])
+    upsampler, transformer = build_models(model_config)
+    noisy, target = (torch.randn(2, 48, 3, 4, 8, generator=generator) for _ in range(2))
+    lr = torch.randn(2, 48, 3, 2, 4, generator=generator)
+    sigma_from, sigma_to = torch.tensor([1.0, 0.8]), torch.tensor([0.5, 0.0])
+    aug_noise, aug_level, drop = torch.zeros(2, 48, 3, 4, 8), torch.zeros(2), torch.zeros(2, dtype=torch.bool)
+    losses = {}
+    for weight in (0.0, 2.0):
+        module = DistillationTrainModule(upsampler, transformer, weight).eval()
+        losses[weight] = module(noisy, lr, sigma_from, sigma_to, target, aug_noise, aug_level, drop)
+    condition = module.condition(lr, (4, 8), aug_noise, aug_level)
+    text, mask = module.text(2, drop, None, None)
+    velocity = module.velocity(noisy, condition, sigma_from, aug_level, text, mask)
+    error = noisy + (sigma_to - sigma_from).reshape(-1, 1, 1, 1, 1) * velocity - target
+    change = torch.cat([torch.zeros_like(error[:, :, :1]), error[:, :, 1:] - error[:, :, :-1]], dim=2)
+    torch.testing.assert_close(losses[0.0], error.square().mean())
+    torch.testing.assert_close(losses[2.0], (error.square() + 2.0 * change.square()).mean())

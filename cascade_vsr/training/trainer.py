@@ -160,7 +160,8 @@ class CascadeVSRTrainModule(nn.Module):
 
 class DistillationTrainModule(CascadeVSRTrainModule):
     """Progressive distillation (Salimans & Ho 2022; SeedVR2 3.3): from z at sigma_from, one student Euler step to
-    sigma_to must land where two teacher steps land; the loss is the MSE in latent space."""
+    sigma_to must land where two teacher steps land; the loss is the MSE in latent space, plus
+    `temporal_loss_weight` times the squared change of the error between latent frames (`clip_squared_error`)."""
 
     def forward(
         self,
@@ -180,7 +181,7 @@ class DistillationTrainModule(CascadeVSRTrainModule):
         velocity = self.velocity(noisy, condition, sigma_from, aug_level, text, mask)
         step = (sigma_to - sigma_from).reshape(-1, 1, 1, 1, 1)
         student_latents = noisy.float() + step * velocity.float()
-        return (student_latents - teacher_latents.float()).square().mean()
+        return clip_squared_error(student_latents - teacher_latents.float(), self.temporal_loss_weight).mean()
 
 
 class OneStepGenerator(CascadeVSRTrainModule):
