@@ -14,6 +14,7 @@ The time split comes from torch's profiler on one streamed chunk in this process
 family (attention kernels, linear layers, convolutions of the upsampler, the rest).
 
     .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames 4] [--cache-chunks 1]
+        [--malloc demo|glibc] [--dtype float32|bfloat16] [--no-profile]
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def causal_copy(model: Path, folder: Path, chunk_frames: int, cache_chunks: int)
     return target
 
 
-def command(video: Path, output: Path, model: Path, stream: bool) -> list[str]:
+def command(video: Path, output: Path, model: Path, stream: bool, dtype: str) -> list[str]:
     return [
         sys.executable, "-m", "cascade_vsr.cli", "upscale", str(video), "-o", str(output), "--scale", "2",
-        "--model", str(model), "--stream" if stream else "--no-stream",
+        "--model", str(model), "--stream" if stream else "--no-stream", "--dtype", dtype,
     ]  # fmt: skip
 
 
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--cache-chunks", type=int, default=1)
     parser.add_argument("--model", type=Path, default=demo_model_path(one_step=True))
     parser.add_argument("--malloc", choices=sorted(MALLOC_SETTINGS), default="demo", help="glibc allocator settings")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the stage's dtype")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profile of one chunk")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -110,13 +113,13 @@ def main() -> None:
             video = make_input(ping_pong(clip, count), count, video_info(source)["fps"], folder)
             runs = [("streamed", True)] + ([("windowed", False)] if count == lengths[0] else [])
             for label, stream in runs:
-                result = run_upscale(command(video, folder / f"{label}_{count}.mp4", model, stream), env,
+                result = run_upscale(command(video, folder / f"{label}_{count}.mp4", model, stream, args.dtype), env,
                                      folder / f"{label}_{count}.log", 0.2)  # fmt: skip
                 result.pop("rss_trace")
                 rows.append({"path": label, "input_frames": count, **result})
                 print(f"{label:>9} {count:>5} frames: peak RSS {result['peak_rss_mib']:.0f} MiB, "
                       f"{result['frames_per_s']:.2f} frames/s", flush=True)  # fmt: skip
-        split = profile_chunk(model, clip, args.chunk_frames)
+        split = None if args.no_profile else profile_chunk(model, clip, args.chunk_frames)
 
     streamed = [r for r in rows if r["path"] == "streamed"]
     ratio = streamed[-1]["peak_rss_mib"] / streamed[0]["peak_rss_mib"]
@@ -125,14 +128,16 @@ def main() -> None:
     for row in rows:
         print(f"{row['path']:<10}{row['input_frames']:>8}{row['peak_rss_mib']:>14.0f}{row['frames_per_s']:>10.2f}")
     print(f"peak RSS, {streamed[-1]['input_frames']} vs {streamed[0]['input_frames']} frames (streamed): {ratio:.3f}")
-    total = sum(split.values())
-    print("one streamed chunk, self CPU time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
+    if split is not None:
+        total = sum(split.values())
+        print("one streamed chunk, self CPU time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         json.dumps(
             {
                 "model": str(args.model),
                 "malloc": args.malloc,
+                "dtype": args.dtype,
                 "causal_chunk_frames": args.chunk_frames,
                 "causal_cache_chunks": args.cache_chunks,
                 "size": list(args.size),
