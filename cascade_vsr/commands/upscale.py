@@ -4,7 +4,7 @@ INPUT is a video file (anything PyAV reads), a folder of PNG / JPEG frames or a 
 (codec by extension; the input's frame rate kept and its audio copied) or a folder that receives lossless PNG frames;
 several inputs go to a folder, one output per input. A block-causal stage (`causal_chunk_frames`) streams: LR frames
 go in chunk by chunk and HR chunks come out, each attending to the previous chunks through a rolling KV cache
-(`CascadeVSRPipeline.stream`), with no seam and at constant memory. Other stages run in temporal windows that
+(`CascadeVSRPipeline.stream`), at constant memory. Other stages run in temporal windows that
 overlap and cross-fade, so memory does not depend on the video's length either. The model folder's own sampling
 settings are used unless an option overrides them.
 """
