@@ -90,10 +90,8 @@ def cut_schedule(scheduler: Any, noise_level: float) -> None:
         sigmas = flow_matching_tail(scheduler.sigmas, noise_level, bool(scheduler.config.get("invert_sigmas", False)))
         scheduler.sigmas = sigmas
         scheduler.timesteps = (sigmas[:-1] * num_train_timesteps).to(timesteps.device, timesteps.dtype)
-    else:
+    else:  # `num_inference_steps` stays: a DDIM step goes to t - num_train_timesteps // num_inference_steps
         scheduler.timesteps = timesteps[timesteps <= noise_level * num_train_timesteps]
-    if hasattr(scheduler, "num_inference_steps"):
-        scheduler.num_inference_steps = len(scheduler.timesteps)
 
 
 @contextmanager

@@ -397,3 +397,18 @@ def test_make_pairs_upstream_and_one_training_step(family, tmp_path):
     assert [entry["step"] for entry in log] == [1] and np.isfinite(log[0]["loss"])
     exported = CascadeVSRTransformer3DModel.from_pretrained(summary["export_dir"], subfolder="transformer")
     assert exported.config.latent_space == spec.latent_space
+
+
+def test_ddim_cut_keeps_the_step_size_of_the_full_schedule():
+    """CogVideoX's DDIM steps from t to t - T // num_inference_steps: the cut keeps the grid and that count, so every
+    step of the tail lands on the next grid point."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    scheduler = CogVideoXDDIMScheduler()
+    scheduler.set_timesteps(8)
+    grid = scheduler.timesteps.clone()
+    cut_schedule(scheduler, 0.5)
+    assert scheduler.timesteps.tolist() == [t for t in grid.tolist() if t <= 500]
+    assert scheduler.num_inference_steps == 8
+    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    assert all(a - b == stride for a, b in zip(scheduler.timesteps.tolist(), scheduler.timesteps.tolist()[1:]))
