@@ -72,8 +72,8 @@ def family_of_latent_space(latent_space: str | None) -> UpstreamFamily | None:
     return UPSTREAM_FAMILIES.get(latent_space.split("_z")[0] if latent_space.startswith("wan_z") else latent_space)
 
 
-def text_width(family: UpstreamFamily, text_encoder: Any) -> int | None:
-    """The width of the family's sequence embeddings, from the text encoder's config (None if it does not say)."""
+def text_width(text_encoder: Any) -> int | None:
+    """The width of a text encoder's sequence embeddings, from its config (None if it does not say)."""
     config = getattr(text_encoder, "config", None)
     for key in ("hidden_size", "d_model"):
         width = getattr(config, key, None)
@@ -84,7 +84,7 @@ def text_width(family: UpstreamFamily, text_encoder: Any) -> int | None:
 
 def check_text_dim(family: UpstreamFamily, text_encoder: Any, text_dim: int) -> None:
     """The stage's transformer must read the family's embeddings: its `text_dim` is their width."""
-    width = text_width(family, text_encoder)
+    width = text_width(text_encoder)
     if width is not None and width != text_dim:
         raise ValueError(
             f"{family.title}'s prompt embeddings are {width} wide (its {family.text_encoder_name}), but the stage's "
