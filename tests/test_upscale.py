@@ -275,11 +275,8 @@ def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_fram
 
     frames = lr_frames[:7]
     folder = tmp_path / "in"
-    folder.mkdir()
-    for index, frame in enumerate(frames):
-        import PIL.Image
-
-        PIL.Image.fromarray(frame).save(folder / f"{index:04d}.png")
+    with VideoSink(folder) as sink:  # a folder of PNG frames
+        sink.write(frames)
     out = tmp_path / "streamed"
     assert main(["upscale", str(folder), "-o", str(out), "--model", str(causal_stage), "--scale", "2"]) == 0
     streamed = read_frames(out)
@@ -298,6 +295,7 @@ def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_fram
     args = ["upscale", str(folder), "-o", str(windowed), "--model", str(causal_stage), "--scale", "2", "--no-stream"]
     assert main(args) == 0
     assert read_frames(windowed).shape == streamed.shape
+    assert not np.array_equal(read_frames(windowed), streamed)
     with pytest.raises(ValueError, match="--tile do not stream: pass --no-stream"):
         main([*args[:-1], "-o", str(tmp_path / "tiled"), "--tile", "32"])
     assert not (tmp_path / "tiled").exists()
