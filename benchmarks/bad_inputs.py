@@ -487,7 +487,7 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
 
 
-# the files of registered objects, which accelerate's load_state unpickles with torch.load(weights_only=False)
+# the files of registered objects, which accelerate's load_state unpickles without restriction (full pickle)
 ACCELERATE_PICKLES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")
 
 

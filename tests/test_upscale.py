@@ -25,8 +25,7 @@ from tests.conftest import randomize_
 SAMPLING = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0, "self_ensemble": 2}
 
 
-@pytest.fixture(scope="module")
-def stage(tmp_path_factory):
+def tiny_stage_folder(path, sampling: dict, **transformer_options):
     """A tiny random pixel-space stage folder with its own sampling settings (never the committed demo model)."""
     torch.manual_seed(0)
     transformer = CascadeVSRTransformer3DModel(
@@ -39,10 +38,15 @@ def stage(tmp_path_factory):
         latent_space="space_to_depth",
         patch_size=(1, 1, 1),
         condition_residual_std=0.05,
+        **transformer_options,
     )
     upsampler = LatentUpsampler3D(latent_channels=48, hidden_channels=16, num_blocks=1, space_to_depth_factor=4)
-    path = tmp_path_factory.mktemp("stage") / "model"
-    return export_pipeline(path, randomize_(upsampler, std=0.01), randomize_(transformer, std=0.01, seed=1), SAMPLING)
+    return export_pipeline(path, randomize_(upsampler, std=0.01), randomize_(transformer, std=0.01, seed=1), sampling)
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    return tiny_stage_folder(tmp_path_factory.mktemp("stage") / "model", SAMPLING)
 
 
 @pytest.fixture(scope="module")
@@ -245,27 +249,16 @@ def test_reference_prints_the_evaluate_table(tmp_path, stage, lr_frames, capsys)
 
 @pytest.fixture(scope="module")
 def causal_stage(tmp_path_factory):
-    """A tiny random block-causal pixel-space stage folder (2 latent frames a chunk, 1 cached chunk)."""
-    torch.manual_seed(0)
-    transformer = CascadeVSRTransformer3DModel(
-        latent_channels=48,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        ffn_dim=64,
-        text_dim=16,
-        latent_space="space_to_depth",
-        patch_size=(1, 1, 1),
+    """A tiny random block-causal stage folder (2 latent frames a chunk, 1 cached chunk)."""
+    settings = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0}
+    return tiny_stage_folder(
+        tmp_path_factory.mktemp("causal") / "model",
+        settings,
         attention_mode="window",
         window_size=(2, 4, 4),
-        condition_residual_std=0.05,
         causal_chunk_frames=2,
         causal_cache_chunks=1,
     )
-    upsampler = LatentUpsampler3D(latent_channels=48, hidden_channels=16, num_blocks=1, space_to_depth_factor=4)
-    path = tmp_path_factory.mktemp("causal") / "model"
-    settings = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0}
-    return export_pipeline(path, randomize_(upsampler, std=0.01), randomize_(transformer, std=0.01, seed=1), settings)
 
 
 def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_frames):

@@ -13,10 +13,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import UniPCMultistepScheduler
 from safetensors import safe_open
 
-from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D
+from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel
 from cascade_vsr import testing as tu
 from cascade_vsr.cli import main as cli_main
 from cascade_vsr.degradations.model_guided import (
@@ -31,8 +31,8 @@ from cascade_vsr.pipelines.upstream import family_of_latent_space
 from cascade_vsr.training.config import load_config
 from cascade_vsr.training.trainer import train
 
-from .conftest import randomize_
 from .test_make_pairs import VIDEO, check_dataset
+from .test_pipeline import _stage as tiny_stage
 
 FAMILIES = sorted(tu.TINY_UPSTREAMS)
 
@@ -50,23 +50,9 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def _stage(spec: tu.TinyUpstream, upstream, text_dim: int | None = None) -> dict:
+    """A tiny random stage of the upstream's latent space, reading text of the family's width (or `text_dim`)."""
     channels = get_adapter(upstream).latent_channels
-    torch.manual_seed(0)
-    transformer = CascadeVSRTransformer3DModel(
-        latent_channels=channels,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        ffn_dim=32,
-        text_dim=spec.text_dim if text_dim is None else text_dim,
-        latent_space=spec.latent_space,
-    )
-    upsampler = LatentUpsampler3D(latent_channels=channels, hidden_channels=16, num_blocks=1)
-    return dict(
-        transformer=randomize_(transformer).eval(),
-        upsampler=randomize_(upsampler, seed=1).eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
+    return tiny_stage(channels, spec.text_dim if text_dim is None else text_dim, spec.latent_space)
 
 
 def _grid(latents: torch.Tensor) -> dict:
