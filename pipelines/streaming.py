@@ -5,8 +5,9 @@ The transformer's self-attention is block-causal (`causal_chunk_frames` latent f
 `causal_cache_chunks` chunks visible), so chunk k depends on chunks k - m .. k only and its keys and values are
 all that later chunks need (`CausalKVCache`). The other parts are made to give exactly the whole-clip numbers:
 
-- the upsampler's convolutions see `temporal_radius` frames on each side, so a chunk is upsampled once that many
-  later LR frames have arrived (or the input ended), on a window with that much context (`LookaheadUpsampler`);
+- the upsampler's convolutions see `temporal_radius` frames on each side; `UpsamplerStream` keeps each
+  convolution's last input frames and computes every frame once, so a chunk is ready once that many later LR frames
+  have arrived (or the input ended);
 - a multi-step model denoises each chunk through all its steps before the next one, with one cache per step: at
   step i the offline form lets chunk k see the earlier chunks' step-i latents, so the cache of step i holds their
   step-i keys and values (memory: steps x m chunks);
@@ -26,50 +27,6 @@ import torch
 
 from cascade_vsr.core.flow import noise_augment
 from cascade_vsr.models.causal_attention import CausalKVCache
-from cascade_vsr.models.upsampler import LatentUpsampler3D
-
-
-class LookaheadUpsampler:
-    """`LatentUpsampler3D` over LR latent frames that arrive in pieces, equal frame for frame to one call on the
-    whole clip: an output frame depends on the LR frames within `temporal_radius` of it, and windows are cut with
-    that much context on each side (or at the clip's true ends, where the whole-clip call pads the same)."""
-
-    def __init__(self, upsampler: LatentUpsampler3D, size: tuple[int, int]):
-        self.upsampler, self.size = upsampler, size
-        self.radius = upsampler.temporal_radius
-        self.frames: torch.Tensor | None = None  # LR frames from `first` on: (B, C, T, h, w)
-        self.first = 0  # clip index of self.frames[:, :, 0]
-        self.emitted = 0  # upsampled frames handed out
-        self.ended = False
-
-    @property
-    def received(self) -> int:
-        return self.first + (0 if self.frames is None else self.frames.shape[2])
-
-    def push(self, lr_latents: torch.Tensor) -> None:
-        self.frames = lr_latents if self.frames is None else torch.cat([self.frames, lr_latents], dim=2)
-
-    def end(self) -> None:
-        self.ended = True
-
-    def ready(self, num_frames: int) -> bool:
-        """Whether the next `num_frames` (or, at the end, the rest) can be upsampled exactly now."""
-        if self.ended:
-            return self.received > self.emitted
-        return self.received >= self.emitted + num_frames + self.radius
-
-    @torch.no_grad()
-    def pop(self, num_frames: int) -> torch.Tensor:
-        """The next `num_frames` upsampled frames (fewer at the end), then forget what no later frame needs."""
-        start, stop = self.emitted, min(self.emitted + num_frames, self.received)
-        window_start = max(start - self.radius, self.first)
-        window_stop = min(stop + self.radius, self.received)
-        window = self.frames[:, :, window_start - self.first : window_stop - self.first]
-        upsampled = self.upsampler(window.to(self.upsampler.dtype), size=self.size, return_dict=False)[0].float()
-        self.emitted = stop
-        keep_from = max(stop - self.radius, self.first)
-        self.frames, self.first = self.frames[:, :, keep_from - self.first :], keep_from
-        return upsampled[:, :, start - window_start : stop - window_start]
 
 
 @dataclass
@@ -148,7 +105,7 @@ def stream_chunks(
     transformer = pipe.transformer
     chunk_frames = transformer.config.causal_chunk_frames
     caches = [CausalKVCache(transformer.config.causal_cache_chunks) for _ in range(len(sigmas) - 1)]
-    upsampler = LookaheadUpsampler(pipe.upsampler, latent_size)
+    upsampler = pipe.upsampler.stream(latent_size)
     noise_level = None
 
     def run(upsampled: torch.Tensor) -> torch.Tensor:
@@ -164,9 +121,9 @@ def stream_chunks(
         return denoise_chunk(pipe, condition, initial, caches, text, noise_level, guidance_scale, sigmas)
 
     for lr in lr_chunks:
-        upsampler.push(lr)
-        while upsampler.ready(chunk_frames):
-            yield run(upsampler.pop(chunk_frames))
+        upsampler.push(lr.to(pipe.upsampler.dtype))
+        while upsampler.available >= chunk_frames:
+            yield run(upsampler.pop(chunk_frames).float())
     upsampler.end()
-    while upsampler.ready(chunk_frames):
-        yield run(upsampler.pop(chunk_frames))
+    while upsampler.available:
+        yield run(upsampler.pop(chunk_frames).float())

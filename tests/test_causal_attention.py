@@ -246,6 +246,42 @@ def test_upsampler_temporal_radius_is_its_receptive_field():
 
 
 @pytest.mark.parametrize(
+    "num_blocks, pieces, space_to_depth",
+    [(2, [1, 1, 5, 2, 8, 1], False), (1, [17], False), (0, [2, 3], False), (2, [1], False), (1, [4, 9, 4], True)],
+)
+def test_upsampler_stream_equals_whole_clip_call(num_blocks, pieces, space_to_depth):
+    """Frames pushed in pieces of any length (a single frame, a clip shorter than the radius) come out as the
+    whole-clip call computes them, each frame once, and no frame leaves before its `temporal_radius` later
+    frames have arrived."""
+    from cascade_vsr import LatentUpsampler3D
+
+    channels, factor = (16, 2) if space_to_depth else (4, 1)
+    upsampler = LatentUpsampler3D(
+        latent_channels=channels, hidden_channels=8, num_blocks=num_blocks, space_to_depth_factor=factor
+    )
+    upsampler = randomize_(upsampler).eval()
+    clip = torch.randn(2, channels, sum(pieces), 3, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = upsampler(clip, (6, 10)).sample
+    stream, outputs, received = upsampler.stream((6, 10)), [], 0
+    for piece in clip.split(pieces, dim=2):
+        stream.push(piece)
+        received += piece.shape[2]
+        emitted = sum(frames.shape[2] for frames in outputs) + stream.available
+        assert emitted == max(received - upsampler.temporal_radius, 0)
+        if stream.available:
+            outputs.append(stream.pop(2))
+    stream.end()
+    while stream.available:
+        outputs.append(stream.pop(3))
+    streamed = torch.cat(outputs, dim=2)
+    assert streamed.shape == whole.shape
+    torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="after `end`"):
+        stream.push(piece)
+
+
+@pytest.mark.parametrize(
     "chunk, cache, steps, pieces",
     [(2, 1, 1, [1, 3, 2, 3]), (3, 2, 2, [4, 5]), (1, 1, 2, [9])],
 )

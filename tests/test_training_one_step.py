@@ -26,7 +26,7 @@ from cascade_vsr.training.objectives import (
     discriminator_step_loss,
     draw_inputs,
     generator_step_loss,
-    teacher_two_steps,
+    teacher_target,
 )
 from cascade_vsr.training.trainer import (
     CascadeVSRTrainModule,
@@ -245,9 +245,7 @@ def test_self_ensemble_target_is_the_mean_of_eight_explicit_teacher_runs(pairs, 
     _, _, config = load_config(None, one_step_args(pairs, "unused", 1, teacher))
     inputs = fixed_batch(pairs, config)  # crops of 2 x 4 latents: the transposes change the shape
     model, sigmas = stage(teacher), teacher_sigmas(teacher, 2)
-    noisy, start, end, target = teacher_two_steps(
-        model, inputs, sigmas, self_ensemble=8, latent_space="space_to_depth"
-    )
+    noisy, start, end, target = teacher_target(model, inputs, sigmas, self_ensemble=8, latent_space="space_to_depth")
     assert torch.equal(start, torch.ones(2)) and torch.equal(end, torch.zeros(2))
     torch.testing.assert_close(noisy, inputs.noise)
     # the reference: 8 plain two-step teacher runs (written out), on pixel-transformed inputs, transformed back
@@ -263,12 +261,58 @@ def test_self_ensemble_target_is_the_mean_of_eight_explicit_teacher_runs(pairs, 
         runs.append(_pixel_transform(euler(model, transformed, sigmas), index, inverse=True))
     expected = torch.stack(runs).mean(0)
     torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-5)
-    single = teacher_two_steps(model, inputs, sigmas)[3]
+    single = teacher_target(model, inputs, sigmas)[3]
     torch.testing.assert_close(single, runs[0], rtol=1e-4, atol=1e-5)
     assert (single - target).abs().max() > 1e-3  # the tiny teacher is not equivariant: the mean differs
     # the first N transforms
-    four = teacher_two_steps(model, inputs, sigmas, self_ensemble=4, latent_space="space_to_depth")[3]
+    four = teacher_target(model, inputs, sigmas, self_ensemble=4, latent_space="space_to_depth")[3]
     torch.testing.assert_close(four, torch.stack(runs[:4]).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_one_step_teacher_target_is_the_mean_of_its_one_step_runs(pairs, teacher, tmp_path):
+    """`distill_teacher_steps: 1`: the target is the teacher's self-ensemble at the student's own single step
+    (8 explicit one-step runs on pixel-transformed inputs, transformed back); the student samples in one step."""
+    _, _, config = load_config(None, one_step_args(pairs, "unused", 1, teacher))
+    inputs = fixed_batch(pairs, config)
+    model, sigmas = stage(teacher), teacher_sigmas(teacher, 1)
+    noisy, start, end, target = teacher_target(
+        model, inputs, sigmas, self_ensemble=8, latent_space="space_to_depth", teacher_steps_per_student_step=1
+    )
+    assert torch.equal(start, torch.ones(2)) and torch.equal(end, torch.zeros(2))
+    runs = []
+    for index in range(8):
+        transformed = dataclasses.replace(
+            inputs,
+            **{name: _pixel_transform(getattr(inputs, name), index) for name in ("hr", "lr", "noise", "aug_noise")},
+        )
+        runs.append(_pixel_transform(euler(model, transformed, sigmas), index, inverse=True))
+    torch.testing.assert_close(target, torch.stack(runs).mean(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="`teacher_steps_per_student_step` must be 1 or 2"):
+        teacher_target(model, inputs, sigmas, teacher_steps_per_student_step=2)
+
+    extra = ["--objective", "distill", "--distill_teacher_steps", "1"]
+    with pytest.raises(ValueError, match="or 1 with `distill_teacher_self_ensemble` > 1"):
+        load_config(None, one_step_args(pairs, "unused", 1, teacher, *extra))
+    args = one_step_args(pairs, tmp_path / "x8", 2, teacher, *extra, "--distill_teacher_self_ensemble", "8")
+    summary = distill(*load_config(None, args))
+    assert [r["teacher_steps"] for r in summary["rounds"]] == [1]
+    assert (tmp_path / "x8/steps-1-to-1/export/model_index.json").is_file()
+    index = json.loads((Path(summary["export_dir"]) / "model_index.json").read_text())
+    assert index["sampling"]["num_inference_steps"] == 1
+
+
+def test_a_block_causal_student_distils_from_the_bidirectional_teacher(pairs, teacher, tmp_path):
+    """The student takes `causal_chunk_frames`; the teacher keeps the pretrained stage's own attention in time."""
+    from cascade_vsr.training.trainer import load_teacher_transformer
+
+    causal = ["--objective", "distill", "--causal_chunk_frames", "1", "--num_latent_frames", "2"]
+    model_config, data_config, train_config = load_config(
+        None, one_step_args(pairs, tmp_path / "c", 1, teacher, *causal)
+    )
+    assert load_teacher_transformer(model_config).config.causal_chunk_frames is None
+    summary = distill(model_config, data_config, train_config)
+    exported = CascadeVSRPipeline.from_pretrained(summary["export_dir"]).transformer
+    assert (exported.config.causal_chunk_frames, exported.config.causal_cache_chunks) == (1, 1)
 
 
 def test_dihedral_augmentation_flips_and_transposes_the_pairs(pairs, teacher):

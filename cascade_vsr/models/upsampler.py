@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -173,3 +174,179 @@ class LatentUpsampler3D(SafeLoadingMixin, ModelMixin, ConfigMixin):
         if not return_dict:
             return (sample,)
         return LatentUpsampler3DOutput(sample=sample)
+
+    def stream(self, size: tuple[int, int]) -> UpsamplerStream:
+        """An `UpsamplerStream` of this upsampler to `size`: LR frames in pieces, each frame computed once."""
+        return UpsamplerStream(self, check_spatial_size(size, "size"))
+
+
+# -- streaming ------------------------------------------------------------------------------------------------------
+# Each stage takes frames in pieces (`push`) and returns the output frames it can compute exactly so far, or None;
+# `flush` returns the rest once the input has ended. Per-frame stages return what they get; a 3x3x3 convolution
+# holds back one frame (it needs the next input frame); a residual block delays its skip path to match.
+
+
+class _PerFrame:
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor]):
+        self.function = function
+
+    def push(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        return None if frames is None else self.function(frames)
+
+    def flush(self) -> None:
+        return None
+
+
+class _TemporalConv:
+    """A `Conv3d` with temporal zero padding 1 over frames that arrive in pieces: output frame t once input frame
+    t + 1 is there, from the same numbers as the whole-clip convolution."""
+
+    def __init__(self, conv: nn.Conv3d):
+        if conv.kernel_size[0] != 3 or conv.padding[0] != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"streaming needs 3-frame kernels with temporal zero padding 1, got {conv}")
+        self.conv = conv
+        self.pending: torch.Tensor | None = None  # inputs from (next output - 1) on; first the zero padding frame
+
+    def _apply(self, window: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        return F.conv3d(window, conv.weight, conv.bias, conv.stride, (0, *conv.padding[1:]), conv.dilation)
+
+    def push(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        if frames is None:
+            return None
+        if self.pending is None:
+            self.pending = torch.zeros_like(frames[:, :, :1])
+        window = torch.cat([self.pending, frames], dim=2)
+        self.pending = window[:, :, -2:]
+        return self._apply(window) if window.shape[2] >= 3 else None
+
+    def flush(self) -> torch.Tensor | None:
+        if self.pending is None:
+            return None
+        window = torch.cat([self.pending, torch.zeros_like(self.pending[:, :, :1])], dim=2)
+        self.pending = None
+        return self._apply(window)
+
+
+def _cat(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    if first is None or second is None:
+        return second if first is None else first
+    return torch.cat([first, second], dim=2)
+
+
+class _Chain:
+    def __init__(self, stages: list):
+        self.stages = stages
+
+    def push(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        for stage in self.stages:
+            frames = stage.push(frames)
+        return frames
+
+    def flush(self) -> torch.Tensor | None:
+        frames = None
+        for stage in self.stages:
+            frames = _cat(stage.push(frames), stage.flush())
+        return frames
+
+
+class _DelayedSum:
+    """`branch(x) + x` for a branch that hands frames out later than it receives them: x waits in a queue."""
+
+    def __init__(self, branch: _Chain):
+        self.branch, self.queue = branch, None
+
+    def _add(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        if frames is None:
+            return None
+        count = frames.shape[2]
+        skip, self.queue = self.queue[:, :, :count], self.queue[:, :, count:]
+        return frames + skip
+
+    def push(self, frames: torch.Tensor | None) -> torch.Tensor | None:
+        self.queue = _cat(self.queue, frames)
+        return self._add(self.branch.push(frames))
+
+    def flush(self) -> torch.Tensor | None:
+        return self._add(self.branch.flush())
+
+
+def _silu_norm(norm: nn.Module) -> _PerFrame:
+    return _PerFrame(lambda frames: F.silu(norm(frames)))
+
+
+class UpsamplerStream:
+    """`LatentUpsampler3D` on LR frames that arrive in pieces, equal frame for frame to one call on the whole clip.
+
+    Every convolution keeps the last two input frames it has seen and computes each output frame once, as soon as
+    the next input frame is there, so an upsampled frame leaves `temporal_radius` LR frames after it arrives (at
+    the end of the input, at once). Memory is a few frames per layer, whatever the length."""
+
+    def __init__(self, upsampler: LatentUpsampler3D, size: tuple[int, int]):
+        self.upsampler, self.size = upsampler, size
+        config = upsampler.config
+        blocks = [
+            _DelayedSum(
+                _Chain(
+                    [
+                        _silu_norm(block.norm1),
+                        _TemporalConv(block.conv1),
+                        _silu_norm(block.norm2),
+                        _TemporalConv(block.conv2),
+                    ]
+                )
+            )
+            for block in upsampler.lr_blocks
+        ]
+        self.residual = _Chain(
+            [
+                _TemporalConv(upsampler.conv_in),
+                *blocks,
+                _PerFrame(lambda frames: resize_frames(frames, size)),
+                _silu_norm(upsampler.hr_norm),
+                _TemporalConv(upsampler.hr_conv),
+                _PerFrame(F.silu),
+                _TemporalConv(upsampler.conv_out),
+            ]
+        )
+        self.base = lambda frames: resize_frames(
+            frames, size, config.resize_mode, space_to_depth_factor=config.space_to_depth_factor
+        )
+        self.waiting: torch.Tensor | None = None  # LR frames whose residual is not out yet (their base resize)
+        self.ready: torch.Tensor | None = None  # upsampled frames not yet popped
+        self.ended = False
+
+    @property
+    def available(self) -> int:
+        """Upsampled frames that `pop` can hand out now."""
+        return 0 if self.ready is None else self.ready.shape[2]
+
+    def _collect(self, residual: torch.Tensor | None) -> None:
+        if residual is None:
+            return
+        count = residual.shape[2]
+        lr, self.waiting = self.waiting[:, :, :count], self.waiting[:, :, count:]
+        self.ready = _cat(self.ready, self.base(lr) + residual)
+
+    @torch.no_grad()
+    def push(self, lr_latents: torch.Tensor) -> None:
+        """Take the next (B, C, T, h, w) LR frames (in the upsampler's dtype) and compute what they complete."""
+        if self.ended:
+            raise ValueError("`push` after `end`: the stream has ended")
+        check_latents(lr_latents, "lr_latents", channels=self.upsampler.config.latent_channels)
+        self.waiting = _cat(self.waiting, lr_latents)
+        self._collect(self.residual.push(lr_latents))
+
+    @torch.no_grad()
+    def end(self) -> None:
+        """The input has ended: compute the last frames (the whole-clip call's zero padding at the end)."""
+        if not self.ended:
+            self.ended = True
+            self._collect(self.residual.flush())
+
+    def pop(self, num_frames: int) -> torch.Tensor:
+        """The next `num_frames` upsampled frames (fewer if fewer are available)."""
+        if not self.available:
+            raise ValueError("`pop` with no upsampled frame available (check `available` first)")
+        frames, self.ready = self.ready[:, :, :num_frames], self.ready[:, :, num_frames:]
+        return frames

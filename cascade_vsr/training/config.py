@@ -177,13 +177,18 @@ class TrainConfig:
         },
     )
     distill_teacher_steps: int = field(
-        default=2, metadata={"help": "distill: the teacher's Euler steps; the student learns half as many."}
+        default=2,
+        metadata={
+            "help": "distill: the teacher's Euler steps; the student learns half as many. 1 (with "
+            "`distill_teacher_self_ensemble` > 1): the student learns in one run what the teacher's self-ensemble "
+            "does in one step."
+        },
     )
     distill_guidance_scale: float = field(default=1.0, metadata={"help": "distill: the teacher's CFG scale."})
     distill_teacher_self_ensemble: int = field(
         default=1,
         metadata={
-            "help": "distill: the target is the mean of the teacher's two steps on the first N (1-8) flips / "
+            "help": "distill: the target is the mean of the teacher's steps on the first N (1-8) flips / "
             "transposes of its inputs, each transformed back (the self-ensemble's gain, taught to one run; "
             "space_to_depth latents only)."
         },
@@ -261,12 +266,18 @@ class TrainConfig:
         default=1, metadata={"help": "Recommended runs on flips / transposes, averaged (1-8; pixel input only)."}
     )
 
+    @property
+    def distill_student_stride(self) -> int:
+        """Teacher steps per student step: 2 (progressive distillation), or 1 for a one-step teacher's
+        self-ensemble."""
+        return 1 if self.distill_teacher_steps == 1 else 2
+
     def sampling(self) -> dict:
         """The export's recommended sampler settings (`CascadeVSRPipeline(sampling=...)`): a distilled student samples
         in half its teacher's steps and an adversarially post-trained model in one, whatever
         `sampling_num_inference_steps` says."""
         strength = self.sampling_noise_aug_strength
-        steps = {"distill": self.distill_teacher_steps // 2, "adversarial": 1}.get(
+        steps = {"distill": self.distill_teacher_steps // self.distill_student_stride, "adversarial": 1}.get(
             self.objective, self.sampling_num_inference_steps
         )
         return {
@@ -426,8 +437,12 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
             f"`objective` {train.objective!r} starts from a trained stage: set `pretrained_model_name_or_path` "
             "(distill: the teacher; adversarial: the distilled one-step model)"
         )
-    if train.distill_teacher_steps < 2 or train.distill_teacher_steps % 2:
-        raise ValueError(f"`distill_teacher_steps` must be an even number >= 2, got {train.distill_teacher_steps}")
+    steps, runs = train.distill_teacher_steps, train.distill_teacher_self_ensemble
+    if not (steps >= 2 and steps % 2 == 0 or steps == 1 and (runs > 1 or train.objective != "distill")):
+        raise ValueError(
+            "`distill_teacher_steps` must be an even number >= 2, or 1 with `distill_teacher_self_ensemble` > 1 "
+            f"(a one-step teacher's self-ensemble), got {steps} with distill_teacher_self_ensemble {runs}"
+        )
     if train.distill_guidance_scale < 1:
         raise ValueError(f"`distill_guidance_scale` must be >= 1 (1: none), got {train.distill_guidance_scale}")
     if not 1 <= train.distill_teacher_self_ensemble <= 8:

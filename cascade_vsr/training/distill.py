@@ -2,9 +2,9 @@
 samples in half its teacher's steps, is the teacher of the next, down to one step.
 
 Round k trains `objective: distill` with `distill_teacher_steps` N / 2**k from the previous round's export, in
-`<output_dir>/steps-<N>-to-<N/2>/`; the last round's export is copied to `<output_dir>/export/`. A round whose
-export exists is done and skipped, so rerunning the same command (with `resume_from_checkpoint: latest`) continues
-where a killed run stopped.
+`<output_dir>/steps-<N>-to-<N/2>/` (a one-step teacher's self-ensemble: one round, `steps-1-to-1/`); the last
+round's export is copied to `<output_dir>/export/`. A round whose export exists is done and skipped, so rerunning the
+same command (with `resume_from_checkpoint: latest`) continues where a killed run stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from cascade_vsr.training.config import DataConfig, ModelConfig, TrainConfig
 
 
 def distillation_rounds(teacher_steps: int) -> list[int]:
-    """The teacher step counts of the rounds: N, N/2, ..., 2 (N a power of two)."""
+    """The teacher step counts of the rounds: N, N/2, ..., 2 (N a power of two); a one-step teacher (distilling
+    its self-ensemble) is one round, [1]."""
+    if teacher_steps == 1:
+        return [1]
     if teacher_steps < 2 or teacher_steps & (teacher_steps - 1):
         raise ValueError(
             f"`distill_teacher_steps` must be a power of two >= 2 for rounds down to 1, got {teacher_steps}"
@@ -42,7 +45,7 @@ def distill(model_config: ModelConfig, data_config: DataConfig, train_config: Tr
     teacher = model_config.pretrained_model_name_or_path
     summaries = []
     for steps in rounds:
-        round_dir = output_dir / f"steps-{steps}-to-{steps // 2}"
+        round_dir = output_dir / f"steps-{steps}-to-{max(steps // 2, 1)}"
         export = round_dir / "export"
         if not (export / "model_index.json").is_file():
             resume = train_config.resume_from_checkpoint

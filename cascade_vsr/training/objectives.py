@@ -148,33 +148,43 @@ def _transformed(tensor: torch.Tensor, indices: list[int], latent_space: str | N
 
 
 @torch.no_grad()
-def teacher_two_steps(
+def teacher_target(
     teacher: nn.Module,
     inputs: StepInputs,
     sigmas: torch.Tensor,
     guidance_scale: float = 1.0,
     self_ensemble: int = 1,
     latent_space: str | None = None,
+    teacher_steps_per_student_step: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick a student step k per sample on the teacher's grid `sigmas` (N + 1 values ending at 0): from
-    z = noised HR at sigmas[2k], the teacher's two Euler steps to sigmas[2k + 2].
+    z = noised HR at sigmas[s k], the teacher's s = `teacher_steps_per_student_step` Euler steps to sigmas[s k + s].
+    s = 2 is progressive distillation; s = 1 (with a self-ensemble) distils the ensemble at the student's own step
+    count.
 
     With `self_ensemble` N > 1, the teacher's result is the mean over the first N flips / transposes g of its
     inputs (z, the LR latents and the condition noise, all transformed by g in `latent_space`) of g^-1 applied to
-    its two steps from them: the geometric self-ensemble of the pipeline, from the same noise. Transforms of one
+    its steps from them: the geometric self-ensemble of the pipeline, from the same noise. Transforms of one
     shape run as one batch.
 
-    Returns (z at sigmas[2k], sigmas[2k], sigmas[2k + 2], the teacher's latents at sigmas[2k + 2])."""
+    Returns (z at sigmas[s k], sigmas[s k], sigmas[s k + s], the teacher's latents at sigmas[s k + s])."""
     batch_size = inputs.hr.shape[0]
-    num_student_steps = (len(sigmas) - 1) // 2
+    stride = teacher_steps_per_student_step
+    if stride not in (1, 2) or (len(sigmas) - 1) % stride:
+        raise ValueError(
+            f"`teacher_steps_per_student_step` must be 1 or 2 and divide the grid's {len(sigmas) - 1} steps, "
+            f"got {stride}"
+        )
+    num_student_steps = (len(sigmas) - 1) // stride
     step = torch.randint(num_student_steps, (batch_size,), generator=inputs.generator, device=inputs.hr.device)
     sigmas = sigmas.to(inputs.hr.device)
-    start, middle, end = sigmas[2 * step], sigmas[2 * step + 1], sigmas[2 * step + 2]
+    path = tuple(sigmas[stride * step + offset] for offset in range(stride + 1))
+    start, end = path[0], path[-1]
     noisy = add_noise(inputs.hr, inputs.noise, start)
     text = teacher.text(batch_size, *inputs.text)
     if self_ensemble == 1:
         latents = _teacher_euler(
-            teacher, noisy, inputs.lr, inputs.aug_noise, inputs.aug_level, text, (start, middle, end), guidance_scale
+            teacher, noisy, inputs.lr, inputs.aug_noise, inputs.aug_level, text, path, guidance_scale
         )
         return noisy, start, end, latents
     total = torch.zeros(noisy.shape, dtype=torch.float32, device=noisy.device)
@@ -185,7 +195,7 @@ def teacher_two_steps(
         runs = len(group)
         embeds, mask = text
         group_text = (embeds.repeat(runs, 1, 1), None if mask is None else mask.repeat(runs, 1))
-        group_sigmas = tuple(sigma.repeat(runs) for sigma in (start, middle, end))
+        group_sigmas = tuple(sigma.repeat(runs) for sigma in path)
         latents = _teacher_euler(
             teacher,
             _transformed(noisy, group, latent_space),

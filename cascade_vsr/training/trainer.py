@@ -61,7 +61,7 @@ from cascade_vsr.training.objectives import (
     discriminator_step_loss,
     draw_inputs,
     generator_step_loss,
-    teacher_two_steps,
+    teacher_target,
 )
 from cascade_vsr.training.samplers import BucketBatchSampler, make_timestep_sampler
 
@@ -252,6 +252,17 @@ def build_models(model_config: ModelConfig) -> tuple[LatentUpsampler3D, CascadeV
         path, subfolder="transformer", **model_config.attention_config()
     )
     return upsampler, transformer
+
+
+def load_teacher_transformer(model_config: ModelConfig) -> CascadeVSRTransformer3DModel:
+    """The distillation teacher's transformer: the pretrained stage with this stage's attention overrides but its
+    own saved causality (`causal_*` fields)."""
+    overrides = {
+        name: value for name, value in model_config.attention_config().items() if not name.startswith("causal_")
+    }
+    return CascadeVSRTransformer3DModel.from_pretrained(
+        model_config.pretrained_model_name_or_path, subfolder="transformer", **overrides
+    )
 
 
 def _trackers(report_to: str) -> list[str]:
@@ -477,8 +488,12 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
     device = accelerator.device
     teacher = sigmas = discriminator = decode = None
     if objective == "distill":
-        # the teacher is the loaded stage as it is, frozen
-        teacher = CascadeVSRTrainModule(copy.deepcopy(upsampler), copy.deepcopy(transformer))
+        # the teacher is the loaded stage with this stage's attention, frozen, except that it keeps its own
+        # temporal causality: a block-causal student learns from a bidirectional teacher
+        teacher_transformer = copy.deepcopy(transformer)
+        if model_config.causal_chunk_frames is not None:
+            teacher_transformer = load_teacher_transformer(model_config)
+        teacher = CascadeVSRTrainModule(copy.deepcopy(upsampler), teacher_transformer)
         teacher = teacher.requires_grad_(False).eval().to(device)
         sigmas = teacher_sigmas(model_config.pretrained_model_name_or_path, train_config.distill_teacher_steps)
     if train_config.upsampler_training == "resize":
@@ -569,13 +584,14 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             loss = module(inputs.hr, inputs.lr, inputs.noise, sigma, inputs.aug_noise, inputs.aug_level, *inputs.text)
             return loss, {}
         if objective == "distill":
-            noisy, start, end, target = teacher_two_steps(
+            noisy, start, end, target = teacher_target(
                 teacher,
                 inputs,
                 sigmas,
                 train_config.distill_guidance_scale,
                 train_config.distill_teacher_self_ensemble,
                 model_config.latent_space,
+                teacher_steps_per_student_step=train_config.distill_student_stride,
             )
             loss = module(noisy, inputs.lr, start, end, target, inputs.aug_noise, inputs.aug_level, *inputs.text)
             return loss, {}
