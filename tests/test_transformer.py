@@ -183,6 +183,27 @@ def test_null_text_is_the_default_and_differs_from_a_prompt(tiny_transformer):
     assert (prompt - null).abs().max() > 1e-4
 
 
+def test_one_text_token_skips_the_queries_and_matches_full_cross_attention(tiny_transformer, monkeypatch):
+    """With one key, cross-attention is that key's projected value for every query: the shortcut equals the full
+    computation (and the same token twice, which takes the full path)."""
+    import cascade_vsr.models.transformer as transformer_module
+
+    inputs = _inputs(batch=2, frames=2, height=6, width=6, text_len=1)
+    with torch.no_grad():
+        shortcut = tiny_transformer(**inputs).sample
+        twice = tiny_transformer(
+            **(inputs | {"encoder_hidden_states": inputs["encoder_hidden_states"].repeat(1, 2, 1)})
+        ).sample
+        masked = tiny_transformer(**inputs, encoder_attention_mask=torch.ones(2, 1, dtype=torch.long)).sample
+        monkeypatch.setattr(transformer_module, "attends_to_one_token", lambda encoder_hidden_states: False)
+        full = tiny_transformer(**inputs).sample
+    torch.testing.assert_close(shortcut, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(twice, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked, full, rtol=1e-5, atol=1e-6)
+    assert (full - tiny_transformer.eval()(**(inputs | {"encoder_hidden_states": None})).sample).abs().max() > 1e-4
+    assert not transformer_module.attends_to_one_token(inputs["encoder_hidden_states"])  # grad mode: full path
+
+
 def test_attention_backend_passthrough_matches_default(tiny_transformer):
     inputs = _inputs(batch=1, frames=2, height=6, width=6)
     with torch.no_grad():

@@ -151,6 +151,19 @@ class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
     ) -> torch.Tensor:
         return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, grid, causal)
 
+    def single_key_output(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Cross-attention to a single unmasked token, (B, 1, dim): the softmax over one key is exactly 1, so every
+        query gets that token's projected value and the queries need not be computed."""
+        value = self.to_v(encoder_hidden_states)
+        return self.to_out[1](self.to_out[0](value))
+
+
+def attends_to_one_token(encoder_hidden_states: torch.Tensor | None) -> bool:
+    """Whether cross-attention has exactly one key (e.g. the null text embedding without a prompt) outside
+    autograd. A text mask must keep at least one token per row (`_check_inputs`), so that key is always attended.
+    With gradients the full path runs, so that every parameter takes part in every step (DDP)."""
+    return not torch.is_grad_enabled() and encoder_hidden_states is not None and encoder_hidden_states.shape[1] == 1
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks
@@ -198,11 +211,14 @@ class CascadeVSRTransformerBlock(nn.Module):
         attn_out = self.attn1(norm_hidden.type_as(hidden_states), rotary_emb=rotary_emb, grid=grid, causal=causal)
         hidden_states = (hidden_states.float() + attn_out.float() * gate_msa[:, None]).type_as(hidden_states)
 
-        cross_out = self.attn2(
-            self.norm2(hidden_states),
-            encoder_hidden_states=encoder_hidden_states,
-            attention_mask=encoder_attention_mask,
-        )
+        if attends_to_one_token(encoder_hidden_states):
+            cross_out = self.attn2.single_key_output(encoder_hidden_states)
+        else:
+            cross_out = self.attn2(
+                self.norm2(hidden_states),
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+            )
         hidden_states = hidden_states + cross_out
 
         norm_hidden = self.norm3(hidden_states.float()) * (1 + scale_ffn[:, None]) + shift_ffn[:, None]
