@@ -6,11 +6,15 @@ and LTX-Video packed tokens (B, S, D). The model space of cascade-vsr is that fa
 the (B, C, T, h, w) layout, so `to_model` / `from_model` are pure layout changes (exact round trips), while
 `to_vae` / `from_vae` apply the family's (de)normalization with exactly the operations of the upstream
 pipeline's decode path (diffusers 0.42), so that decoding through an adapter gives the upstream's pixels.
+
+`stream_decoder` decodes a latent stream chunk by chunk with the numbers of one whole-clip decode: statelessly
+where every latent frame decodes on its own (space-to-depth), and for Wan by carrying its VAE's causal-conv cache
+from chunk to chunk; the other families' VAEs refuse (their decoders see across chunk boundaries).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from einops import rearrange
@@ -54,6 +58,76 @@ def _channel_vector(values: Any, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(values).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
 
 
+class StreamDecoder(Protocol):
+    """Decodes a latent stream chunk after chunk, carrying whatever state the VAE needs between chunks."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The next model-space chunk (B, C, Tc, h, w), any Tc >= 1 -> the pixel frames (B, 3, T', H, W) it
+        completes, in about [-1, 1]; concatenated over the stream, they are the whole clip's decode."""
+        ...
+
+
+class ChunkDecoder:
+    """Stateless: each chunk through `adapter.decode`, exact only where every latent frame decodes on its own."""
+
+    def __init__(self, adapter: LatentAdapter, vae: Any):
+        self.adapter, self.vae = adapter, vae
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.adapter.decode(self.vae, latents)
+
+
+class WanStreamDecoder:
+    """Wan's causal VAE, chunk by chunk, exactly as one `vae.decode` of the whole clip.
+
+    `AutoencoderKLWan._decode` already runs its decoder one latent frame at a time, each causal convolution
+    reading the last input frames of the previous call from a feature cache (`feat_cache`, indexed by
+    `feat_idx`); the first latent frame is decoded with `first_chunk=True` (one pixel frame, not four). This keeps
+    its own such cache from chunk to chunk (the VAE's is cleared by every `vae.decode`, so whole-clip decodes in
+    between do not disturb the stream). Then, like `_decode`: unpatchify (Wan 2.2's 48-channel VAE, `patch_size`)
+    and clamp to [-1, 1]. Spatial tiling is not streamed.
+    """
+
+    def __init__(self, adapter: LatentAdapter, vae: Any):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        self.adapter, self.vae = adapter, vae
+        # One slot per causal convolution of the decoder, as `AutoencoderKLWan.clear_cache` sizes its own.
+        self.feat_cache: list[Any] = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        self.first_chunk = True
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from diffusers.utils.accelerate_utils import apply_forward_hook
+
+        check_latents(latents, "latents", channels=self.adapter.latent_channels)
+        vae = self.vae
+        tiled_height = latents.shape[3] > vae.tile_sample_min_height // vae.spatial_compression_ratio
+        tiled_width = latents.shape[4] > vae.tile_sample_min_width // vae.spatial_compression_ratio
+        if vae.use_tiling and (tiled_height or tiled_width):  # `_decode`'s test for `tiled_decode`
+            raise ValueError(
+                "a tiled Wan VAE decode (`enable_vae_tiling`) is not streamed: call `disable_vae_tiling()` or use "
+                "output_type='latent'"
+            )
+        raw = self.adapter.to_vae(latents.to(vae.device, vae.dtype), vae)
+        # `apply_forward_hook`: with model CPU offload, moves the VAE to the device as `vae.decode` does.
+        return apply_forward_hook(self._decode_raw)(vae, raw)
+
+    def _decode_raw(self, vae: Any, raw: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        x = vae.post_quant_conv(raw)  # a 1x1x1 convolution: per frame
+        frames = []
+        for i in range(x.shape[2]):
+            frames.append(
+                vae.decoder(x[:, :, i : i + 1], feat_cache=self.feat_cache, feat_idx=[0], first_chunk=self.first_chunk)
+            )
+            self.first_chunk = False
+        out = torch.cat(frames, dim=2)
+        if vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return torch.clamp(out, min=-1.0, max=1.0)
+
+
 class LatentAdapter:
     """Base adapter: (B, C, T, h, w) layout, scaling by `scaling_factor` (HunyuanVideo's convention).
 
@@ -66,6 +140,8 @@ class LatentAdapter:
     name = "base"
     default_scaling_factor = 1.0
     latent_ndim = 5
+    # Whether the VAE decodes every latent frame on its own (no temporal context), so chunks decode statelessly.
+    per_frame_decode = False
 
     def __init__(
         self,
@@ -159,6 +235,18 @@ class LatentAdapter:
         raw = self.to_vae(latents.to(vae.device, vae.dtype), vae)
         return self._vae_decode(vae, raw, **kwargs)
 
+    def stream_decoder(self, vae: Any) -> StreamDecoder:
+        """A fresh decoder of one latent stream (`StreamDecoder`), giving the frames of one whole-clip `decode`.
+
+        Stateless per chunk only where decoding is per frame: no temporal compression and no temporal context (a
+        causal VAE's decoder reads earlier latent frames, so decoding chunks apart would differ at every seam)."""
+        if self.per_frame_decode and self.temporal_compression == 1:
+            return ChunkDecoder(self, vae)
+        raise ValueError(
+            f"the {self.name} VAE decodes with temporal context across latent frames, so a stream of its latents "
+            "cannot be decoded chunk by chunk exactly: use output_type='latent' and decode the whole clip"
+        )
+
 
 class WanAdapter(LatentAdapter):
     """Wan 2.1 / 2.2: WanPipeline returns latents normalized with the VAE's latents_mean / latents_std."""
@@ -191,6 +279,10 @@ class WanAdapter(LatentAdapter):
             latents.device, latents.dtype
         )
         return (latents - latents_mean) * latents_std
+
+    def stream_decoder(self, vae: Any) -> WanStreamDecoder:
+        """Wan's decoder carries its causal-conv cache from chunk to chunk: exactly the whole-clip decode."""
+        return WanStreamDecoder(self, vae)
 
 
 class CogVideoXAdapter(LatentAdapter):
@@ -375,6 +467,7 @@ class SpaceToDepthAdapter(LatentAdapter):
     same pipeline code on it."""
 
     name = "space_to_depth"
+    per_frame_decode = True
 
     def __init__(
         self,

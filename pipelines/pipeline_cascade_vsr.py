@@ -1131,23 +1131,21 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
                 noise_aug_strength, noise_frame_correlation, max_sequence_length: as in `__call__` (the model's
                 sampling settings by default).
             generator (`torch.Generator`, *optional*): The noise of every chunk, drawn in order (`StreamingNoise`).
-            output_type (`str`): `"latent"` (HR latent chunks), `"np"` or `"pt"` (decoded frames; needs a VAE
-                without temporal context, e.g. space-to-depth).
+            output_type (`str`): `"latent"` (HR latent chunks), `"np"` or `"pt"` (decoded frames, chunk by chunk
+                through `adapter.stream_decoder`, equal to one decode of the whole clip: a per-frame VAE such as
+                space-to-depth, or Wan's causal VAE with its cache carried across chunks; the other families' VAEs
+                are refused: stream their latents).
 
         Yields:
             HR chunks of `causal_chunk_frames` latent frames (the last may be shorter), as `__call__` returns
-            frames: (B, C, Tc, H/s, W/s) latents, (B, Tc, H, W, 3) arrays or (B, Tc, 3, H, W) tensors.
+            frames: (B, C, Tc, H/s, W/s) latents, or the pixel frames each chunk completes, (B, T', H, W, 3)
+            arrays or (B, T', 3, H, W) tensors (T' = Tc for space-to-depth; for Wan 4 Tc, 4 Tc - 3 the first).
         """
         if self.transformer.config.causal_chunk_frames is None:
             raise ValueError("`stream` needs a block-causal transformer (`causal_chunk_frames` in its config)")
         if output_type not in ("latent", "np", "pt"):
             raise ValueError(f"`output_type` of a stream must be 'latent', 'np' or 'pt', got {output_type!r}")
         adapter = self.adapter
-        if output_type != "latent" and (self.vae is None or adapter.name != "space_to_depth"):
-            raise ValueError(
-                f"decoding a stream needs a VAE without temporal context (space_to_depth); the {adapter.name} VAE "
-                "is not streamed yet: use output_type='latent'"
-            )
         chunks = iter(lr_latents)
         first = next(chunks, None)
         if not isinstance(first, torch.Tensor) or first.ndim != 5:
@@ -1169,6 +1167,8 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
             settings["noise_aug_strength"], settings["noise_frame_correlation"], 1, None, output_type, None, 1, [],
             None, max_sequence_length, None,
         )  # fmt: skip
+        # One decoder per stream (fresh state); it refuses a VAE whose chunks cannot be decoded apart exactly.
+        decoder = adapter.stream_decoder(self.vae) if output_type != "latent" else None
         device = self._execution_device
         sc = adapter.spatial_compression
         height, width = resolve_target_size((first.shape[3] * sc, first.shape[4] * sc), height, width, scale)
@@ -1220,5 +1220,5 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
             if output_type == "latent":
                 yield hr
             else:
-                decoded = adapter.decode(self.vae, hr).float()[..., :height, :width]
+                decoded = decoder.decode(hr).float()[..., :height, :width]
                 yield self.video_processor.postprocess_video(decoded, output_type=output_type)

@@ -11,8 +11,9 @@ all that later chunks need (`CausalKVCache`). The other parts are made to give e
 - a multi-step model denoises each chunk through all its steps before the next one, with one cache per step: at
   step i the offline form lets chunk k see the earlier chunks' step-i latents, so the cache of step i holds their
   step-i keys and values (memory: steps x m chunks);
-- decoding is per chunk, exact for a VAE without temporal context (space-to-depth); other VAEs are refused here
-  (`output_type="latent"` streams their latents).
+- decoding is per chunk through `adapter.stream_decoder`: exact for a VAE without temporal context
+  (space-to-depth) and for Wan's causal VAE, whose causal-conv cache is carried from chunk to chunk; other VAEs are
+  refused (`output_type="latent"` streams their latents).
 
 Noise is drawn per chunk in a fixed order (the condition's noise, then the initial noise; with frame-correlated
 noise the shared image once, first), see `StreamingNoise`.
