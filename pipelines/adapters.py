@@ -9,7 +9,8 @@ pipeline's decode path (diffusers 0.42), so that decoding through an adapter giv
 
 `stream_decoder` decodes a latent stream chunk by chunk with the numbers of one whole-clip decode: statelessly
 where every latent frame decodes on its own (space-to-depth), and for Wan by carrying its VAE's causal-conv cache
-from chunk to chunk; the other families' VAEs refuse (their decoders see across chunk boundaries).
+from chunk to chunk; the other families' VAEs refuse (their decoders see across chunk boundaries). `stream_encoder`
+is its counterpart for pixel frames: pieces of any length in, the latents of one whole-clip `encode` out.
 """
 
 from __future__ import annotations
@@ -128,6 +129,151 @@ class WanStreamDecoder:
         return torch.clamp(out, min=-1.0, max=1.0)
 
 
+class StreamEncoder(Protocol):
+    """Encodes a pixel-frame stream piece after piece, carrying whatever state the VAE needs between pieces."""
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """The next pixel frames (B, 3, Tp, H, W) in [-1, 1], any Tp >= 1 -> the model-space latents
+        (B, C, T', h, w) that the frames received so far complete, posterior modes. T' may be 0: then an empty
+        tensor (never None), so that `torch.cat` over a stream's outputs is the whole clip's `adapter.encode`."""
+        ...
+
+    def finish(self) -> torch.Tensor:
+        """End of the stream: the latents still pending (an empty (B, C, 0, h, w) tensor for these encoders, which
+        return every latent as soon as its frames have arrived); a ValueError if the frames received are not a
+        clip that the VAE encodes (Wan: 4k+1 frames)."""
+        ...
+
+
+class _PieceChecks:
+    """Shared by the stream encoders: each piece is checked, and keeps the batch and size of the first."""
+
+    def __init__(self, adapter: LatentAdapter, vae: Any):
+        self.adapter, self.vae = adapter, vae
+        self.frames_received = 0
+        self.finished = False
+        self._size: tuple[int, int, int] | None = None  # (B, H, W) of the first piece
+        self._empty: torch.Tensor | None = None  # a (B, C, 0, h, w) latent tensor, once one latent is known
+
+    def _check_piece(self, frames: torch.Tensor) -> None:
+        if self.finished:
+            raise ValueError("this stream is finished: start another with `adapter.stream_encoder(vae)`")
+        check_latents(frames, "frames", channels=3, layout="(B, 3, T, H, W)")
+        self._check_vae(frames)
+        size = (frames.shape[0], *frames.shape[3:])
+        if self._size is None:
+            self._size = size
+        elif size != self._size:
+            raise ValueError(
+                f"`frames` must keep the batch and size (B, H, W) = {self._size} of the stream's first piece, got "
+                f"{tuple(frames.shape)}"
+            )
+
+    def _check_vae(self, frames: torch.Tensor) -> None:
+        """What the VAE's settings refuse to stream."""
+
+    def _finish(self) -> torch.Tensor:
+        if self._empty is None:
+            raise ValueError("the stream received no frames: nothing to encode")
+        self.finished = True
+        return self._empty
+
+
+class ChunkEncoder(_PieceChecks):
+    """Stateless: each piece through `adapter.encode`, exact only where every frame encodes on its own."""
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        self._check_piece(frames)
+        latents = self.adapter.encode(self.vae, frames)
+        self.frames_received += frames.shape[2]
+        self._empty = latents[:, :, :0]
+        return latents
+
+    def finish(self) -> torch.Tensor:
+        return self._finish()
+
+
+class WanStreamEncoder(_PieceChecks):
+    """Wan's causal VAE, piece by piece, exactly as one `adapter.encode` of the whole clip (posterior mode).
+
+    `AutoencoderKLWan._encode` runs its encoder on the first frame alone, then on groups of 4 frames, each causal
+    convolution reading the last input frames of the previous group from a feature cache (`feat_cache` indexed by
+    `feat_idx`); the groups matter (the stride-2 temporal convolutions and Wan 2.2's `AvgDown3D`, which pads each
+    call's frames to its factor, assume whole groups). This buffers the frames of an incomplete group (at most 3)
+    and encodes the same groups with its own such cache (the VAE's is cleared by every `vae.encode`, so whole-clip
+    encodes in between do not disturb the stream). Like `_encode`: patchify first (Wan 2.2's 48-channel VAE,
+    `patch_size`; per frame), then `quant_conv` (a 1x1x1 convolution) and the posterior's mode, normalized by
+    `from_vae`.
+
+    A clip of 4k+1 frames (what `adapter.encode` accepts) ends on a complete group; `finish()` refuses any other
+    length (1 to 3 frames left over) rather than drop them as `AutoencoderKLWan.encode` silently would. Spatial
+    tiling is not streamed; `enable_slicing` is not applied (the batch is encoded together).
+    """
+
+    group_frames = 4  # `AutoencoderKLWan._encode`: frame 0 alone, then frames 1 + 4 (i - 1) .. 1 + 4 i
+
+    def __init__(self, adapter: LatentAdapter, vae: Any):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        super().__init__(adapter, vae)
+        # One slot per causal convolution of the encoder, as `AutoencoderKLWan.clear_cache` sizes its own.
+        self.feat_cache: list[Any] = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
+        self.pending: torch.Tensor | None = None  # frames of the incomplete group, (B, 3, 0..3, H, W)
+        self.frames_encoded = 0
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        from diffusers.utils.accelerate_utils import apply_forward_hook
+
+        vae = self.vae
+        self._check_piece(frames)
+        self.frames_received += frames.shape[2]
+        frames = frames.to(vae.device, vae.dtype)
+        pending = frames if self.pending is None else torch.cat([self.pending, frames], dim=2)
+        groups = []
+        while pending.shape[2] >= (size := 1 if self.frames_encoded == 0 else self.group_frames):
+            groups.append(pending[:, :, :size])
+            pending = pending[:, :, size:]
+            self.frames_encoded += size
+        self.pending = pending
+        if not groups:
+            return self._empty
+        # `apply_forward_hook`: with model CPU offload, moves the VAE to the device as `vae.encode` does.
+        latents = apply_forward_hook(self._encode_groups)(vae, groups)
+        self._empty = latents[:, :, :0]
+        return latents
+
+    def _check_vae(self, frames: torch.Tensor) -> None:
+        vae = self.vae
+        height, width = frames.shape[3:]
+        if vae.use_tiling and (width > vae.tile_sample_min_width or height > vae.tile_sample_min_height):
+            raise ValueError(  # `_encode`'s test for `tiled_encode`
+                "a tiled Wan VAE encode (`enable_vae_tiling`) is not streamed: call `disable_vae_tiling()` or encode "
+                "the whole clip"
+            )
+
+    def _encode_groups(self, vae: Any, groups: list[torch.Tensor]) -> torch.Tensor:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        out = []
+        for group in groups:
+            if vae.config.patch_size is not None:
+                group = patchify(group, patch_size=vae.config.patch_size)
+            out.append(vae.encoder(group, feat_cache=self.feat_cache, feat_idx=[0]))
+        raw = DiagonalGaussianDistribution(vae.quant_conv(torch.cat(out, dim=2))).mode()
+        return self.adapter.from_vae(raw, vae)
+
+    def finish(self) -> torch.Tensor:
+        left = 0 if self.pending is None else self.pending.shape[2]
+        if left:
+            tc = self.group_frames
+            raise ValueError(
+                f"the stream ended {left} frame(s) after its last complete group of {tc}: the {self.adapter.name} "
+                f"VAE encodes {tc}k+1 frames (1, {tc + 1}, {2 * tc + 1}, ...), got {self.frames_received}"
+            )
+        return self._finish()
+
+
 class LatentAdapter:
     """Base adapter: (B, C, T, h, w) layout, scaling by `scaling_factor` (HunyuanVideo's convention).
 
@@ -142,6 +288,8 @@ class LatentAdapter:
     latent_ndim = 5
     # Whether the VAE decodes every latent frame on its own (no temporal context), so chunks decode statelessly.
     per_frame_decode = False
+    # Whether the VAE encodes every pixel frame on its own, so pieces of a frame stream encode statelessly.
+    per_frame_encode = False
 
     def __init__(
         self,
@@ -247,6 +395,17 @@ class LatentAdapter:
             "cannot be decoded chunk by chunk exactly: use output_type='latent' and decode the whole clip"
         )
 
+    def stream_encoder(self, vae: Any) -> StreamEncoder:
+        """A fresh encoder of one pixel-frame stream (`StreamEncoder`), giving the latents of one whole-clip
+        `encode` (posterior mode). Stateless per piece only where encoding is per frame (no temporal compression,
+        no temporal context)."""
+        if self.per_frame_encode and self.temporal_compression == 1:
+            return ChunkEncoder(self, vae)
+        raise ValueError(
+            f"the {self.name} VAE encodes with temporal context across frames, so a stream of frames cannot be "
+            "encoded piece by piece exactly: encode the whole clip (`adapter.encode`)"
+        )
+
 
 class WanAdapter(LatentAdapter):
     """Wan 2.1 / 2.2: WanPipeline returns latents normalized with the VAE's latents_mean / latents_std."""
@@ -283,6 +442,10 @@ class WanAdapter(LatentAdapter):
     def stream_decoder(self, vae: Any) -> WanStreamDecoder:
         """Wan's decoder carries its causal-conv cache from chunk to chunk: exactly the whole-clip decode."""
         return WanStreamDecoder(self, vae)
+
+    def stream_encoder(self, vae: Any) -> WanStreamEncoder:
+        """Wan's encoder carries its causal-conv cache from group to group: exactly the whole-clip encode."""
+        return WanStreamEncoder(self, vae)
 
 
 class CogVideoXAdapter(LatentAdapter):
@@ -468,6 +631,7 @@ class SpaceToDepthAdapter(LatentAdapter):
 
     name = "space_to_depth"
     per_frame_decode = True
+    per_frame_encode = True
 
     def __init__(
         self,

@@ -701,15 +701,18 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
             raise ValueError("`lr_latents` must be finite (no NaN / Inf)")
         return lr_latents
 
-    def preprocess_video(self, adapter: LatentAdapter, video: Any) -> torch.Tensor:
+    def preprocess_video(self, adapter: LatentAdapter, video: Any, whole_clip: bool = True) -> torch.Tensor:
         """Pixel frames (anything `VideoProcessor.preprocess_video` reads) -> (B, 3, T, H, W) in [-1, 1], checked:
-        RGB, finite, in range (`unit_range_frames`), and a frame count and size that the VAE encodes."""
+        RGB, finite, in range (`unit_range_frames`), and a frame count and size that the VAE encodes. A piece of a
+        stream (`whole_clip=False`, for `adapter.stream_encoder`) may have any frame count: the stream encoder
+        checks the whole stream's."""
         video = self.video_processor.preprocess_video(unit_range_frames(video))
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"`video` must be RGB frames, got a video of shape {tuple(video.shape)}")
         if not torch.isfinite(video).all():
             raise ValueError("`video` must be finite (no NaN / Inf)")
-        adapter.check_num_frames(video.shape[2], "video frames")
+        if whole_clip:
+            adapter.check_num_frames(video.shape[2], "video frames")
         sc = adapter.spatial_compression
         if video.shape[3] % sc or video.shape[4] % sc:
             raise ValueError(f"`video` height and width must be multiples of {sc}, got {tuple(video.shape[3:])}")

@@ -4,7 +4,9 @@ INPUT is a video file (anything PyAV reads), a folder of PNG / JPEG frames or a 
 (codec by extension; the input's frame rate kept and its audio copied) or a folder that receives lossless PNG frames;
 several inputs go to a folder, one output per input. A block-causal stage (`causal_chunk_frames`) streams: LR frames
 go in chunk by chunk and HR chunks come out, each attending to the previous chunks through a rolling KV cache
-(`CascadeVSRPipeline.stream`), at constant memory. Other stages run in temporal windows that
+(`CascadeVSRPipeline.stream`), at constant memory; its VAE encodes and decodes chunk by chunk with the numbers of the
+whole clip (`adapter.stream_encoder` / `stream_decoder`: space-to-depth, or Wan's causal VAE, whose stage folder then
+holds it as vae/ and whose inputs must have 4k+1 frames). Other stages run in temporal windows that
 overlap and cross-fade, so memory does not depend on the video's length either. The model folder's own sampling
 settings are used unless an option overrides them.
 """
@@ -253,10 +255,19 @@ def streams(pipe, args: argparse.Namespace) -> bool:
         return False
     if not causal:
         raise ValueError(f"`--stream` needs a block-causal stage (causal_chunk_frames); {args.model} is not one")
-    if pipe.adapter.name != "space_to_depth":
+    if pipe.vae is None:
         raise ValueError(
-            f"`--stream` decodes per frame: the {pipe.adapter.name} VAE is not streamed; pass --no-stream"
+            f"`--stream` encodes and decodes with the stage's VAE, but {args.model} has none (no vae/ folder); "
+            "save the stage with its upstream's VAE"
         )
+    try:  # both refuse a VAE whose chunks do not encode / decode apart exactly
+        pipe.adapter.stream_encoder(pipe.vae)
+        pipe.adapter.stream_decoder(pipe.vae)
+    except ValueError:
+        raise ValueError(
+            f"`--stream` encodes and decodes chunk by chunk: the {pipe.adapter.name} VAE is not streamed (only "
+            "space-to-depth and Wan are); pass --no-stream"
+        ) from None
     refused = [name for name in ("tile", "color_fix") if getattr(args, name) is not None]
     if args.self_ensemble not in (None, 1):
         refused.append("self_ensemble")
@@ -273,11 +284,20 @@ def stream_super_resolve(pipe, source, out_size: tuple[int, int], args: argparse
     from einops import rearrange
 
     adapter = pipe.adapter
+    # One stream encoder per input (fresh state): pieces of frames in, the whole clip's latents out, in order.
+    encoder = adapter.stream_encoder(pipe.vae)
 
     def lr_chunks():
-        for frames in source.chunks(pipe.transformer.config.causal_chunk_frames):
+        # about one chunk of latent frames per piece (a Wan latent is 4 frames, a space-to-depth one 1)
+        size = pipe.transformer.config.causal_chunk_frames * adapter.temporal_compression
+        for frames in source.chunks(size):
             video = rearrange(torch.from_numpy(frames), "t h w c -> 1 t c h w").float() / 255
-            yield adapter.encode(pipe.vae, pipe.preprocess_video(adapter, video).to(pipe.device))
+            latents = encoder.encode(pipe.preprocess_video(adapter, video, whole_clip=False).to(pipe.device))
+            if latents.shape[2]:  # Wan holds back the frames of an incomplete group of 4
+                yield latents
+        tail = encoder.finish()  # refuses a stream that ended inside a group (not 4k+1 frames)
+        if tail.shape[2]:
+            yield tail
 
     options = {
         "num_inference_steps": args.num_inference_steps,
@@ -307,6 +327,14 @@ def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict
         out_size = (round(source.height * args.scale), round(source.width * args.scale))
     if out_size[0] < source.height or out_size[1] < source.width:
         raise ValueError(f"`--size` {out_size} must not be smaller than the input {(source.height, source.width)}")
+    streaming = streams(pipe, args)
+    if streaming and (source.num_frames - 1) % pipe.adapter.temporal_compression:
+        # as the windowed path's `preprocess_video`, but before a frame is read or an output is opened
+        tc = pipe.adapter.temporal_compression
+        raise ValueError(
+            f"`input` {item!r} has {source.num_frames} frames: the {pipe.adapter.name} VAE encodes {tc}k+1 frames "
+            f"(1, {tc + 1}, {2 * tc + 1}, ...); trim it to {source.num_frames - (source.num_frames - 1) % tc} frames"
+        )
     start = time.perf_counter()
     pending = None
     sink = VideoSink(
@@ -323,7 +351,7 @@ def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict
     # windows of a long video share one shape (the last one padded); a video that fits in one window runs as is
     length = args.chunk_frames if source.num_frames > args.chunk_frames else source.num_frames
     with sink, tqdm(total=source.num_frames, unit="frame", desc=source.name) as progress:
-        if streams(pipe, args):
+        if streaming:
             for hr in stream_super_resolve(pipe, source, out_size, args):
                 sink.write(hr)
                 progress.update(len(hr))
