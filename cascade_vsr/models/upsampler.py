@@ -209,7 +209,14 @@ class _TemporalConv:
 
     def _apply(self, window: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        return F.conv3d(window, conv.weight, conv.bias, conv.stride, (0, *conv.padding[1:]), conv.dilation)
+        padding = (0, *conv.padding[1:])
+        if window.device.type == "cpu" and window.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            # PyTorch's size heuristic sends the small float32 inputs of one chunk (batch 1, a few frames) to its
+            # native conv3d, several times slower than oneDNN's on them
+            return torch.ops.aten.mkldnn_convolution(
+                window.contiguous(), conv.weight, conv.bias, padding, conv.stride, conv.dilation, conv.groups
+            )
+        return F.conv3d(window, conv.weight, conv.bias, conv.stride, padding, conv.dilation)
 
     def push(self, frames: torch.Tensor | None) -> torch.Tensor | None:
         if frames is None:
