@@ -48,3 +48,46 @@ def pairs(tmp_path_factory):
     from ._pairs import build_pairs
 
     return build_pairs(tmp_path_factory.mktemp("pairs"), num_clips=4, num_frames=2, hr_size=(32, 64), text_dim=16)
+
+
+@pytest.fixture(scope="module", params=["wan", "wan_z48"])
+def wan_vae(request):
+    """Tiny random VAEs of Wan 2.1 (z16) and Wan 2.2 TI2V (z48)."""
+    from cascade_vsr import testing
+
+    return {"wan": testing.tiny_wan_vae, "wan_z48": testing.tiny_wan_ti2v_vae}[request.param]()
+
+
+def tiny_causal_stage(vae, sampling: dict | None = None, **transformer_options):
+    """A tiny random block-causal stage of the VAE's latent space (2 latent frames a chunk, 1 cached chunk)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cascade_vsr import CascadeVSRPipeline
+    from cascade_vsr.pipelines.adapters import get_adapter
+
+    adapter = get_adapter(vae)
+    channels = adapter.latent_channels
+    torch.manual_seed(0)
+    transformer = CascadeVSRTransformer3DModel(
+        latent_channels=channels,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        ffn_dim=32,
+        text_dim=16,
+        patch_size=(1, 1, 1),
+        attention_mode="window",
+        window_size=(4, 3, 3),
+        causal_chunk_frames=2,
+        causal_cache_chunks=1,
+        latent_space=adapter.name,
+        **transformer_options,
+    )
+    upsampler = LatentUpsampler3D(latent_channels=channels, hidden_channels=16, num_blocks=1)
+    return CascadeVSRPipeline(
+        upsampler=randomize_(upsampler, seed=1).eval(),
+        transformer=randomize_(transformer).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae,
+        sampling=sampling,
+    )

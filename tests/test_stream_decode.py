@@ -10,14 +10,7 @@ import torch
 from cascade_vsr import testing as tu
 from cascade_vsr.pipelines.adapters import LatentAdapter, get_adapter
 
-from .conftest import randomize_
-
-WAN_VAES = {"wan": tu.tiny_wan_vae, "wan_z48": tu.tiny_wan_ti2v_vae}  # Wan 2.1 (z16) and Wan 2.2 TI2V (z48)
-
-
-@pytest.fixture(scope="module", params=list(WAN_VAES))
-def wan_vae(request):
-    return WAN_VAES[request.param]()
+from .conftest import tiny_causal_stage
 
 
 def _latents(adapter: LatentAdapter, frames: int, seed: int = 0) -> torch.Tensor:
@@ -100,44 +93,13 @@ def test_vaes_with_temporal_context_refuse_to_stream_decode(name):
 # ---------------------------------------------------------------- the streaming pipeline
 
 
-def _causal_stage(vae, latent_space: str, channels: int):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D
-
-    torch.manual_seed(0)
-    transformer = CascadeVSRTransformer3DModel(
-        latent_channels=channels,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=12,
-        ffn_dim=32,
-        text_dim=16,
-        patch_size=(1, 1, 1),
-        attention_mode="window",
-        window_size=(4, 3, 3),
-        causal_chunk_frames=2,
-        causal_cache_chunks=1,
-        latent_space=latent_space,
-    )
-    upsampler = LatentUpsampler3D(latent_channels=channels, hidden_channels=16, num_blocks=1)
-    pipe = CascadeVSRPipeline(
-        upsampler=randomize_(upsampler, seed=1).eval(),
-        transformer=randomize_(transformer).eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.parametrize("output_type", ["np", "pt"])
 @torch.no_grad()
 def test_streamed_wan_pipeline_frames_are_its_latent_stream_decoded_once(wan_vae, output_type):
     """`stream(output_type="np"/"pt")` on a Wan latent space: the frames of the HR latent stream
     (`output_type="latent"`, same noise) concatenated and decoded in one `adapter.decode`, cropped, postprocessed."""
     adapter = get_adapter(wan_vae)
-    pipe = _causal_stage(wan_vae, adapter.name, adapter.latent_channels)
+    pipe = tiny_causal_stage(wan_vae)
     lr = _latents(adapter, 6, seed=3)[:1, :, :, :, :4]
     lr_pieces = list(lr.split([1, 3, 2], dim=2))
     text = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(4))
@@ -168,7 +130,7 @@ def test_streamed_wan_pipeline_frames_are_its_latent_stream_decoded_once(wan_vae
 
 
 def test_stream_refuses_to_decode_a_vae_with_temporal_context():
-    pipe = _causal_stage(tu.tiny_cogvideox_vae(), "cogvideox", 4)
+    pipe = tiny_causal_stage(tu.tiny_cogvideox_vae())
     lr = torch.randn(1, 4, 2, 3, 4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="the cogvideox VAE decodes with temporal context.*output_type='latent'"):
         next(pipe.stream([lr], scale=2, num_inference_steps=1, output_type="np"))

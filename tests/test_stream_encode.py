@@ -15,14 +15,7 @@ from einops import rearrange
 from cascade_vsr import testing as tu
 from cascade_vsr.pipelines.adapters import LatentAdapter, get_adapter
 
-from .conftest import randomize_
-
-WAN_VAES = {"wan": tu.tiny_wan_vae, "wan_z48": tu.tiny_wan_ti2v_vae}  # Wan 2.1 (z16) and Wan 2.2 TI2V (z48)
-
-
-@pytest.fixture(scope="module", params=list(WAN_VAES))
-def wan_vae(request):
-    return WAN_VAES[request.param]()
+from .conftest import tiny_causal_stage
 
 
 def _frames(adapter: LatentAdapter, frames: int, seed: int = 0) -> torch.Tensor:
@@ -139,40 +132,6 @@ def test_vaes_with_temporal_context_refuse_to_stream_encode(name):
 SETTINGS = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0}
 
 
-def _causal_stage(vae, sampling: dict | None = None, **transformer_options):
-    """A tiny random block-causal stage of the VAE's latent space (2 latent frames a chunk, 1 cached chunk)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D
-
-    adapter = get_adapter(vae)
-    channels = adapter.latent_channels
-    torch.manual_seed(0)
-    transformer = CascadeVSRTransformer3DModel(
-        latent_channels=channels,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=12,
-        ffn_dim=32,
-        text_dim=16,
-        patch_size=(1, 1, 1),
-        attention_mode="window",
-        window_size=(4, 3, 3),
-        causal_chunk_frames=2,
-        causal_cache_chunks=1,
-        latent_space=adapter.name,
-        **transformer_options,
-    )
-    upsampler = LatentUpsampler3D(latent_channels=channels, hidden_channels=16, num_blocks=1)
-    return CascadeVSRPipeline(
-        upsampler=randomize_(upsampler, seed=1).eval(),
-        transformer=randomize_(transformer).eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-        vae=vae,
-        sampling=sampling,
-    )
-
-
 @pytest.fixture(scope="module")
 def wan_stage(tmp_path_factory):
     """A Wan 2.1-latent stage folder that holds its VAE as vae/. `export_pipeline` writes no VAE for a learned
@@ -180,7 +139,7 @@ def wan_stage(tmp_path_factory):
     Preconditioned (`condition_residual_std`), its one step from sigma 1 does not depend on the noise, so the
     windowed path (which draws its noise otherwise) can be compared with the stream, as in test_upscale.py."""
     path = tmp_path_factory.mktemp("wan_stage") / "model"
-    _causal_stage(tu.tiny_wan_vae(), SETTINGS, condition_residual_std=0.05).save_pretrained(path)
+    tiny_causal_stage(tu.tiny_wan_vae(), SETTINGS, condition_residual_std=0.05).save_pretrained(path)
     return path
 
 
@@ -252,11 +211,11 @@ def test_upscale_refuses_to_stream_other_vaes_and_a_stage_without_one():
     from cascade_vsr.commands.upscale import streams
 
     args = dict(stream=None, model="stage", tile=None, color_fix=None, self_ensemble=None)
-    pipe = _causal_stage(tu.tiny_cogvideox_vae())
+    pipe = tiny_causal_stage(tu.tiny_cogvideox_vae())
     with pytest.raises(ValueError, match="the cogvideox VAE is not streamed .*; pass --no-stream"):
         streams(pipe, argparse.Namespace(**args))
     assert streams(pipe, argparse.Namespace(**{**args, "stream": False})) is False
-    pipe = _causal_stage(tu.tiny_wan_vae())
+    pipe = tiny_causal_stage(tu.tiny_wan_vae())
     assert streams(pipe, argparse.Namespace(**args)) is True
     pipe.vae = None
     with pytest.raises(ValueError, match="stage has none"):
