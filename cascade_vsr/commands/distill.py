@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     model_config, data_config, train_config = load_config(args.config, [*overrides, "--objective", "distill"])
     summary = distill(model_config, data_config, train_config)
     for item in summary["rounds"]:
-        print(f"{item['teacher_steps']} -> {item['teacher_steps'] // 2} steps: trained {item['steps']} steps")
+        student_steps = max(item["teacher_steps"] // 2, 1)  # a one-step teacher's self-ensemble: 1 -> 1
+        print(f"{item['teacher_steps']} -> {student_steps} steps: trained {item['steps']} steps")
     print(f"one-step export: {summary['export_dir']}")
     return 0
