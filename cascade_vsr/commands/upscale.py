@@ -17,7 +17,9 @@ import argparse
 import time
 from pathlib import Path
 
-HELP = "Super-resolve your own videos or frame folders with a trained stage (default: the demo model)."
+HELP = (
+    "Super-resolve your own videos or frame folders with a trained stage (default: the streaming one-step demo model)."
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -28,7 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders of frames or globs of frames")
     parser.add_argument("--output", "-o", type=Path, required=True, help="video file or folder (a folder for several)")
     parser.add_argument(
-        "--model", type=Path, default=demo_model_path(), help="a stage folder (default: the demo model)"
+        "--model",
+        type=Path,
+        default=demo_model_path(one_step=True),
+        help="a stage folder (default: the one-step demo model, which streams; the multi-step one is "
+        "`python -c 'import cascade_vsr; print(cascade_vsr.demo_model_path())'`)",
     )
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--scale", type=float, help="output size as a factor of the input (non-integer is fine)")
