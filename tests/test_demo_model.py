@@ -45,3 +45,28 @@ def test_one_step_demo_model_samples_in_one_network_evaluation():
     assert len(calls) == 1 and frames.shape == ground_truth.shape
     assert float(psnr(frames, ground_truth).mean()) > float(psnr(bicubic, ground_truth).mean()) - 1.0
     assert torch.isfinite(torch.from_numpy(frames.astype("float32"))).all()
+
+
+def test_the_one_step_demo_model_streams_its_whole_clip_numbers_and_beats_bicubic():
+    """The shipped one-step model is block-causal (upscale's default; demo/README.md, recipe E): streamed chunk by
+    chunk it gives the frames of one whole-clip call (to a grey level) and beats bicubic on held-out frames."""
+    import numpy as np
+    import torch
+    from einops import rearrange
+
+    from cascade_vsr import CascadeVSRPipeline, demo_model_path
+
+    pipe = CascadeVSRPipeline.from_pretrained(demo_model_path(one_step=True))
+    pipe.set_progress_bar_config(disable=True)
+    chunk = pipe.transformer.config.causal_chunk_frames
+    assert (chunk, pipe.transformer.config.causal_cache_chunks) == (4, 1)
+    ground_truth, _, lr, bicubic = demo.held_out_clip("bigbuckbunny", 9, (192, 320))
+    whole = demo.super_resolve(pipe, lr, ground_truth.shape[1:3])
+
+    video = rearrange(torch.from_numpy(lr), "t h w c -> 1 t c h w").float() / 255
+    latents = pipe.adapter.encode(pipe.vae, pipe.preprocess_video(pipe.adapter, video))
+    pieces = pipe.stream(latents.split(chunk, dim=2), scale=2, generator=torch.Generator().manual_seed(0))
+    streamed = np.clip(np.rint(np.concatenate([piece[0] for piece in pieces]) * 255), 0, 255).astype(np.uint8)
+    assert streamed.shape == whole.shape
+    assert np.abs(streamed.astype(int) - whole.astype(int)).max() <= 1
+    assert float(psnr(streamed, ground_truth).mean()) > float(psnr(bicubic, ground_truth).mean()) + 0.3
