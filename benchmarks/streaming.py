@@ -69,7 +69,7 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int) -> dict[st
     lr = pipe.adapter.encode(pipe.vae, pipe.preprocess_video(pipe.adapter, video))
     chunks = [lr[:, :, i : i + chunk_frames] for i in range(0, lr.shape[2], chunk_frames)]
     stream = pipe.stream(chunks, scale=2, output_type="np", generator=torch.Generator().manual_seed(0))
-    next(stream)  # warm-up: the first chunk also waits for the upsampler's look-ahead
+    next(stream)  # warm-up: the first chunk also waits for the upsampler's temporal radius of later frames
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         next(stream)
     families = {"attention": 0.0, "linear": 0.0, "convolution (upsampler)": 0.0, "other": 0.0}
