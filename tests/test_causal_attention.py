@@ -287,8 +287,9 @@ def test_upsampler_stream_equals_whole_clip_call(num_blocks, pieces, space_to_de
 )
 @torch.no_grad()
 def test_streamed_pipeline_equals_the_offline_block_causal_computation(chunk, cache, steps, pieces):
-    """Upsampler (streamed with per-layer frame caches), block-causal transformer (one cache per step) and the per-frame VAE: the
-    stream of LR pieces of any lengths gives the frames of the whole-clip computation with the same noise."""
+    """Upsampler (streamed with per-layer frame caches), block-causal transformer (one cache per step) and the
+    per-frame VAE: the stream of LR pieces of any lengths gives the frames of the whole-clip computation with the
+    same noise."""
     from cascade_vsr.core.flow import noise_augment
     from cascade_vsr.pipelines.sampling import set_schedule
 
