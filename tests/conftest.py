@@ -58,17 +58,15 @@ def wan_vae(request):
     return {"wan": testing.tiny_wan_vae, "wan_z48": testing.tiny_wan_ti2v_vae}[request.param]()
 
 
-def tiny_causal_stage(vae, sampling: dict | None = None, **transformer_options):
-    """A tiny random block-causal stage of the VAE's latent space (2 latent frames a chunk, 1 cached chunk)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from cascade_vsr import CascadeVSRPipeline
-    from cascade_vsr.pipelines.adapters import get_adapter
-
-    adapter = get_adapter(vae)
-    channels = adapter.latent_channels
+def tiny_causal_transformer(
+    mode: str | list[str] = "window", chunk: int = 2, cache: int = 1, channels: int = 4, **config
+) -> CascadeVSRTransformer3DModel:
+    """A tiny random block-causal transformer (`chunk` latent frames a chunk, `cache` cached chunks), eval mode."""
     torch.manual_seed(0)
-    transformer = CascadeVSRTransformer3DModel(
+    modes = [mode] if isinstance(mode, str) else mode
+    defaults = {"window": dict(window_size=(4, 3, 3)), "sparse_topk": dict(sparse_window=(2, 3), sparse_topk=1)}
+    options = {key: value for name in modes for key, value in defaults.get(name, {}).items()}
+    model = CascadeVSRTransformer3DModel(
         latent_channels=channels,
         num_layers=2,
         num_attention_heads=2,
@@ -76,18 +74,44 @@ def tiny_causal_stage(vae, sampling: dict | None = None, **transformer_options):
         ffn_dim=32,
         text_dim=16,
         patch_size=(1, 1, 1),
-        attention_mode="window",
-        window_size=(4, 3, 3),
-        causal_chunk_frames=2,
-        causal_cache_chunks=1,
-        latent_space=adapter.name,
-        **transformer_options,
+        attention_mode=mode,
+        causal_chunk_frames=chunk,
+        causal_cache_chunks=cache,
+        **{**options, **config},
     )
-    upsampler = LatentUpsampler3D(latent_channels=channels, hidden_channels=16, num_blocks=1)
-    return CascadeVSRPipeline(
+    return randomize_(model).eval()
+
+
+def tiny_causal_stage(
+    vae,
+    sampling: dict | None = None,
+    mode: str | list[str] = "window",
+    chunk: int = 2,
+    cache: int = 1,
+    num_blocks: int = 1,
+    **transformer_options,
+):
+    """A tiny random block-causal stage in the VAE's latent space (a space-to-depth upsampler resizes on pixels)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cascade_vsr import CascadeVSRPipeline
+    from cascade_vsr.pipelines.adapters import get_adapter
+
+    adapter = get_adapter(vae)
+    channels = adapter.latent_channels
+    transformer = tiny_causal_transformer(
+        mode, chunk, cache, channels, latent_space=adapter.name, **transformer_options
+    )
+    factor = adapter.spatial_compression if adapter.name == "space_to_depth" else 1
+    upsampler = LatentUpsampler3D(
+        latent_channels=channels, hidden_channels=16, num_blocks=num_blocks, space_to_depth_factor=factor
+    )
+    pipe = CascadeVSRPipeline(
         upsampler=randomize_(upsampler, seed=1).eval(),
-        transformer=randomize_(transformer).eval(),
+        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
         vae=vae,
         sampling=sampling,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

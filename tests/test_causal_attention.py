@@ -18,7 +18,7 @@ from cascade_vsr.models.causal_attention import (
     chunk_visibility,
 )
 
-from .conftest import randomize_
+from .conftest import randomize_, tiny_causal_stage, tiny_causal_transformer
 
 
 def test_chunk_visibility_is_the_chunk_and_the_previous_m():
@@ -106,23 +106,7 @@ def test_causal_modes_match_a_dense_reference(spec, streamed):
 
 
 def _tiny_causal(mode: str, chunk: int, cache: int, **config) -> CascadeVSRTransformer3DModel:
-    torch.manual_seed(0)
-    options = {"window": dict(window_size=(4, 3, 3)), "sparse_topk": dict(sparse_window=(2, 3), sparse_topk=1)}
-    model = CascadeVSRTransformer3DModel(
-        latent_channels=4,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=12,
-        ffn_dim=32,
-        text_dim=16,
-        patch_size=(1, 1, 1),
-        attention_mode=mode,
-        causal_chunk_frames=chunk,
-        causal_cache_chunks=cache,
-        **options.get(mode, {}),
-        **config,
-    )
-    return randomize_(model).eval()
+    return tiny_causal_transformer(mode, chunk, cache, **config)
 
 
 def _inputs(frames: int = 6):
@@ -199,37 +183,11 @@ def test_causal_config_and_cache_checks():
 
 
 def _streaming_stage(chunk: int, cache: int, num_blocks: int = 1):
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """A tiny pixel-space block-causal stage, its layers alternating window and sparse_topk attention."""
+    from cascade_vsr import SpaceToDepthAutoencoder
 
-    from cascade_vsr import CascadeVSRPipeline, LatentUpsampler3D, SpaceToDepthAutoencoder
-
-    torch.manual_seed(0)
-    transformer = CascadeVSRTransformer3DModel(
-        latent_channels=48,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=12,
-        ffn_dim=32,
-        text_dim=16,
-        patch_size=(1, 1, 1),
-        attention_mode=["window", "sparse_topk"],
-        window_size=(4, 3, 3),
-        sparse_window=(2, 3),
-        causal_chunk_frames=chunk,
-        causal_cache_chunks=cache,
-        latent_space="space_to_depth",
-    )
-    upsampler = LatentUpsampler3D(
-        latent_channels=48, hidden_channels=16, num_blocks=num_blocks, space_to_depth_factor=4
-    )
-    pipe = CascadeVSRPipeline(
-        upsampler=randomize_(upsampler, seed=1).eval(),
-        transformer=randomize_(transformer).eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=SpaceToDepthAutoencoder(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    modes = ["window", "sparse_topk"]
+    return tiny_causal_stage(SpaceToDepthAutoencoder(), None, modes, chunk, cache, num_blocks)
 
 
 def test_upsampler_temporal_radius_is_its_receptive_field():
