@@ -45,7 +45,7 @@ from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D, resize_frames
 from cascade_vsr.pipelines.adapters import LatentAdapter, get_adapter
 from cascade_vsr.pipelines.lora_loader import CascadeVSRLoraLoaderMixin
-from cascade_vsr.pipelines.sampling import check_sampling, resolve_sampling, set_schedule
+from cascade_vsr.pipelines.sampling import check_sampling, guided_velocity, resolve_sampling, set_schedule
 from cascade_vsr.pipelines.self_ensemble import (
     check_self_ensemble,
     dihedral_transform,
@@ -1005,7 +1005,6 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
             device,
         )
         noise_level = torch.full((batch * (2 if do_cfg else 1),), float(noise_aug_strength), device=device)
-        transformer_dtype = self.transformer.dtype
 
         # 5. One run, or one per transform of the self-ensemble (one at a time: N runs at once need N times the
         #    memory). Run k sees the k-th flip / transpose of the video, at the target size transformed alike.
@@ -1041,25 +1040,21 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
                 for i, t in enumerate(timesteps):
                     if self.interrupt:
                         continue
-                    model_input = torch.cat([run_latents] * 2) if do_cfg else run_latents
-                    model_condition = torch.cat([condition] * 2) if do_cfg else condition
                     # The CFG halves run batched: one cache context for both (diffusers' "cond_uncond").
                     with self.transformer.cache_context(
                         "cond_uncond", step_index=i, num_inference_steps=len(timesteps)
                     ):
-                        velocity = self.transformer(
-                            hidden_states=model_input.to(transformer_dtype),
-                            condition=model_condition.to(transformer_dtype),
-                            timestep=t.expand(model_input.shape[0]),
+                        velocity = guided_velocity(
+                            self.transformer,
+                            run_latents,
+                            condition,
+                            t,
+                            guidance_scale if do_cfg else None,
                             noise_aug_level=noise_level,
                             encoder_hidden_states=prompt_embeds,
                             encoder_attention_mask=prompt_attention_mask,
                             attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )[0].float()
-                    if do_cfg:
-                        uncond, cond = velocity.chunk(2)
-                        velocity = uncond + guidance_scale * (cond - uncond)
+                        )
                     run_latents = self.scheduler.step(velocity, t, run_latents, return_dict=False)[0]
 
                     if callback_on_step_end is not None:

@@ -106,3 +106,30 @@ def set_schedule(scheduler, sigmas: list[float] | None, num_inference_steps: int
         else:
             values, mu = inverse_shift(values, config.shift), None
     scheduler.set_timesteps(sigmas=values.tolist(), device=device, mu=mu)
+
+
+def guided_velocity(
+    transformer,
+    latents: torch.Tensor,
+    condition: torch.Tensor,
+    timestep: torch.Tensor,
+    guidance_scale: float | None,
+    **forward_kwargs: Any,
+) -> torch.Tensor:
+    """One float32 velocity of the stage's transformer at `timestep` (a scalar tensor), with classifier-free
+    guidance `uncond + g * (cond - uncond)` unless `guidance_scale` is None: the two halves run as one batch, and the
+    text in `forward_kwargs` holds the unconditional half first."""
+    do_cfg = guidance_scale is not None
+    model_input = torch.cat([latents] * 2) if do_cfg else latents
+    model_condition = torch.cat([condition] * 2) if do_cfg else condition
+    velocity = transformer(
+        hidden_states=model_input.to(transformer.dtype),
+        condition=model_condition.to(transformer.dtype),
+        timestep=timestep.expand(model_input.shape[0]),
+        return_dict=False,
+        **forward_kwargs,
+    )[0].float()
+    if not do_cfg:
+        return velocity
+    uncond, cond = velocity.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)

@@ -28,6 +28,7 @@ import torch
 
 from cascade_vsr.core.flow import noise_augment
 from cascade_vsr.models.causal_attention import CausalKVCache
+from cascade_vsr.pipelines.sampling import guided_velocity
 
 
 @dataclass
@@ -67,26 +68,21 @@ def denoise_chunk(
     """All the steps of one chunk: step i attends through `caches[i]` (the earlier chunks at step i). With a
     `guidance_scale` the text holds the unconditional half first (CFG, batched)."""
     prompt_embeds, prompt_attention_mask = text
-    do_cfg = guidance_scale is not None
     latents = initial
     transformer = pipe.transformer
     for i, cache in enumerate(caches):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        model_input = torch.cat([latents] * 2) if do_cfg else latents
-        model_condition = torch.cat([condition] * 2) if do_cfg else condition
-        velocity = transformer(
-            hidden_states=model_input.to(transformer.dtype),
-            condition=model_condition.to(transformer.dtype),
-            timestep=(sigma * 1000).expand(model_input.shape[0]).to(latents.device),
+        velocity = guided_velocity(
+            transformer,
+            latents,
+            condition,
+            (sigma * 1000).to(latents.device),
+            guidance_scale,
             noise_aug_level=noise_aug_level,
             encoder_hidden_states=prompt_embeds,
             encoder_attention_mask=prompt_attention_mask,
             kv_cache=cache,
-            return_dict=False,
-        )[0].float()
-        if do_cfg:
-            uncond, cond = velocity.chunk(2)
-            velocity = uncond + guidance_scale * (cond - uncond)
+        )
         latents = latents + (sigma_next - sigma) * velocity  # FlowMatchEulerDiscreteScheduler.step
     return latents
 
