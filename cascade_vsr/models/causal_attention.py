@@ -194,20 +194,21 @@ class CausalKVCache:
         return chunk_visibility(queries, keys, self.cache_chunks), len(keys)
 
     def keys_values(self, layer: object, key: torch.Tensor, value: torch.Tensor, num_frames: int):
-        """The layer's cached (k, v) followed by the current chunk's; the current chunk's are staged."""
+        """The layer's cached (k, v) followed by the current chunk's. That concatenation is staged, so `advance`
+        only trims it."""
         if self._staged_frames not in (None, num_frames):
             raise ValueError("every layer of one forward must see the same chunk")
         self._staged_frames = num_frames
+        if layer in self._entries:
+            cached_k, cached_v = self._entries[layer]
+            if cached_k.shape[0] != key.shape[0]:
+                raise ValueError(
+                    f"the streamed batch changed from {cached_k.shape[0]} to {key.shape[0]} (with classifier-free "
+                    "guidance, stream the conditional and unconditional halves as one batch throughout)"
+                )
+            key, value = torch.cat([cached_k, key], dim=-2), torch.cat([cached_v, value], dim=-2)
         self._staged[layer] = (key, value)
-        if layer not in self._entries:
-            return key, value
-        cached_k, cached_v = self._entries[layer]
-        if cached_k.shape[0] != key.shape[0]:
-            raise ValueError(
-                f"the streamed batch changed from {cached_k.shape[0]} to {key.shape[0]} (with classifier-free "
-                "guidance, stream the conditional and unconditional halves as one batch throughout)"
-            )
-        return torch.cat([cached_k, key], dim=-2), torch.cat([cached_v, value], dim=-2)
+        return key, value
 
     def advance(self) -> None:
         """Commit the chunk just computed and drop the frames of chunks older than `cache_chunks`."""
@@ -218,9 +219,6 @@ class CausalKVCache:
         keep = [c >= self.next_chunk - self.cache_chunks + 1 for c in frame_chunks] if self.cache_chunks else []
         kept_frames = sum(keep)
         for layer, (key, value) in self._staged.items():
-            if layer in self._entries:
-                cached_k, cached_v = self._entries[layer]
-                key, value = torch.cat([cached_k, key], dim=-2), torch.cat([cached_v, value], dim=-2)
             tokens = key.shape[-2] // len(frame_chunks) * kept_frames
             self._entries[layer] = (key[..., key.shape[-2] - tokens :, :], value[..., value.shape[-2] - tokens :, :])
         self.frame_chunks = frame_chunks[len(frame_chunks) - kept_frames :]
