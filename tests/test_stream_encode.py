@@ -207,6 +207,35 @@ def test_upscale_refuses_a_wan_input_that_is_not_4k_plus_1_frames(tmp_path, wan_
     assert not (tmp_path / "sr").exists()
 
 
+def test_upscale_windows_of_a_wan_stage_are_4k_plus_1_frames(tmp_path, wan_stage, wan_lr_frames, monkeypatch):
+    """--no-stream on a video longer than a window: the default window is 33 frames (4k+1), every window, the
+    padded last one too, encodes; a --chunk-frames that is not 4k+1 is refused before the output is opened."""
+    from cascade_vsr.cli import main
+    from cascade_vsr.commands import upscale
+    from cascade_vsr.core.streams import VideoSink
+    from cascade_vsr.core.video import read_frames
+
+    with VideoSink(tmp_path / "in") as sink:
+        sink.write(np.concatenate([wan_lr_frames, wan_lr_frames[::-1], wan_lr_frames]))  # 39 frames
+    base = ["upscale", str(tmp_path / "in"), "--model", str(wan_stage), "--scale", "2", "--no-stream"]
+    lengths = []
+    window = upscale.super_resolve_window
+
+    def recorded(pipe, frames, out_size, args, length):
+        lengths.append((len(frames), length))
+        return window(pipe, frames, out_size, args, length)
+
+    monkeypatch.setattr(upscale, "super_resolve_window", recorded)
+    assert main([*base, "-o", str(tmp_path / "sr")]) == 0
+    assert lengths == [(33, 33), (10, 33)]  # windows start every 33 - 4 frames
+    assert read_frames(tmp_path / "sr").shape == (39, 48, 64, 3)
+    with pytest.raises(
+        ValueError, match=r"`--chunk-frames` must be 4k\+1 .* for a VAE that compresses time 4x, got 32"
+    ):
+        main([*base, "-o", str(tmp_path / "bad"), "--chunk-frames", "32"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_upscale_refuses_to_stream_other_vaes_and_a_stage_without_one():
     from cascade_vsr.commands.upscale import streams
 

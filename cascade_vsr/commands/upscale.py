@@ -54,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stream a block-causal stage chunk by chunk (default: whenever the stage is block-causal); "
         "--no-stream runs overlapping windows",
     )
-    chunks.add_argument("--chunk-frames", type=int, default=32, help="frames super-resolved together")
+    chunks.add_argument(
+        "--chunk-frames",
+        type=int,
+        default=None,
+        help="frames super-resolved together by --no-stream (default 32; 33 for a VAE that encodes 4k+1 frames)",
+    )
     chunks.add_argument("--chunk-overlap", type=int, default=4, help="frames shared (and cross-faded) by two chunks")
     chunks.add_argument("--tile", type=int, default=None, help="LR tile side in pixels for frames too large at once")
     chunks.add_argument("--tile-overlap", type=int, default=16, help="LR pixels shared by neighbouring tiles")
@@ -68,6 +73,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     video.add_argument("--pix-fmt", default=None, help="pixel format (default yuv420p)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--reference", default=None, help="ground truth of a single input: print the metrics table")
+
+
+DEFAULT_WINDOW_FRAMES = 32
+
+
+def window_frames(args: argparse.Namespace, temporal_compression: int) -> int:
+    """The windowed path's window length: `--chunk-frames`, or 32 frames rounded up to the VAE's tc*k+1 (a Wan
+    latent frame is 4 frames, plus the first). Every window, the last one padded, has this length, so a VAE with
+    temporal compression needs a tc*k+1 length."""
+    if args.chunk_frames is None:
+        return -(-(DEFAULT_WINDOW_FRAMES - 1) // temporal_compression) * temporal_compression + 1
+    if (args.chunk_frames - 1) % temporal_compression:
+        tc = temporal_compression
+        raise ValueError(
+            f"`--chunk-frames` must be {tc}k+1 (1, {tc + 1}, {2 * tc + 1}, ...) for a VAE that compresses time "
+            f"{tc}x, got {args.chunk_frames}"
+        )
+    return args.chunk_frames
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -99,9 +122,10 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int, got {value}")
-    if not 0 <= args.chunk_overlap < args.chunk_frames:
+    if not 0 <= args.chunk_overlap < (args.chunk_frames or DEFAULT_WINDOW_FRAMES):
         raise ValueError(
-            f"`--chunk-overlap` must lie in [0, --chunk-frames={args.chunk_frames}), got {args.chunk_overlap}"
+            f"`--chunk-overlap` must lie in [0, --chunk-frames={args.chunk_frames or DEFAULT_WINDOW_FRAMES}), got "
+            f"{args.chunk_overlap}"
         )
     if args.tile is not None and not 0 <= args.tile_overlap < args.tile:
         raise ValueError(f"`--tile-overlap` must lie in [0, --tile={args.tile}), got {args.tile_overlap}")
@@ -341,6 +365,9 @@ def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict
             f"`input` {item!r} has {source.num_frames} frames: the {pipe.adapter.name} VAE encodes {tc}k+1 frames "
             f"(1, {tc + 1}, {2 * tc + 1}, ...); trim it to {source.num_frames - (source.num_frames - 1) % tc} frames"
         )
+    if not streaming:  # windows of a long video share one shape (the last one padded); a short one runs as is
+        window = window_frames(args, pipe.adapter.temporal_compression)
+        step, length = window - args.chunk_overlap, min(window, source.num_frames)
     start = time.perf_counter()
     pending = None
     sink = VideoSink(
@@ -353,16 +380,13 @@ def upscale_one(pipe, item: str, output: Path, args: argparse.Namespace) -> dict
         audio_from=source.source if source.has_audio and output.suffix else None,
         overwrite=args.overwrite,
     )
-    step = args.chunk_frames - args.chunk_overlap
-    # windows of a long video share one shape (the last one padded); a video that fits in one window runs as is
-    length = args.chunk_frames if source.num_frames > args.chunk_frames else source.num_frames
     with sink, tqdm(total=source.num_frames, unit="frame", desc=source.name) as progress:
         if streaming:
             for hr in stream_super_resolve(pipe, source, out_size, args):
                 sink.write(hr)
                 progress.update(len(hr))
         else:
-            for frames, last in overlapping_windows(source.chunks(step), args.chunk_frames, args.chunk_overlap):
+            for frames, last in overlapping_windows(source.chunks(step), window, args.chunk_overlap):
                 hr = super_resolve_window(pipe, frames, out_size, args, length)
                 if pending is not None and len(pending):
                     hr = cross_fade(pending, hr)
