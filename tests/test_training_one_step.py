@@ -391,3 +391,33 @@ def test_distillation_loss_adds_the_temporal_term_of_its_error(pairs, teacher):
     change = torch.cat([torch.zeros_like(error[:, :, :1]), error[:, :, 1:] - error[:, :, :-1]], dim=2)
     torch.testing.assert_close(losses[0.0], error.square().mean())
     torch.testing.assert_close(losses[2.0], (error.square() + 2.0 * change.square()).mean())
+
+
+@torch.no_grad()
+def test_ground_truth_weight_blends_the_distillation_target_towards_the_hr_latents(pairs, teacher):
+    """`distill_ground_truth_weight` w: the target is (1 - w) x the teacher's one-step ensemble + w x the HR
+    latents; 0 is the teacher's target exactly, 1 the ground truth. Only a one-step student takes it."""
+    from cascade_vsr.training.objectives import distillation_target
+
+    model, sigmas = stage(teacher), teacher_sigmas(teacher, 1)
+    extra = ["--objective", "distill", "--distill_teacher_steps", "1", "--distill_teacher_self_ensemble", "2"]
+    targets = {}
+    for weight in (0.0, 0.25, 1.0):
+        args = one_step_args(pairs, "unused", 1, teacher, *extra, "--distill_ground_truth_weight", str(weight))
+        _, _, config = load_config(None, args)
+        inputs = fixed_batch(pairs, config)
+        noisy, start, end, targets[weight] = distillation_target(model, inputs, sigmas, config, "space_to_depth")
+    teacher_only = teacher_target(model, inputs, sigmas, self_ensemble=2, latent_space="space_to_depth",
+                                  teacher_steps_per_student_step=1)[3]  # fmt: skip
+    assert torch.equal(targets[0.0], teacher_only)
+    assert torch.equal(targets[1.0], inputs.hr)
+    torch.testing.assert_close(targets[0.25], 0.75 * teacher_only + 0.25 * inputs.hr)
+    assert (targets[0.25] - teacher_only).abs().max() > 1e-3
+
+    for bad, message in (
+        (["--distill_ground_truth_weight", "1.5"], r"`distill_ground_truth_weight` must lie in \[0, 1\], got 1.5"),
+        (["--distill_ground_truth_weight", "0.5", "--objective", "distill", "--distill_teacher_steps", "4"],
+         "needs `objective` distill and `distill_teacher_steps` 1 or 2, got 'distill' and 4"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            load_config(None, one_step_args(pairs, "unused", 1, teacher, *bad))

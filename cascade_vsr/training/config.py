@@ -185,6 +185,14 @@ class TrainConfig:
         },
     )
     distill_guidance_scale: float = field(default=1.0, metadata={"help": "distill: the teacher's CFG scale."})
+    distill_ground_truth_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "distill, one-step student only: the target is (1 - w) x the teacher's latents + w x the ground "
+            "truth's, i.e. the loss is (1 - w) x the distillation loss + w x the same loss against the ground truth "
+            "(InfVSR's and SeedVR2's pixel supervision, in latent space). 0: pure distillation."
+        },
+    )
     distill_teacher_self_ensemble: int = field(
         default=1,
         metadata={
@@ -442,6 +450,13 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
         raise ValueError(
             "`distill_teacher_steps` must be an even number >= 2, or 1 with `distill_teacher_self_ensemble` > 1 "
             f"(a one-step teacher's self-ensemble), got {steps} with distill_teacher_self_ensemble {runs}"
+        )
+    if not 0 <= train.distill_ground_truth_weight <= 1:
+        raise ValueError(f"`distill_ground_truth_weight` must lie in [0, 1], got {train.distill_ground_truth_weight}")
+    if train.distill_ground_truth_weight and (train.objective != "distill" or steps not in (1, 2)):
+        raise ValueError(
+            "`distill_ground_truth_weight` blends the ground truth into the target of a one-step student: it needs "
+            f"`objective` distill and `distill_teacher_steps` 1 or 2, got {train.objective!r} and {steps}"
         )
     if train.distill_guidance_scale < 1:
         raise ValueError(f"`distill_guidance_scale` must be >= 1 (1: none), got {train.distill_guidance_scale}")

@@ -211,6 +211,28 @@ def teacher_target(
     return noisy, start, end, total / self_ensemble
 
 
+def distillation_target(
+    teacher: nn.Module,
+    inputs: StepInputs,
+    sigmas: torch.Tensor,
+    train_config: TrainConfig,
+    latent_space: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`teacher_target` with the config's settings, its latents blended towards the ground truth by
+    `distill_ground_truth_weight` w: (1 - w) x teacher + w x HR. The loss is a quadratic form of the error, so the
+    blended target gives (1 - w) x the distillation loss + w x the ground-truth loss, up to a constant."""
+    noisy, start, end, target = teacher_target(
+        teacher,
+        inputs,
+        sigmas,
+        train_config.distill_guidance_scale,
+        train_config.distill_teacher_self_ensemble,
+        latent_space,
+        teacher_steps_per_student_step=train_config.distill_student_stride,
+    )
+    return noisy, start, end, torch.lerp(target.float(), inputs.hr.float(), train_config.distill_ground_truth_weight)
+
+
 # -- adversarial post-training ----------------------------------------------------------------------------------
 
 

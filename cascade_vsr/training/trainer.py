@@ -59,9 +59,9 @@ from cascade_vsr.training.data import PairLatentDataset, collate_pairs
 from cascade_vsr.training.objectives import (
     StepInputs,
     discriminator_step_loss,
+    distillation_target,
     draw_inputs,
     generator_step_loss,
-    teacher_target,
 )
 from cascade_vsr.training.samplers import BucketBatchSampler, make_timestep_sampler
 
@@ -584,14 +584,8 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             loss = module(inputs.hr, inputs.lr, inputs.noise, sigma, inputs.aug_noise, inputs.aug_level, *inputs.text)
             return loss, {}
         if objective == "distill":
-            noisy, start, end, target = teacher_target(
-                teacher,
-                inputs,
-                sigmas,
-                train_config.distill_guidance_scale,
-                train_config.distill_teacher_self_ensemble,
-                model_config.latent_space,
-                teacher_steps_per_student_step=train_config.distill_student_stride,
+            noisy, start, end, target = distillation_target(
+                teacher, inputs, sigmas, train_config, model_config.latent_space
             )
             loss = module(noisy, inputs.lr, start, end, target, inputs.aug_noise, inputs.aug_level, *inputs.text)
             return loss, {}
