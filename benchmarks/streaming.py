@@ -2,17 +2,17 @@
 network -> benchmarks/results/streaming.json: peak memory per input length, frames per second, and where a
 streamed chunk's time goes.
 
-The network is the one-step demo model (`demo_model_path(one_step=True)`, fine-tuned block-causally) with its
-`causal_chunk_frames` / `causal_cache_chunks` set to the options (they add no weights; the defaults are its own). Inputs are the real bigbuckbunny clip at 160x96, played forward and
-backward to the length asked (`upscale_memory.ping_pong`), super-resolved 2x (320x192) in fresh processes: the
-streamed path for every length, the windowed path (`--no-stream`, 32-frame windows overlapping by 4) for the
-shortest one. Peak RSS is the process's exact high-water mark (`upscale_memory.run_upscale`), with `make demo`'s
+The network is the one-step demo model (`demo_model_path(one_step=True)`, fine-tuned causally) with its
+`causal_chunk_frames` / `causal_cache_chunks` set to the options (they add no weights; the defaults are its own).
+Inputs are the real bigbuckbunny clip at 160x96, played forward and backward to the length asked
+(`upscale_memory.ping_pong`), super-resolved 2x (320x192) in fresh processes: the streamed path for every length,
+the windowed path (`--no-stream`, 32-frame windows overlapping by 4) for the shortest one. Peak RSS is the process's exact high-water mark (`upscale_memory.run_upscale`), with `make demo`'s
 allocator settings (`--malloc demo`, freed memory kept in glibc's heap) or glibc's defaults (`--malloc glibc`).
 
-The time split comes from torch's profiler on one streamed chunk in this process: self CPU time by operator
+The time split comes from torch's profiler on 4 streamed frames in this process: self CPU time by operator
 family (attention kernels, linear layers, convolutions of the upsampler, the rest).
 
-    .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames 4] [--cache-chunks 1]
+    .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames C] [--cache-chunks M]
         [--malloc demo|glibc] [--dtype float32|bfloat16] [--no-profile]
 """
 
@@ -37,15 +37,22 @@ from cascade_vsr.core.video import read_video, resize_frames, sample_video_path,
 RESULTS = Path(__file__).parent / "results" / "streaming.json"
 
 
-def causal_copy(model: Path, folder: Path, chunk_frames: int, cache_chunks: int) -> Path:
-    """The stage folder `model` with block-causal attention switched on in its transformer's config."""
+def causal_copy(
+    model: Path, folder: Path, chunk_frames: int | None, cache_chunks: int | None
+) -> tuple[Path, int, int]:
+    """The stage folder `model` with its transformer's causal chunk and cache set where given (None: its own), and
+    the two values in effect."""
     target = folder / "causal_model"
     shutil.copytree(model, target)
     config_path = target / "transformer" / "config.json"
     config = json.loads(config_path.read_text())
-    config.update(causal_chunk_frames=chunk_frames, causal_cache_chunks=cache_chunks)
+    for name, value in (("causal_chunk_frames", chunk_frames), ("causal_cache_chunks", cache_chunks)):
+        if value is not None:
+            config[name] = value
+    if config.get("causal_chunk_frames") is None:
+        raise ValueError(f"{model} is not block-causal: pass --chunk-frames")
     config_path.write_text(json.dumps(config, indent=2))
-    return target
+    return target, config["causal_chunk_frames"], config["causal_cache_chunks"]
 
 
 def command(video: Path, output: Path, model: Path, stream: bool, dtype: str) -> list[str]:
@@ -56,7 +63,8 @@ def command(video: Path, output: Path, model: Path, stream: bool, dtype: str) ->
 
 
 def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int) -> dict[str, float]:
-    """Self CPU seconds of one streamed chunk (after a warm-up chunk), by operator family."""
+    """Self CPU seconds of streaming 4 frames (one chunk, or as many chunks as that takes; after a warm-up chunk),
+    by operator family."""
     import torch
     from einops import rearrange
     from torch.profiler import ProfilerActivity, profile
@@ -65,13 +73,16 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int) -> dict[st
 
     pipe = CascadeVSRPipeline.from_pretrained(model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    video = rearrange(torch.from_numpy(frames[: 3 * chunk_frames]), "t h w c -> 1 t c h w").float() / 255
+    chunks_profiled = max(1, 4 // chunk_frames)
+    video = rearrange(torch.from_numpy(frames[: (2 + chunks_profiled) * chunk_frames]), "t h w c -> 1 t c h w")
+    video = video.float() / 255
     lr = pipe.adapter.encode(pipe.vae, pipe.preprocess_video(pipe.adapter, video))
     chunks = [lr[:, :, i : i + chunk_frames] for i in range(0, lr.shape[2], chunk_frames)]
     stream = pipe.stream(chunks, scale=2, output_type="np", generator=torch.Generator().manual_seed(0))
     next(stream)  # warm-up: the first chunk also waits for the upsampler's temporal radius of later frames
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        next(stream)
+        for _ in range(chunks_profiled):
+            next(stream)
     families = {"attention": 0.0, "linear": 0.0, "convolution (upsampler)": 0.0, "other": 0.0}
     for event in prof.key_averages():
         name = event.key.lower()
@@ -91,8 +102,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--size", type=int, nargs=2, default=(96, 160), metavar=("H", "W"))
-    parser.add_argument("--chunk-frames", type=int, default=4, help="latent frames per causal chunk")
-    parser.add_argument("--cache-chunks", type=int, default=1)
+    parser.add_argument(
+        "--chunk-frames", type=int, default=None, help="latent frames per causal chunk (default: the model's)"
+    )
+    parser.add_argument("--cache-chunks", type=int, default=None, help="cached chunks (default: the model's)")
     parser.add_argument("--model", type=Path, default=demo_model_path(one_step=True))
     parser.add_argument("--malloc", choices=sorted(MALLOC_SETTINGS), default="demo", help="glibc allocator settings")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the stage's dtype")
@@ -107,7 +120,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = causal_copy(args.model, folder, args.chunk_frames, args.cache_chunks)
+        model, chunk_frames, cache_chunks = causal_copy(args.model, folder, args.chunk_frames, args.cache_chunks)
         lengths = sorted(args.frames)
         for count in lengths:
             video = make_input(ping_pong(clip, count), count, video_info(source)["fps"], folder)
@@ -119,7 +132,7 @@ def main() -> None:
                 rows.append({"path": label, "input_frames": count, **result})
                 print(f"{label:>9} {count:>5} frames: peak RSS {result['peak_rss_mib']:.0f} MiB, "
                       f"{result['frames_per_s']:.2f} frames/s", flush=True)  # fmt: skip
-        split = None if args.no_profile else profile_chunk(model, clip, args.chunk_frames)
+        split = None if args.no_profile else profile_chunk(model, clip, chunk_frames)
 
     streamed = [r for r in rows if r["path"] == "streamed"]
     ratio = streamed[-1]["peak_rss_mib"] / streamed[0]["peak_rss_mib"]
@@ -130,7 +143,7 @@ def main() -> None:
     print(f"peak RSS, {streamed[-1]['input_frames']} vs {streamed[0]['input_frames']} frames (streamed): {ratio:.3f}")
     if split is not None:
         total = sum(split.values())
-        print("one streamed chunk, self CPU time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
+        print("4 streamed frames, self CPU time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         json.dumps(
@@ -138,8 +151,8 @@ def main() -> None:
                 "model": str(args.model),
                 "malloc": args.malloc,
                 "dtype": args.dtype,
-                "causal_chunk_frames": args.chunk_frames,
-                "causal_cache_chunks": args.cache_chunks,
+                "causal_chunk_frames": chunk_frames,
+                "causal_cache_chunks": cache_chunks,
                 "size": list(args.size),
                 "cpu": cpu_name(),
                 "torch_threads": torch.get_num_threads(),
