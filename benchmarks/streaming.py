@@ -6,8 +6,9 @@ The network is the one-step demo model (`demo_model_path(one_step=True)`, fine-t
 `causal_chunk_frames` / `causal_cache_chunks` set to the options (they add no weights; the defaults are its own).
 Inputs are the real bigbuckbunny clip at 160x96, played forward and backward to the length asked
 (`upscale_memory.ping_pong`), super-resolved 2x (320x192) in fresh processes: the streamed path for every length,
-the windowed path (`--no-stream`, 32-frame windows overlapping by 4) for the shortest one. Peak RSS is the process's exact high-water mark (`upscale_memory.run_upscale`), with `make demo`'s
-allocator settings (`--malloc demo`, freed memory kept in glibc's heap) or glibc's defaults (`--malloc glibc`).
+the windowed path (`--no-stream`, 32-frame windows overlapping by 4) for the shortest one. Peak RSS is the
+process's exact high-water mark (`upscale_memory.run_upscale`), with `make demo`'s allocator settings
+(`--malloc demo`, freed memory kept in glibc's heap) or glibc's defaults (`--malloc glibc`).
 
 The time split comes from torch's profiler on 4 streamed frames in this process: self CPU time by operator
 family (attention kernels, linear layers, convolutions of the upsampler, the rest).
