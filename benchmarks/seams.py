@@ -57,18 +57,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=sorted(SPLITS), default="validation")
     parser.add_argument("--method", action="append", required=True, help="label=stage folder (one run, its settings)")
-    parser.add_argument("--chunk-frames", type=int, default=None, help="default: the first causal method's chunk")
+    parser.add_argument("--chunk-frames", type=int, default=None, help="default: the longest causal chunk")
     parser.add_argument("--num-frames", type=int, default=32)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     methods = {label: Path(path) for label, _, path in (text.partition("=") for text in args.method)}
     pipes = {label: demo.load_pipeline(path, "cpu") for label, path in methods.items()}
-    chunk_frames = args.chunk_frames or next(
-        (p.transformer.config.causal_chunk_frames for p in pipes.values() if p.transformer.config.causal_chunk_frames),
-        None,
-    )
+    chunks = [p.transformer.config.causal_chunk_frames or 0 for p in pipes.values()]
+    chunk_frames = args.chunk_frames or max(chunks) or None
     if chunk_frames is None:
         raise SystemExit("--chunk-frames: no method is block-causal, so say which chunk length to split at")
+    if chunk_frames < 2:
+        raise SystemExit(
+            f"--chunk-frames {chunk_frames}: every frame pair would cross a boundary; split at 2 or more frames "
+            "(a sliding window of 1-frame chunks has no seams of its own: compare it at another model's chunks)"
+        )
     boundary = boundary_pairs(args.num_frames, chunk_frames)
     results = {}
     for name in SPLITS[args.split]:
