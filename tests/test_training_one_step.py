@@ -396,17 +396,22 @@ def test_distillation_loss_adds_the_temporal_term_of_its_error(pairs, teacher):
 @torch.no_grad()
 def test_ground_truth_weight_blends_the_distillation_target_towards_the_hr_latents(pairs, teacher):
     """`distill_ground_truth_weight` w: the target is (1 - w) x the teacher's one-step ensemble + w x the HR
-    latents; 0 is the teacher's target exactly, 1 the ground truth. Only a one-step student takes it."""
+    latents; 0 is the teacher's target exactly, 1 the ground truth (without running the teacher). Only a one-step
+    student takes it."""
     from cascade_vsr.training.objectives import distillation_target
 
     model, sigmas = stage(teacher), teacher_sigmas(teacher, 1)
     extra = ["--objective", "distill", "--distill_teacher_steps", "1", "--distill_teacher_self_ensemble", "2"]
-    targets = {}
+    targets, starts = {}, {}
     for weight in (0.0, 0.25, 1.0):
         args = one_step_args(pairs, "unused", 1, teacher, *extra, "--distill_ground_truth_weight", str(weight))
         _, _, config = load_config(None, args)
         inputs = fixed_batch(pairs, config)
-        noisy, start, end, targets[weight] = distillation_target(model, inputs, sigmas, config, "space_to_depth")
+        network = None if weight == 1 else model  # at w = 1 the teacher must not run
+        *starts[weight], targets[weight] = distillation_target(network, inputs, sigmas, config, "space_to_depth")
+    for noisy, start, end in (starts[0.25], starts[1.0]):  # the same student start, whether the teacher runs or not
+        assert torch.equal(noisy, starts[0.0][0]) and torch.equal(start, starts[0.0][1])
+        assert torch.equal(end, starts[0.0][2])
     teacher_only = teacher_target(model, inputs, sigmas, self_ensemble=2, latent_space="space_to_depth",
                                   teacher_steps_per_student_step=1)[3]  # fmt: skip
     assert torch.equal(targets[0.0], teacher_only)

@@ -147,6 +147,25 @@ def _transformed(tensor: torch.Tensor, indices: list[int], latent_space: str | N
     return torch.cat([latent_dihedral_transform(tensor, index, latent_space) for index in indices])
 
 
+def student_start(
+    inputs: StepInputs, sigmas: torch.Tensor, teacher_steps_per_student_step: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A student step k per sample on the teacher's grid `sigmas` (N + 1 values ending at 0), s =
+    `teacher_steps_per_student_step`: z = the HR latents noised to sigmas[s k], and the teacher's path
+    (sigmas[s k], ..., sigmas[s k + s])."""
+    stride = teacher_steps_per_student_step
+    if stride not in (1, 2) or (len(sigmas) - 1) % stride:
+        raise ValueError(
+            f"`teacher_steps_per_student_step` must be 1 or 2 and divide the grid's {len(sigmas) - 1} steps, "
+            f"got {stride}"
+        )
+    num_student_steps = (len(sigmas) - 1) // stride
+    step = torch.randint(num_student_steps, (inputs.hr.shape[0],), generator=inputs.generator, device=inputs.hr.device)
+    sigmas = sigmas.to(inputs.hr.device)
+    path = tuple(sigmas[stride * step + offset] for offset in range(stride + 1))
+    return add_noise(inputs.hr, inputs.noise, path[0]), path
+
+
 @torch.no_grad()
 def teacher_target(
     teacher: nn.Module,
@@ -169,18 +188,8 @@ def teacher_target(
 
     Returns (z at sigmas[s k], sigmas[s k], sigmas[s k + s], the teacher's latents at sigmas[s k + s])."""
     batch_size = inputs.hr.shape[0]
-    stride = teacher_steps_per_student_step
-    if stride not in (1, 2) or (len(sigmas) - 1) % stride:
-        raise ValueError(
-            f"`teacher_steps_per_student_step` must be 1 or 2 and divide the grid's {len(sigmas) - 1} steps, "
-            f"got {stride}"
-        )
-    num_student_steps = (len(sigmas) - 1) // stride
-    step = torch.randint(num_student_steps, (batch_size,), generator=inputs.generator, device=inputs.hr.device)
-    sigmas = sigmas.to(inputs.hr.device)
-    path = tuple(sigmas[stride * step + offset] for offset in range(stride + 1))
+    noisy, path = student_start(inputs, sigmas, teacher_steps_per_student_step)
     start, end = path[0], path[-1]
-    noisy = add_noise(inputs.hr, inputs.noise, start)
     text = teacher.text(batch_size, *inputs.text)
     if self_ensemble == 1:
         latents = _teacher_euler(
@@ -220,7 +229,12 @@ def distillation_target(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`teacher_target` with the config's settings, its latents blended towards the ground truth by
     `distill_ground_truth_weight` w: (1 - w) x teacher + w x HR. The loss is a quadratic form of the error, so the
-    blended target gives (1 - w) x the distillation loss + w x the ground-truth loss, up to a constant."""
+    blended target gives (1 - w) x the distillation loss + w x the ground-truth loss, up to a constant. At w = 1
+    the teacher does not run: the student regresses the HR latents from the same start."""
+    weight = train_config.distill_ground_truth_weight
+    if weight == 1:
+        noisy, path = student_start(inputs, sigmas, train_config.distill_student_stride)
+        return noisy, path[0], path[-1], inputs.hr.float()
     noisy, start, end, target = teacher_target(
         teacher,
         inputs,
@@ -230,7 +244,7 @@ def distillation_target(
         latent_space,
         teacher_steps_per_student_step=train_config.distill_student_stride,
     )
-    return noisy, start, end, torch.lerp(target.float(), inputs.hr.float(), train_config.distill_ground_truth_weight)
+    return noisy, start, end, torch.lerp(target.float(), inputs.hr.float(), weight)
 
 
 # -- adversarial post-training ----------------------------------------------------------------------------------
