@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import math
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
+from cascade_vsr.core.metrics import consistency_mask, relative_warping_error
+from cascade_vsr.core.optical_flow import bidirectional_flow
 from cascade_vsr.training.adversarial import (
     approximate_gradient_penalty,
     feature_matching_loss,
+    flow_temporal_loss,
     rpgan_discriminator_loss,
     rpgan_generator_loss,
     temporal_difference_loss,
@@ -69,3 +75,50 @@ def test_temporal_difference_loss_compares_frame_to_frame_changes():
     assert temporal_difference_loss(prediction, target).item() == pytest.approx(1.0)
     assert temporal_difference_loss(target + 5, target).item() == 0  # a constant offset does not flicker
     assert temporal_difference_loss(prediction[:, :, :1], target[:, :, :1]).item() == 0
+
+
+def moving_texture(frames: int = 4, size: int = 32, shift: int = 2) -> np.ndarray:
+    """A smooth random texture translated by `shift` px per frame: (T, H, W, 3) uint8 with known motion."""
+    rng = np.random.default_rng(0)
+    base = cv2.GaussianBlur(rng.uniform(0, 255, (size + frames * shift, size + frames * shift, 3)), (0, 0), 2.0)
+    base = (base - base.min()) / (base.max() - base.min()) * 200 + 28
+    return np.stack([base[:size, t * shift : t * shift + size] for t in range(frames)]).round().astype(np.uint8)
+
+
+def as_decoded(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> a decoded clip (1, 3, T, H, W) in [-1, 1]."""
+    return rearrange(torch.from_numpy(frames).float() / 127.5 - 1, "t h w c -> 1 c t h w")
+
+
+def test_flow_temporal_loss_is_the_relative_warping_error_in_decoded_units():
+    target = moving_texture()
+    rng = np.random.default_rng(1)
+    prediction = np.clip(target.astype(int) + rng.integers(-6, 7, target.shape), 0, 255).astype(np.uint8)
+    backward, forward = bidirectional_flow(target, preset="medium")
+    expected = relative_warping_error(prediction, target, backward, consistency_mask(backward, forward)) / 127.5
+    loss = flow_temporal_loss(as_decoded(prediction), as_decoded(target))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # a batch: the mean over the valid pixels of both clips, here two copies of the one clip
+    both = flow_temporal_loss(as_decoded(prediction).repeat(2, 1, 1, 1, 1), as_decoded(target).repeat(2, 1, 1, 1, 1))
+    assert both.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_flow_temporal_loss_follows_the_motion():
+    """An error pattern that moves with the content costs (almost) nothing; the same pattern standing still while
+    the content moves, as a fixed grid does, costs as much as flicker."""
+    target = moving_texture(frames=4, size=32, shift=2)
+    pattern = moving_texture(frames=4, size=32, shift=2).astype(np.float32) / 127.5 - 1
+    moving = as_decoded(target) + 0.05 * rearrange(torch.from_numpy(pattern), "t h w c -> 1 c t h w")
+    still = as_decoded(target) + 0.05 * rearrange(torch.from_numpy(pattern[:1]), "t h w c -> 1 c t h w")
+    moving_loss = flow_temporal_loss(moving, as_decoded(target))
+    still_loss = flow_temporal_loss(still, as_decoded(target))
+    assert moving_loss.item() < 0.2 * still_loss.item()
+    # the same-pixel term cannot tell them apart: it charges the moving error more
+    assert temporal_difference_loss(moving, as_decoded(target)) > temporal_difference_loss(still, as_decoded(target))
+
+    prediction = still.clone().requires_grad_(True)
+    flow_temporal_loss(prediction, as_decoded(target)).backward()
+    assert prediction.grad.abs().sum() > 0
+    assert flow_temporal_loss(still[:, :, :1], as_decoded(target)[:, :, :1]).item() == 0
+    with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\) of one shape"):
+        flow_temporal_loss(still, as_decoded(target)[:, :, :2])

@@ -426,3 +426,25 @@ def test_ground_truth_weight_blends_the_distillation_target_towards_the_hr_laten
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             load_config(None, one_step_args(pairs, "unused", 1, teacher, *bad))
+
+
+def test_flow_temporal_weight_adds_the_relative_warping_error_of_the_decoded_prediction(pairs, teacher, tmp_path):
+    """`flow_temporal_weight` w in distillation: the first step's loss is the plain one plus w times the flow term
+    of the student's decoded prediction (same weights, same draws); refused for a student of several steps."""
+    extra = ["--objective", "distill", "--distill_teacher_steps", "1", "--distill_teacher_self_ensemble", "2"]
+    extra += ["--distill_ground_truth_weight", "1", "--num_latent_frames", "2"]
+    first = {}
+    for weight in (0.0, 5.0):
+        output = tmp_path / f"w{weight}"
+        args = one_step_args(pairs, output, 1, teacher, *extra, "--flow_temporal_weight", str(weight))
+        train(*load_config(None, args))
+        first[weight] = read_log(output)[0]
+    flow = first[5.0]["flow_temporal"]
+    assert flow > 0 and "flow_temporal" not in first[0.0]
+    assert first[5.0]["loss"] == pytest.approx(first[0.0]["loss"] + 5.0 * flow, rel=1e-5)
+
+    bad = ["--objective", "distill", "--distill_teacher_steps", "4", "--flow_temporal_weight", "1"]
+    with pytest.raises(ValueError, match="`flow_temporal_weight` judges the decoded clean prediction"):
+        load_config(None, one_step_args(pairs, "unused", 1, teacher, *bad))
+    with pytest.raises(ValueError, match="`flow_temporal_weight` must be >= 0, got -1.0"):
+        load_config(None, one_step_args(pairs, "unused", 1, teacher, "--flow_temporal_weight", "-1"))

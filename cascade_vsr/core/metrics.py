@@ -122,9 +122,9 @@ def warp(frames: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.
         (source[..., 0] >= 0) & (source[..., 0] <= width - 1) & (source[..., 1] >= 0) & (source[..., 1] <= height - 1)
     )
     scale = torch.tensor([max(width - 1, 1), max(height - 1, 1)], dtype=flow.dtype)
-    grid = (source / scale * 2 - 1).to(frames.dtype)
+    grid = (source / scale * 2 - 1).to(device=frames.device, dtype=frames.dtype)
     warped = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return warped, inside
+    return warped, inside.to(frames.device)
 
 
 def consistency_mask(

@@ -18,6 +18,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+
+from cascade_vsr.core.metrics import consistency_mask, warp_residual
+from cascade_vsr.core.optical_flow import bidirectional_flow
 
 
 def _check_pair(real: torch.Tensor, fake: torch.Tensor) -> None:
@@ -70,3 +74,31 @@ def temporal_difference_loss(prediction: torch.Tensor, target: torch.Tensor, dim
         return prediction.new_zeros((), dtype=torch.float32)
     change = torch.diff(prediction.float(), dim=dim) - torch.diff(target.float(), dim=dim)
     return change.square().mean()
+
+
+def flow_temporal_loss(prediction: torch.Tensor, target: torch.Tensor, flow_preset: str = "medium") -> torch.Tensor:
+    """The relative warping error (`core.metrics.relative_warping_error`) as a loss, on (B, 3, T, H, W) decoded
+    frames in about [-1, 1]: the mean absolute change of the error video `prediction - target` from frame t-1 to
+    frame t along the target's optical flow, over the pixels that are not occluded.
+
+    Unlike `temporal_difference_loss`, which compares changes at the same pixel, it follows the motion: an error
+    that moves with the content costs nothing, one that stays put while the content moves (a fixed pattern) or
+    that changes from frame to frame (flicker) does. The flow (DIS on the target, as the metric takes it from the
+    ground truth) carries no gradient. Zero for a single frame."""
+    if prediction.shape != target.shape or prediction.ndim != 5:
+        raise ValueError(
+            f"prediction and target must be (B, 3, T, H, W) of one shape, got {tuple(prediction.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    if prediction.shape[2] < 2:
+        return prediction.new_zeros((), dtype=torch.float32)
+    frames = ((target.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    frames = rearrange(frames, "b c t h w -> b t h w c").cpu().numpy()
+    errors = rearrange(prediction.float() - target.float(), "b c t h w -> b t h w c")
+    total, count = errors.new_zeros(()), 0
+    for clip, error in zip(frames, errors):  # DIS estimates one clip's flow at a time
+        backward, forward = bidirectional_flow(clip, preset=flow_preset)
+        mask = consistency_mask(backward, forward).to(error.device)
+        residual, valid = warp_residual(error, backward, mask, name="prediction")
+        total, count = total + residual[valid].sum(), count + int(valid.sum())
+    return total / max(count, 1)

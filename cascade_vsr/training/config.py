@@ -235,6 +235,13 @@ class TrainConfig:
         default=0.0,
         metadata={"help": "adversarial: squared difference of frame-to-frame changes, on the decoded crops."},
     )
+    flow_temporal_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "distill (one-step students) / adversarial: the relative warping error of the decoded crops "
+            "against the HR clip, along its optical flow (flicker and fixed patterns that do not follow the motion)."
+        },
+    )
     lora_rank: int | None = field(
         default=None,
         metadata={
@@ -458,6 +465,12 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
             "`distill_ground_truth_weight` blends the ground truth into the target of a one-step student: it needs "
             f"`objective` distill and `distill_teacher_steps` 1 or 2, got {train.objective!r} and {steps}"
         )
+    one_step = train.objective == "adversarial" or train.objective == "distill" and steps in (1, 2)
+    if train.flow_temporal_weight > 0 and not one_step:
+        raise ValueError(
+            "`flow_temporal_weight` judges the decoded clean prediction of a one-step model: it needs `objective` "
+            f"adversarial, or distill with `distill_teacher_steps` 1 or 2, got {train.objective!r} and {steps}"
+        )
     if train.distill_guidance_scale < 1:
         raise ValueError(f"`distill_guidance_scale` must be >= 1 (1: none), got {train.distill_guidance_scale}")
     if not 1 <= train.distill_teacher_self_ensemble <= 8:
@@ -480,7 +493,8 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
                 f"`latent_space` must be 'space_to_depth', got {model.latent_space!r}"
             )
     for name in ("gan_weight", "l1_weight", "feature_matching_weight", "r1_weight", "r2_weight",
-                 "pixel_loss_weight", "temporal_smoothness_weight", "discriminator_sigma"):  # fmt: skip
+                 "pixel_loss_weight", "temporal_smoothness_weight", "flow_temporal_weight",
+                 "discriminator_sigma"):  # fmt: skip
         if getattr(train, name) < 0:
             raise ValueError(f"`{name}` must be >= 0, got {getattr(train, name)}")
     if not train.discriminator_sigma < 1:

@@ -19,6 +19,7 @@ from cascade_vsr.pipelines.self_ensemble import latent_dihedral_transform, swaps
 from cascade_vsr.training.adversarial import (
     approximate_gradient_penalty,
     feature_matching_loss,
+    flow_temporal_loss,
     rpgan_discriminator_loss,
     rpgan_generator_loss,
     temporal_difference_loss,
@@ -335,17 +336,38 @@ def generator_step_loss(
     matching = feature_matching_loss(fake_out.features, real_out.features)
     loss = config.gan_weight * gan + config.l1_weight * l1 + config.feature_matching_weight * matching
     parts = {"g_gan": gan.item(), "g_l1": l1.item(), "g_feature_matching": matching.item()}
-    if decode is not None and (config.pixel_loss_weight or config.temporal_smoothness_weight):
-        crop = tuple(config.pixel_crop_size) if config.pixel_crop_size is not None else None
-        rows, cols = random_crop_box(tuple(fake.shape[-2:]), crop, draw)
-        predicted = decode(fake[..., rows, cols])
-        with torch.no_grad():
-            target = decode(inputs.hr[..., rows, cols])
+    pixel_weights = (config.pixel_loss_weight, config.temporal_smoothness_weight, config.flow_temporal_weight)
+    if decode is not None and any(pixel_weights):
+        predicted, target = decoded_crops(decode, fake, inputs, config)
         pixel = (predicted.float() - target.float()).abs().mean()
         smoothness = temporal_difference_loss(predicted, target)
         loss = loss + config.pixel_loss_weight * pixel + config.temporal_smoothness_weight * smoothness
         parts |= {"g_pixel": pixel.item(), "g_temporal": smoothness.item()}
+        if config.flow_temporal_weight:
+            flow = flow_temporal_loss(predicted, target)
+            loss = loss + config.flow_temporal_weight * flow
+            parts["g_flow_temporal"] = flow.item()
     return loss, parts
+
+
+def decoded_crops(
+    decode: Callable[[torch.Tensor], torch.Tensor], prediction: torch.Tensor, inputs: StepInputs, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded pixels of one random `pixel_crop_size` latent crop of `prediction` and of the HR latents (the
+    latter without gradient): InfVSR's patch-wise pixel supervision decodes only a crop."""
+    crop = tuple(config.pixel_crop_size) if config.pixel_crop_size is not None else None
+    rows, cols = random_crop_box(tuple(prediction.shape[-2:]), crop, inputs.generator)
+    predicted = decode(prediction[..., rows, cols])
+    with torch.no_grad():
+        target = decode(inputs.hr[..., rows, cols])
+    return predicted, target
+
+
+def flow_temporal_term(
+    decode: Callable[[torch.Tensor], torch.Tensor], prediction: torch.Tensor, inputs: StepInputs, config: TrainConfig
+) -> torch.Tensor:
+    """`flow_temporal_loss` of a one-step student's clean latents against the HR clip, on decoded crops."""
+    return flow_temporal_loss(*decoded_crops(decode, prediction, inputs, config))
 
 
 def generator_text(generator: nn.Module, batch_size: int, inputs: StepInputs) -> tuple:

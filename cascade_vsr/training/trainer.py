@@ -61,6 +61,7 @@ from cascade_vsr.training.objectives import (
     discriminator_step_loss,
     distillation_target,
     draw_inputs,
+    flow_temporal_term,
     generator_step_loss,
 )
 from cascade_vsr.training.samplers import BucketBatchSampler, make_timestep_sampler
@@ -175,13 +176,16 @@ class DistillationTrainModule(CascadeVSRTrainModule):
         drop_text: torch.Tensor,
         prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_prediction: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The loss; with `return_prediction`, also the student's latents at `sigma_to` (for losses on them)."""
         condition = self.condition(lr_latents, tuple(noisy.shape[-2:]), aug_noise, aug_level)
         text, mask = self.text(noisy.shape[0], drop_text, prompt_embeds, prompt_attention_mask)
         velocity = self.velocity(noisy, condition, sigma_from, aug_level, text, mask)
         step = (sigma_to - sigma_from).reshape(-1, 1, 1, 1, 1)
         student_latents = noisy.float() + step * velocity.float()
-        return clip_squared_error(student_latents - teacher_latents.float(), self.temporal_loss_weight).mean()
+        loss = clip_squared_error(student_latents - teacher_latents.float(), self.temporal_loss_weight).mean()
+        return (loss, student_latents) if return_prediction else loss
 
 
 class OneStepGenerator(CascadeVSRTrainModule):
@@ -422,7 +426,8 @@ def pixel_decoder(model_path: str, device: torch.device):
     vae = CascadeVSRPipeline.from_pretrained(model_path).vae
     if vae is None:
         raise ValueError(
-            f"`pixel_loss_weight` / `temporal_smoothness_weight` decode through a VAE, but {model_path!r} has no vae/"
+            "`pixel_loss_weight` / `temporal_smoothness_weight` / `flow_temporal_weight` decode through a VAE, but "
+            f"{model_path!r} has no vae/"
         )
     vae = vae.to(device).requires_grad_(False).eval()
     adapter = get_adapter(vae)
@@ -505,8 +510,9 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
         discriminator = CascadeVSRDiscriminator.from_transformer(
             transformer, tuple(head_layers) if head_layers is not None else None
         )
-        if train_config.pixel_loss_weight or train_config.temporal_smoothness_weight:
-            decode = pixel_decoder(model_config.pretrained_model_name_or_path, device)
+    pixel_weights = (train_config.pixel_loss_weight, train_config.temporal_smoothness_weight)
+    if objective == "adversarial" and any(pixel_weights) or train_config.flow_temporal_weight:
+        decode = pixel_decoder(model_config.pretrained_model_name_or_path, device)
     if train_config.lora_rank is not None:
         add_lora_adapter(upsampler, transformer, train_config)
     if train_config.gradient_checkpointing:
@@ -587,8 +593,12 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             noisy, start, end, target = distillation_target(
                 teacher, inputs, sigmas, train_config, model_config.latent_space
             )
-            loss = module(noisy, inputs.lr, start, end, target, inputs.aug_noise, inputs.aug_level, *inputs.text)
-            return loss, {}
+            args = (noisy, inputs.lr, start, end, target, inputs.aug_noise, inputs.aug_level, *inputs.text)
+            if not train_config.flow_temporal_weight:
+                return module(*args), {}
+            loss, prediction = module(*args, return_prediction=True)
+            flow = flow_temporal_term(decode, prediction, inputs, train_config)
+            return loss + train_config.flow_temporal_weight * flow, {"flow_temporal": flow.item()}
         return generator_step_loss(module, d_unwrapped, inputs, train_config, decode)
 
     def critic_loss(inputs: StepInputs, sigma: None) -> tuple[torch.Tensor, dict]:
