@@ -195,10 +195,12 @@ def test_each_adversarial_step_updates_only_its_own_network(pairs, teacher):
 
 def test_adversarial_export_is_a_one_step_stage_with_pixel_losses(pairs, teacher, tmp_path):
     extra = ["--objective", "adversarial", "--pixel_loss_weight", "1", "--temporal_smoothness_weight", "1"]
-    extra += ["--pixel_crop_size", "2", "2", "--l1_weight", "0.1", "--feature_matching_weight", "0.1"]
+    extra += ["--pixel_crop_size", "2", "4", "--l1_weight", "0.1", "--feature_matching_weight", "0.1"]
+    extra += ["--flow_temporal_weight", "1", "--num_latent_frames", "2"]
     summary = train(*load_config(None, one_step_args(pairs, tmp_path / "apt", 2, teacher, *extra)))
     record = read_log(tmp_path / "apt")[-1]
     assert all(torch.isfinite(torch.tensor(record[k])) for k in ("g_pixel", "g_temporal", "d_loss"))
+    assert record["g_flow_temporal"] > 0
     assert (tmp_path / "apt/discriminator/config.json").is_file()
 
     pipe = CascadeVSRPipeline.from_pretrained(summary["export_dir"])
