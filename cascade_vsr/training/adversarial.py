@@ -10,6 +10,9 @@ Logits are (B, K): one per sample and discriminator head. Real and generated sam
 
 The approximated R1 and R2 penalise how much the discriminator's output moves under a small Gaussian perturbation
 of its input: a finite-difference stand-in for the gradient penalty that needs no second-order gradients.
+
+The temporal losses on decoded frames (`temporal_difference_loss`, InfVSR's; `flow_temporal_loss`, the relative
+warping error) serve the adversarial generator and one-step distillation alike.
 """
 
 from __future__ import annotations

@@ -363,13 +363,6 @@ def decoded_crops(
     return predicted, target
 
 
-def flow_temporal_term(
-    decode: Callable[[torch.Tensor], torch.Tensor], prediction: torch.Tensor, inputs: StepInputs, config: TrainConfig
-) -> torch.Tensor:
-    """`flow_temporal_loss` of a one-step student's clean latents against the HR clip, on decoded crops."""
-    return flow_temporal_loss(*decoded_crops(decode, prediction, inputs, config))
-
-
 def generator_text(generator: nn.Module, batch_size: int, inputs: StepInputs) -> tuple:
     """The generator's text conditioning (through DDP's wrapper to the module that owns it)."""
     module = generator.module if hasattr(generator, "module") else generator

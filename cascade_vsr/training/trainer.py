@@ -54,14 +54,15 @@ from cascade_vsr.models.discriminator import CascadeVSRDiscriminator
 from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
 from cascade_vsr.models.upsampler import LatentUpsampler3D
 from cascade_vsr.training import checkpoint as ckpt
+from cascade_vsr.training.adversarial import flow_temporal_loss
 from cascade_vsr.training.config import DataConfig, ModelConfig, TrainConfig, validate
 from cascade_vsr.training.data import PairLatentDataset, collate_pairs
 from cascade_vsr.training.objectives import (
     StepInputs,
+    decoded_crops,
     discriminator_step_loss,
     distillation_target,
     draw_inputs,
-    flow_temporal_term,
     generator_step_loss,
 )
 from cascade_vsr.training.samplers import BucketBatchSampler, make_timestep_sampler
@@ -511,7 +512,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             transformer, tuple(head_layers) if head_layers is not None else None
         )
     pixel_weights = (train_config.pixel_loss_weight, train_config.temporal_smoothness_weight)
-    if objective == "adversarial" and any(pixel_weights) or train_config.flow_temporal_weight:
+    if (objective == "adversarial" and any(pixel_weights)) or train_config.flow_temporal_weight:
         decode = pixel_decoder(model_config.pretrained_model_name_or_path, device)
     if train_config.lora_rank is not None:
         add_lora_adapter(upsampler, transformer, train_config)
@@ -597,7 +598,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, train_config: Trai
             if not train_config.flow_temporal_weight:
                 return module(*args), {}
             loss, prediction = module(*args, return_prediction=True)
-            flow = flow_temporal_term(decode, prediction, inputs, train_config)
+            flow = flow_temporal_loss(*decoded_crops(decode, prediction, inputs, train_config))
             return loss + train_config.flow_temporal_weight * flow, {"flow_temporal": flow.item()}
         return generator_step_loss(module, d_unwrapped, inputs, train_config, decode)
 
