@@ -8,7 +8,8 @@ Splits: `validation` (frames 200-231 of bikes.mp4, which no demo model trains on
 `held-out` (`make demo`'s clips: reported, never tuned on).
 
     .venv/bin/python benchmarks/one_step.py --split validation \
-        --method teacher=demo/model:2:1 --method teacher-x8=demo/model:2:8 --method apt=outputs/demo-apt/export:1:1
+        --method teacher=demo/model:2:1 --method teacher-x8=demo/model:2:8 --method apt=outputs/demo-apt/export:1:1 \
+        --method one-step-bf16=demo/one_step_model:1:1:bfloat16
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_vsr.commands import demo
+from cascade_vsr.commands.upscale import resolve_dtype
 from cascade_vsr.core.metrics import clip_metrics, metrics_table
 
 SPLITS = {
@@ -38,11 +40,16 @@ def high_frequency_energy(frames: np.ndarray) -> float:
     return float(F.conv2d(luma[:, None], LAPLACIAN.double()[None, None]).square().mean())
 
 
-def parse_method(text: str) -> tuple[str, Path, int, int]:
-    """`label=path:steps:self_ensemble`."""
+def parse_method(text: str) -> tuple[str, Path, int, int, str]:
+    """`label=path:steps:self_ensemble[:dtype]` (dtype as upscale's --dtype, float32 by default)."""
     label, _, spec = text.partition("=")
-    path, steps, runs = spec.rsplit(":", 2)
-    return label, Path(path), int(steps), int(runs)
+    fields = spec.split(":")
+    if len(fields) == 3:
+        fields.append("float32")
+    if len(fields) != 4:
+        raise ValueError(f"`--method` must be label=path:steps:self_ensemble[:dtype], got {text!r}")
+    path, steps, runs, dtype = fields
+    return label, Path(path), int(steps), int(runs), resolve_dtype(dtype, "cpu")
 
 
 def main() -> None:
@@ -55,16 +62,16 @@ def main() -> None:
     torch.manual_seed(0)
     methods = [parse_method(text) for text in args.method]
     clips = SPLITS[args.split]
-    pipes = {path: demo.load_pipeline(path, "cpu") for _, path, _, _ in methods}
+    pipes = {(path, dtype): demo.load_pipeline(path, "cpu", dtype=dtype) for _, path, _, _, dtype in methods}
     results, timing = {}, {}
     for name in clips:
         ground_truth, _, lr, bicubic = demo.held_out_clip(name, args.num_frames, (192, 320), clips)
         outputs = {"bicubic": bicubic}
         timing[name] = {"bicubic": {"seconds": 0.0, "network_evaluations": 0}}
-        for label, path, steps, runs in methods:
+        for label, path, steps, runs, dtype in methods:
             started = time.perf_counter()
             outputs[label] = demo.super_resolve(
-                pipes[path], lr, ground_truth.shape[1:3], num_inference_steps=steps, self_ensemble=runs, seed=0
+                pipes[path, dtype], lr, ground_truth.shape[1:3], num_inference_steps=steps, self_ensemble=runs, seed=0
             )
             timing[name][label] = {"seconds": time.perf_counter() - started, "network_evaluations": steps * runs}
         results[name] = clip_metrics(outputs, ground_truth)
@@ -87,7 +94,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {"split": args.split, "clips": {k: list(v) for k, v in clips.items()}, "num_frames": args.num_frames}
     record["methods"] = [
-        dict(zip(("label", "path", "steps", "self_ensemble"), (m[0], str(m[1]), m[2], m[3]))) for m in methods
+        dict(zip(("label", "path", "steps", "self_ensemble", "dtype"), (m[0], str(m[1]), *m[2:]))) for m in methods
     ]
     output.write_text(json.dumps(record | {"results": results}, indent=2) + "\n")
     print(f"wrote {output}")

@@ -8,7 +8,7 @@ the ratio boundary / interior is 1 without seams. Bicubic and any other method g
 how much of a ratio the content gives by itself (a scene's motion need not be uniform in time).
 
     .venv/bin/python benchmarks/seams.py --split validation --method streamed=outputs/x/export \
-        [--method bidirectional=demo/one_step_model] [--chunk-frames 4] [--num-frames 32]
+        [--method bidirectional=demo/one_step_model] [--chunk-frames 4] [--num-frames 32] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from one_step import SPLITS  # noqa: E402
 
 from cascade_vsr.commands import demo  # noqa: E402
+from cascade_vsr.commands.upscale import resolve_dtype  # noqa: E402
 from cascade_vsr.core.metrics import consistency_mask, warp_residual  # noqa: E402
 from cascade_vsr.core.optical_flow import bidirectional_flow  # noqa: E402
 
@@ -59,10 +60,14 @@ def main() -> None:
     parser.add_argument("--method", action="append", required=True, help="label=stage folder (one run, its settings)")
     parser.add_argument("--chunk-frames", type=int, default=None, help="default: the longest causal chunk")
     parser.add_argument("--num-frames", type=int, default=32)
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16"), default="float32", help="the methods' dtype (upscale's)"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     methods = {label: Path(path) for label, _, path in (text.partition("=") for text in args.method)}
-    pipes = {label: demo.load_pipeline(path, "cpu") for label, path in methods.items()}
+    dtype = resolve_dtype(args.dtype, "cpu")
+    pipes = {label: demo.load_pipeline(path, "cpu", dtype=dtype) for label, path in methods.items()}
     chunks = [p.transformer.config.causal_chunk_frames or 0 for p in pipes.values()]
     chunk_frames = args.chunk_frames or max(chunks) or None
     if chunk_frames is None:
@@ -103,6 +108,7 @@ def main() -> None:
         "split": args.split,
         "num_frames": args.num_frames,
         "chunk_frames": chunk_frames,
+        "dtype": dtype,
         "methods": {label: str(path) for label, path in methods.items()},
         "clips": results,
     }

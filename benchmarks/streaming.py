@@ -14,7 +14,8 @@ The time split comes from torch's profiler on 4 streamed frames in this process:
 family (attention kernels, linear layers, convolutions of the upsampler, the rest).
 
     .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames C] [--cache-chunks M]
-        [--malloc demo|glibc] [--dtype float32|bfloat16] [--no-profile]
+        [--malloc demo|glibc] [--dtype auto|float32|bfloat16] [--baseline-model PATH] [--baseline-dtype D]
+        [--no-profile]
 """
 
 from __future__ import annotations
@@ -63,17 +64,16 @@ def command(video: Path, output: Path, model: Path, stream: bool, dtype: str) ->
     ]  # fmt: skip
 
 
-def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int) -> dict[str, float]:
-    """Self CPU seconds of streaming 4 frames (one chunk, or as many chunks as that takes; after a warm-up chunk),
-    by operator family."""
+def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str) -> dict[str, float]:
+    """Self CPU seconds of streaming 4 frames (one chunk, or as many chunks as that takes; after a warm-up chunk) in
+    upscale's `dtype`, by operator family."""
     import torch
     from einops import rearrange
     from torch.profiler import ProfilerActivity, profile
 
-    from cascade_vsr import CascadeVSRPipeline
+    from cascade_vsr.commands.upscale import load_stage, resolve_dtype
 
-    pipe = CascadeVSRPipeline.from_pretrained(model, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_stage(model, "cpu", resolve_dtype(dtype, "cpu"))
     chunks_profiled = max(1, 4 // chunk_frames)
     video = rearrange(torch.from_numpy(frames[: (2 + chunks_profiled) * chunk_frames]), "t h w c -> 1 t c h w")
     video = video.float() / 255
@@ -109,7 +109,16 @@ def main() -> None:
     parser.add_argument("--cache-chunks", type=int, default=None, help="cached chunks (default: the model's)")
     parser.add_argument("--model", type=Path, default=demo_model_path(one_step=True))
     parser.add_argument("--malloc", choices=sorted(MALLOC_SETTINGS), default="demo", help="glibc allocator settings")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the stage's dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="the stage's dtype (upscale's --dtype)",
+    )
+    parser.add_argument(
+        "--baseline-model", type=Path, default=None, help="a stage folder streamed at the shortest length as well"
+    )
+    parser.add_argument("--baseline-dtype", choices=("auto", "float32", "bfloat16"), default="float32")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of one chunk")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -122,18 +131,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model, chunk_frames, cache_chunks = causal_copy(args.model, folder, args.chunk_frames, args.cache_chunks)
+        baseline = None
+        if args.baseline_model is not None:
+            baseline = folder / "baseline_model"
+            shutil.copytree(args.baseline_model, baseline)
         lengths = sorted(args.frames)
         for count in lengths:
             video = make_input(ping_pong(clip, count), count, video_info(source)["fps"], folder)
-            runs = [("streamed", True)] + ([("windowed", False)] if count == lengths[0] else [])
-            for label, stream in runs:
-                result = run_upscale(command(video, folder / f"{label}_{count}.mp4", model, stream, args.dtype), env,
+            runs = [("streamed", model, True, args.dtype)]
+            if count == lengths[0]:
+                runs.append(("windowed", model, False, args.dtype))
+                if baseline is not None:
+                    runs.append(("baseline", baseline, True, args.baseline_dtype))
+            for label, stage, stream, dtype in runs:
+                result = run_upscale(command(video, folder / f"{label}_{count}.mp4", stage, stream, dtype), env,
                                      folder / f"{label}_{count}.log", 0.2)  # fmt: skip
                 result.pop("rss_trace")
                 rows.append({"path": label, "input_frames": count, **result})
                 print(f"{label:>9} {count:>5} frames: peak RSS {result['peak_rss_mib']:.0f} MiB, "
                       f"{result['frames_per_s']:.2f} frames/s", flush=True)  # fmt: skip
-        split = None if args.no_profile else profile_chunk(model, clip, chunk_frames)
+        split = None if args.no_profile else profile_chunk(model, clip, chunk_frames, args.dtype)
 
     streamed = [r for r in rows if r["path"] == "streamed"]
     ratio = streamed[-1]["peak_rss_mib"] / streamed[0]["peak_rss_mib"]
@@ -142,6 +159,11 @@ def main() -> None:
     for row in rows:
         print(f"{row['path']:<10}{row['input_frames']:>8}{row['peak_rss_mib']:>14.0f}{row['frames_per_s']:>10.2f}")
     print(f"peak RSS, {streamed[-1]['input_frames']} vs {streamed[0]['input_frames']} frames (streamed): {ratio:.3f}")
+    baseline_rows = [r for r in rows if r["path"] == "baseline"]
+    speedup = None
+    if baseline_rows:
+        speedup = streamed[0]["frames_per_s"] / baseline_rows[0]["frames_per_s"]
+        print(f"frames/s, streamed vs baseline ({args.baseline_model}, {args.baseline_dtype}): {speedup:.2f}x")
     if split is not None:
         total = sum(split.values())
         print("4 streamed frames, self CPU time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
@@ -159,6 +181,9 @@ def main() -> None:
                 "torch_threads": torch.get_num_threads(),
                 "rows": rows,
                 "peak_rss_ratio_longest_vs_shortest": ratio,
+                "baseline_model": None if args.baseline_model is None else str(args.baseline_model),
+                "baseline_dtype": args.baseline_dtype,
+                "frames_per_s_ratio_vs_baseline": speedup,
                 "chunk_self_cpu_seconds": split,
             },
             indent=2,

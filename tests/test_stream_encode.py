@@ -169,7 +169,7 @@ def test_upscale_streams_a_wan_stage_as_the_stream_of_the_whole_clip_encode(
 
     with VideoSink(tmp_path / "in") as sink:
         sink.write(wan_lr_frames)
-    base = ["upscale", str(tmp_path / "in"), "--model", str(wan_stage), "--scale", "2"]
+    base = ["upscale", str(tmp_path / "in"), "--model", str(wan_stage), "--scale", "2", "--dtype", "float32"]
     assert main([*base, "-o", str(tmp_path / "streamed")]) == 0
     streamed = read_frames(tmp_path / "streamed")
     assert streamed.shape == (13, 48, 64, 3)

@@ -304,17 +304,21 @@ def test_one_step_teacher_target_is_the_mean_of_its_one_step_runs(pairs, teacher
 
 
 def test_a_block_causal_student_distils_from_the_bidirectional_teacher(pairs, teacher, tmp_path):
-    """The student takes `causal_chunk_frames`; the teacher keeps the pretrained stage's own attention in time."""
+    """The student takes `causal_chunk_frames` and `ffn_activation`; the teacher keeps the pretrained stage's own
+    attention in time and GELU (the function it was trained as)."""
     from cascade_vsr.training.trainer import load_teacher_transformer
 
     causal = ["--objective", "distill", "--causal_chunk_frames", "1", "--num_latent_frames", "2"]
+    causal += ["--ffn_activation", "gelu"]
     model_config, data_config, train_config = load_config(
         None, one_step_args(pairs, tmp_path / "c", 1, teacher, *causal)
     )
-    assert load_teacher_transformer(model_config).config.causal_chunk_frames is None
+    teacher_config = load_teacher_transformer(model_config).config
+    assert teacher_config.causal_chunk_frames is None and teacher_config.ffn_activation == "gelu-approximate"
     summary = distill(model_config, data_config, train_config)
     exported = CascadeVSRPipeline.from_pretrained(summary["export_dir"]).transformer
     assert (exported.config.causal_chunk_frames, exported.config.causal_cache_chunks) == (1, 1)
+    assert exported.config.ffn_activation == "gelu" and exported.blocks[0].ffn.net[0].approximate == "none"
 
 
 def test_dihedral_augmentation_flips_and_transposes_the_pairs(pairs, teacher):

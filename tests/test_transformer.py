@@ -460,11 +460,30 @@ def test_temporal_unit_scopes_full_attention_layers(tiny_transformer):
         (dict(temporal_unit=0), "temporal_unit"),
         (dict(window_size=(1, 2)), "window_size"),
         (dict(window_reference=(45, -1)), "window_reference"),
+        (dict(ffn_activation="relu"), "ffn_activation"),
     ],
 )
 def test_bad_attention_config_raises_value_error(change, match):
     with pytest.raises(ValueError, match=match):
         CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, **change})
+
+
+@pytest.mark.parametrize("activation", ["gelu-approximate", "gelu"])
+def test_ffn_activation_is_the_named_gelu(tiny_transformer, activation):
+    """The feed-forward layer against hand-written GELUs: tanh form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    and erf form 0.5 x (1 + erf(x / sqrt(2))). Both load the same weights; they differ as functions."""
+    model = CascadeVSRTransformer3DModel(**{**TINY_TRANSFORMER, "ffn_activation": activation})
+    model.load_state_dict(tiny_transformer.state_dict())
+    ffn = model.blocks[0].ffn
+    x = torch.randn(2, 5, 24, dtype=torch.float64) * 2
+    hidden = x @ ffn.net[0].proj.weight.double().T + ffn.net[0].proj.bias.double()
+    if activation == "gelu":
+        gelu = 0.5 * hidden * (1 + torch.erf(hidden / 2**0.5))
+    else:
+        gelu = 0.5 * hidden * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (hidden + 0.044715 * hidden**3)))
+    reference = gelu @ ffn.net[2].weight.double().T + ffn.net[2].bias.double()
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x.float()).double(), reference, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from cascade_vsr.core.video import read_frames, read_video, resize_frames, sampl
 from cascade_vsr.training.trainer import export_pipeline
 from tests.conftest import randomize_
 
+# The tests that compare `upscale` with a float32 pipeline pin its dtype (`--dtype auto` is bfloat16 on AMX CPUs).
+FP32 = ("--dtype", "float32")
 SAMPLING = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0, "self_ensemble": 2}
 
 
@@ -71,7 +73,10 @@ def test_png_folder_and_mp4_inputs_give_the_pipelines_frames(tmp_path, stage, lr
         sink.write(lr_frames)
     expected = pipeline_frames(stage, lr_frames)
     assert (
-        main(["upscale", str(tmp_path / "lr"), "-o", str(tmp_path / "sr"), "--scale", "2", "--model", str(stage)]) == 0
+        main(
+            ["upscale", str(tmp_path / "lr"), "-o", str(tmp_path / "sr"), "--scale", "2", "--model", str(stage), *FP32]
+        )
+        == 0
     )
     np.testing.assert_array_equal(read_frames(tmp_path / "sr"), expected)
 
@@ -87,6 +92,7 @@ def test_png_folder_and_mp4_inputs_give_the_pipelines_frames(tmp_path, stage, lr
                 "2",
                 "--model",
                 str(stage),
+                *FP32,
             ]
         )
         == 0
@@ -272,7 +278,7 @@ def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_fram
     with VideoSink(folder) as sink:  # a folder of PNG frames
         sink.write(frames)
     out = tmp_path / "streamed"
-    assert main(["upscale", str(folder), "-o", str(out), "--model", str(causal_stage), "--scale", "2"]) == 0
+    assert main(["upscale", str(folder), "-o", str(out), "--model", str(causal_stage), "--scale", "2", *FP32]) == 0
     streamed = read_frames(out)
 
     pipe = CascadeVSRPipeline.from_pretrained(causal_stage, local_files_only=True)
@@ -286,7 +292,8 @@ def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_fram
     np.testing.assert_array_equal(streamed, np.clip(np.rint(expected * 255), 0, 255).astype(np.uint8))
 
     windowed = tmp_path / "windowed"
-    args = ["upscale", str(folder), "-o", str(windowed), "--model", str(causal_stage), "--scale", "2", "--no-stream"]
+    args = ["upscale", str(folder), "-o", str(windowed), "--model", str(causal_stage), "--scale", "2", *FP32]
+    args.append("--no-stream")
     with monkeypatch.context() as patch:
         patch.setattr(CascadeVSRPipeline, "stream", lambda *a, **k: pytest.fail("--no-stream must not stream"))
         assert main(args) == 0
@@ -295,3 +302,27 @@ def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_fram
     with pytest.raises(ValueError, match="--tile do not stream: pass --no-stream"):
         main([*args[:-1], "-o", str(tmp_path / "tiled"), "--tile", "32"])
     assert not (tmp_path / "tiled").exists()
+
+
+def test_dtype_auto_is_bfloat16_on_a_cpu_with_amx_and_float32_elsewhere(monkeypatch):
+    from cascade_vsr.commands.upscale import resolve_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "meta") == "float32"
+    assert resolve_dtype("float16", "cpu") == "float16"
+
+
+def test_a_bfloat16_stream_stays_within_a_few_grey_levels_of_float32(tmp_path, causal_stage, lr_frames):
+    """`--dtype bfloat16` (what `auto` picks on an AMX CPU) runs the stage's modules in bfloat16: the frames move by
+    bfloat16 rounding, not more."""
+    with VideoSink(tmp_path / "in") as sink:
+        sink.write(lr_frames[:5])
+    base = ["upscale", str(tmp_path / "in"), "--model", str(causal_stage), "--scale", "2", "--dtype"]
+    assert main([*base, "float32", "-o", str(tmp_path / "fp32")]) == 0
+    assert main([*base, "bfloat16", "-o", str(tmp_path / "bf16")]) == 0
+    fp32, bf16 = read_frames(tmp_path / "fp32").astype(float), read_frames(tmp_path / "bf16").astype(float)
+    assert fp32.shape == bf16.shape
+    assert np.abs(fp32 - bf16).mean() < 1.0 and np.abs(fp32 - bf16).max() <= 8

@@ -229,12 +229,14 @@ def check_model_folder(path: Path) -> None:
     check_pretrained_source(path, "--model")
 
 
-def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_window: int = 0):
-    """The demo pipeline (its folder holds the lossless pixel-space autoencoder and its sampling settings); a clear
-    error when the folder is missing.
+def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_window: int = 0, dtype: str = "float32"):
+    """The demo pipeline (its folder holds the lossless pixel-space autoencoder and its sampling settings) with its
+    own modules in `dtype`; a clear error when the folder is missing.
 
     `temporal_unit` > 0 overrides the transformer's attention scope and `temporal_window` > 0 the frames of its
     attention windows (attention modes own no parameters)."""
+    import torch
+
     from cascade_vsr.models.transformer import CascadeVSRTransformer3DModel
     from cascade_vsr.pipelines.pipeline_cascade_vsr import CascadeVSRPipeline
 
@@ -249,9 +251,11 @@ def load_pipeline(path: Path, device: str, temporal_unit: int = 0, temporal_wind
             )
         overrides["window_size"] = (temporal_window, *config["window_size"][1:])
     transformer = CascadeVSRTransformer3DModel.from_pretrained(
-        path, subfolder="transformer", local_files_only=True, **overrides
+        path, subfolder="transformer", local_files_only=True, dtype=getattr(torch, dtype), **overrides
     )
-    pipe = CascadeVSRPipeline.from_pretrained(path, transformer=transformer, local_files_only=True)
+    pipe = CascadeVSRPipeline.from_pretrained(
+        path, transformer=transformer, local_files_only=True, dtype=getattr(torch, dtype)
+    )
     return pipe.to(device)
 
 

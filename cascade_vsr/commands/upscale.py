@@ -21,7 +21,7 @@ HELP = (
     "Super-resolve your own videos or frame folders with a trained stage (default: the streaming one-step demo model)."
 )
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chunks.add_argument("--tile-overlap", type=int, default=16, help="LR pixels shared by neighbouring tiles")
     parser.add_argument("--color-fix", choices=("wavelet", "adain"), default=None)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the stage's own modules")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the stage's own modules (auto: bfloat16 where the device has bfloat16 matrix units, a CUDA "
+        "GPU or a CPU with AMX; float32 elsewhere)",
+    )
     video = parser.add_argument_group("video output")
     video.add_argument("--codec", default=None, help="video codec (default by extension, e.g. libx264 for .mp4)")
     video.add_argument("--crf", type=int, default=18, help="constant rate factor of x264 / x265 (0 = lossless)")
@@ -218,6 +224,23 @@ def cross_fade(previous, current):
     blended = current.copy()
     blended[:count] = previous * (1 - weight) + current[:count] * weight
     return blended
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """`--dtype auto` -> bfloat16 on a CUDA GPU that supports it and on a CPU with AMX tiles (there its matrix
+    products and attention run about 2x faster than in float32), float32 elsewhere; other names pass through."""
+    import torch
+
+    if name != "auto":
+        return name
+    kind = torch.device(device).type
+    if kind == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    elif kind == "cpu":
+        native = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    else:
+        native = False
+    return "bfloat16" if native else "float32"
 
 
 def load_stage(model: Path, device: str, dtype: str):
@@ -424,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
     if len(pairs) > 1:
         args.output.mkdir(parents=True, exist_ok=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_stage(args.model, device, args.dtype)
+    pipe = load_stage(args.model, device, resolve_dtype(args.dtype, device))
     for item, output in pairs:
         summary = upscale_one(pipe, item, output, args)
         (h, w), (hh, ww) = summary["lr_size"], summary["hr_size"]

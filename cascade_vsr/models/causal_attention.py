@@ -159,23 +159,57 @@ class CausalContext:
     cache: CausalKVCache | None = None
 
 
+class _KeyValueBuffer:
+    """One layer's cached keys and values, (B, heads, tokens, D) each, kept in a buffer of twice the tokens that a
+    forward needs: a chunk is written after the cached frames and the keys are a view of the buffer, so each token is
+    copied once on arrival and once more per compaction (when the buffer's end is reached), instead of once per chunk
+    it stays in the cache, as concatenating the cache and the chunk at every chunk would."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        self.keys, self.values = key, value
+        self.start, self.end = 0, key.shape[-2]
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept (k, v) followed by the chunk's, as views of the buffer (valid until the next append)."""
+        kept, new = self.end - self.start, key.shape[-2]
+        capacity = self.keys.shape[-2]
+        if self.end + new > capacity and self.start >= kept and kept + new <= capacity:  # compact, no overlap
+            self.keys[..., :kept, :] = self.keys[..., self.start : self.end, :]
+            self.values[..., :kept, :] = self.values[..., self.start : self.end, :]
+            self.start, self.end = 0, kept
+        elif self.end + new > capacity:
+            capacity = 2 * (kept + new)
+            keys = key.new_empty(*key.shape[:-2], capacity, key.shape[-1])
+            values = value.new_empty(*value.shape[:-2], capacity, value.shape[-1])
+            keys[..., :kept, :] = self.keys[..., self.start : self.end, :]
+            values[..., :kept, :] = self.values[..., self.start : self.end, :]
+            self.keys, self.values, self.start, self.end = keys, values, 0, kept
+        self.keys[..., self.end : self.end + new, :] = key
+        self.values[..., self.end : self.end + new, :] = value
+        self.end += new
+        return self.keys[..., self.start : self.end, :], self.values[..., self.start : self.end, :]
+
+    def keep_last(self, tokens: int) -> None:
+        self.start = max(self.start, self.end - tokens)
+
+
 @dataclass
 class CausalKVCache:
     """Rolling keys and values of every self-attention layer over the last `cache_chunks` chunks, for streaming a
     block-causal model chunk by chunk (`CascadeVSRTransformer3DModel(..., kv_cache=cache)`).
 
-    A forward on chunk c reads each layer's cached (k, v), attends, and stages the chunk's own (k, v); `advance`
-    then appends them and drops what is older than `cache_chunks` chunks, so the cache never holds more. Keys are
-    stored after RoPE at their absolute frame positions (`frames_seen` is the next chunk's first position):
-    attention scores only depend on position differences, so the rolled cache stays consistent."""
+    A forward on chunk c reads each layer's cached (k, v) followed by the chunk's own; `advance` then keeps the
+    chunk and drops what is older than `cache_chunks` chunks, so the cache never holds more. Keys are stored after
+    RoPE at their absolute frame positions (`frames_seen` is the next chunk's first position): attention scores
+    only depend on position differences, so the rolled cache stays consistent. Streaming is inference: the cached
+    tensors are written in place, so a forward with gradients that reaches the cache is refused."""
 
     cache_chunks: int
     next_chunk: int = 0
     frames_seen: int = 0
     frame_chunks: list[int] = field(default_factory=list)  # chunk of each cached frame
     guidance: torch.Tensor | None = None  # the first chunk's pooled key frames (visual guidance), kept for all
-    _entries: dict = field(default_factory=dict)  # layer -> (k, v) (B, heads, frames * H * W, D)
-    _staged: dict = field(default_factory=dict)
+    _entries: dict = field(default_factory=dict)  # layer -> _KeyValueBuffer
     _staged_frames: int | None = None
 
     def __post_init__(self):
@@ -194,21 +228,22 @@ class CausalKVCache:
         return chunk_visibility(queries, keys, self.cache_chunks), len(keys)
 
     def keys_values(self, layer: object, key: torch.Tensor, value: torch.Tensor, num_frames: int):
-        """The layer's cached (k, v) followed by the current chunk's. That concatenation is staged, so `advance`
-        only trims it."""
+        """The layer's cached (k, v) followed by the current chunk's."""
+        if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+            raise ValueError("a `CausalKVCache` streams inference: run the forward under torch.no_grad()")
         if self._staged_frames not in (None, num_frames):
             raise ValueError("every layer of one forward must see the same chunk")
         self._staged_frames = num_frames
-        if layer in self._entries:
-            cached_k, cached_v = self._entries[layer]
-            if cached_k.shape[0] != key.shape[0]:
-                raise ValueError(
-                    f"the streamed batch changed from {cached_k.shape[0]} to {key.shape[0]} (with classifier-free "
-                    "guidance, stream the conditional and unconditional halves as one batch throughout)"
-                )
-            key, value = torch.cat([cached_k, key], dim=-2), torch.cat([cached_v, value], dim=-2)
-        self._staged[layer] = (key, value)
-        return key, value
+        if layer not in self._entries:
+            self._entries[layer] = _KeyValueBuffer(key, value)
+            return key, value
+        entry = self._entries[layer]
+        if entry.keys.shape[0] != key.shape[0]:
+            raise ValueError(
+                f"the streamed batch changed from {entry.keys.shape[0]} to {key.shape[0]} (with classifier-free "
+                "guidance, stream the conditional and unconditional halves as one batch throughout)"
+            )
+        return entry.append(key, value)
 
     def advance(self) -> None:
         """Commit the chunk just computed and drop the frames of chunks older than `cache_chunks`."""
@@ -218,10 +253,9 @@ class CausalKVCache:
         frame_chunks = [*self.frame_chunks, *[self.next_chunk] * num_frames]
         keep = [c >= self.next_chunk - self.cache_chunks + 1 for c in frame_chunks] if self.cache_chunks else []
         kept_frames = sum(keep)
-        for layer, (key, value) in self._staged.items():
-            tokens = key.shape[-2] // len(frame_chunks) * kept_frames
-            self._entries[layer] = (key[..., key.shape[-2] - tokens :, :], value[..., value.shape[-2] - tokens :, :])
+        for entry in self._entries.values():
+            entry.keep_last((entry.end - entry.start) // len(frame_chunks) * kept_frames)
         self.frame_chunks = frame_chunks[len(frame_chunks) - kept_frames :]
         self.frames_seen += num_frames
         self.next_chunk += 1
-        self._staged, self._staged_frames = {}, None
+        self._staged_frames = None

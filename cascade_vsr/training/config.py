@@ -59,6 +59,13 @@ class ModelConfig:
             "latents (small models; see flow.preconditioned_velocity). Default: the paper's plain velocity."
         },
     )
+    ffn_activation: str | None = field(
+        default=None,
+        metadata={
+            "help": "GELU of the feed-forward layers: gelu-approximate (tanh, the default) or gelu (erf, faster on "
+            "CPU). Owns no weights, so it also applies to a pretrained model."
+        },
+    )
     upsampler_hidden_channels: int = 128
     upsampler_num_blocks: int = 2
     upsampler_resize_mode: str | None = field(
@@ -67,7 +74,8 @@ class ModelConfig:
     )
 
     def attention_config(self) -> dict:
-        """Attention fields, passed as overrides to `from_pretrained` so stage n+1 may change them."""
+        """Fields that own no weights (attention, causality, the FFN's GELU), passed as overrides to `from_pretrained`
+        so stage n+1 may change them."""
         config = {"attention_mode": self.attention_mode}
         # Only fields that are set: a transformer version without the sparse modes takes none of them.
         for name in (
@@ -77,6 +85,7 @@ class ModelConfig:
             "window_size",
             "causal_chunk_frames",
             "causal_cache_chunks",
+            "ffn_activation",
         ):
             value = getattr(self, name)
             if value is not None:

@@ -261,9 +261,11 @@ def build_models(model_config: ModelConfig) -> tuple[LatentUpsampler3D, CascadeV
 
 def load_teacher_transformer(model_config: ModelConfig) -> CascadeVSRTransformer3DModel:
     """The distillation teacher's transformer: the pretrained stage with this stage's attention overrides but its
-    own saved causality (`causal_*` fields)."""
+    own saved causality (`causal_*` fields) and FFN activation: the function it was trained as."""
     overrides = {
-        name: value for name, value in model_config.attention_config().items() if not name.startswith("causal_")
+        name: value
+        for name, value in model_config.attention_config().items()
+        if not name.startswith("causal_") and name != "ffn_activation"
     }
     return CascadeVSRTransformer3DModel.from_pretrained(
         model_config.pretrained_model_name_or_path, subfolder="transformer", **overrides
