@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from cascade_vsr.commands import demo
-from cascade_vsr.commands.upscale import resolve_dtype
 from cascade_vsr.core.metrics import clip_metrics, metrics_table
+from cascade_vsr.core.precision import resolve_dtype
 
 SPLITS = {
     "validation": {"bikes": ("bikes.mp4", 200)},

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from one_step import SPLITS  # noqa: E402
 
 from cascade_vsr.commands import demo  # noqa: E402
-from cascade_vsr.commands.upscale import resolve_dtype  # noqa: E402
 from cascade_vsr.core.metrics import consistency_mask, warp_residual  # noqa: E402
 from cascade_vsr.core.optical_flow import bidirectional_flow  # noqa: E402
+from cascade_vsr.core.precision import resolve_dtype  # noqa: E402
 
 
 def boundary_pairs(num_frames: int, chunk_frames: int) -> torch.Tensor:

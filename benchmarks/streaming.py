@@ -71,7 +71,8 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str
     from einops import rearrange
     from torch.profiler import ProfilerActivity, profile
 
-    from cascade_vsr.commands.upscale import load_stage, resolve_dtype
+    from cascade_vsr.commands.upscale import load_stage
+    from cascade_vsr.core.precision import resolve_dtype
 
     pipe = load_stage(model, "cpu", resolve_dtype(dtype, "cpu"))
     chunks_profiled = max(1, 4 // chunk_frames)

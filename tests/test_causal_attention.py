@@ -172,6 +172,8 @@ def test_causal_config_and_cache_checks():
         model(x, condition, t, s, text, kv_cache=CausalKVCache(1))
     with pytest.raises(ValueError, match=r"CausalKVCache\(1\)"):
         model(x[:, :, :2], condition[:, :, :2], t, s, text, kv_cache=CausalKVCache(3))
+    with pytest.raises(ValueError, match=r"run the forward under torch.no_grad\(\)"):
+        model(x[:, :, :2], condition[:, :, :2], t, s, text, kv_cache=CausalKVCache(1))
     plain = CascadeVSRTransformer3DModel(
         latent_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, text_dim=16
     )

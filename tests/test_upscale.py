@@ -305,7 +305,7 @@ def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_fram
 
 
 def test_dtype_auto_is_bfloat16_on_a_cpu_with_amx_and_float32_elsewhere(monkeypatch):
-    from cascade_vsr.commands.upscale import resolve_dtype
+    from cascade_vsr.core.precision import resolve_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert resolve_dtype("auto", "cpu") == "bfloat16"

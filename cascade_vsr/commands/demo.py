@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a one-step stage run side by side with --model, once, with its own settings (default: the one-step "
         "demo model; 'none' to leave it out)",
     )
+    parser.add_argument(
+        "--one-step-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="dtype of the one-step stage (auto: as `upscale` runs it, bfloat16 on a CPU with AMX or a CUDA GPU)",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--clips", nargs="+", choices=sorted(CLIPS), default=list(CLIPS))
     parser.add_argument("--num-frames", type=int, default=32, help="frames per clip")
@@ -391,7 +397,12 @@ def run(args: argparse.Namespace) -> int:
         name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("upsampler", "transformer")
     }
     print(f"demo model {args.model}: {sum(parameters.values()):,} parameters {parameters}, on {device}")
-    one_step = None if args.one_step_model in (None, "none") else load_pipeline(Path(args.one_step_model), device)
+    from cascade_vsr.core.precision import resolve_dtype
+
+    one_step_dtype = resolve_dtype(args.one_step_dtype, device)
+    one_step = None
+    if args.one_step_model not in (None, "none"):
+        one_step = load_pipeline(Path(args.one_step_model), device, dtype=one_step_dtype)
     methods = (*METHODS, ONE_STEP) if one_step is not None else METHODS
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -462,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
         "clips": clips,
         "one_step_model": None
         if one_step is None
-        else {"path": str(args.one_step_model), "sampling": one_step.sampling_settings()},
+        else {"path": str(args.one_step_model), "sampling": one_step.sampling_settings(), "dtype": one_step_dtype},
         "wall_time_seconds": round(time.perf_counter() - start_time, 2),
     }
     partial = args.output_dir / "metrics.partial.json"

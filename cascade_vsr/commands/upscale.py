@@ -17,11 +17,11 @@ import argparse
 import time
 from pathlib import Path
 
+from cascade_vsr.core.precision import DTYPE_NAMES
+
 HELP = (
     "Super-resolve your own videos or frame folders with a trained stage (default: the streaming one-step demo model)."
 )
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--dtype",
-        choices=DTYPES,
+        choices=DTYPE_NAMES,
         default="auto",
         help="dtype of the stage's own modules (auto: bfloat16 where the device has bfloat16 matrix units, a CUDA "
         "GPU or a CPU with AMX; float32 elsewhere)",
@@ -224,23 +224,6 @@ def cross_fade(previous, current):
     blended = current.copy()
     blended[:count] = previous * (1 - weight) + current[:count] * weight
     return blended
-
-
-def resolve_dtype(name: str, device: str) -> str:
-    """`--dtype auto` -> bfloat16 on a CUDA GPU that supports it and on a CPU with AMX tiles (there its matrix
-    products and attention run about 2x faster than in float32), float32 elsewhere; other names pass through."""
-    import torch
-
-    if name != "auto":
-        return name
-    kind = torch.device(device).type
-    if kind == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    elif kind == "cpu":
-        native = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    else:
-        native = False
-    return "bfloat16" if native else "float32"
 
 
 def load_stage(model: Path, device: str, dtype: str):
@@ -447,6 +430,8 @@ def run(args: argparse.Namespace) -> int:
     if len(pairs) > 1:
         args.output.mkdir(parents=True, exist_ok=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from cascade_vsr.core.precision import resolve_dtype
+
     pipe = load_stage(args.model, device, resolve_dtype(args.dtype, device))
     for item, output in pairs:
         summary = upscale_one(pipe, item, output, args)

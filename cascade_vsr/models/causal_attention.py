@@ -202,7 +202,7 @@ class CausalKVCache:
     chunk and drops what is older than `cache_chunks` chunks, so the cache never holds more. Keys are stored after
     RoPE at their absolute frame positions (`frames_seen` is the next chunk's first position): attention scores
     only depend on position differences, so the rolled cache stays consistent. Streaming is inference: the cached
-    tensors are written in place, so a forward with gradients that reaches the cache is refused."""
+    tensors are written in place, so the model refuses a streamed forward with gradients enabled."""
 
     cache_chunks: int
     next_chunk: int = 0
@@ -229,8 +229,6 @@ class CausalKVCache:
 
     def keys_values(self, layer: object, key: torch.Tensor, value: torch.Tensor, num_frames: int):
         """The layer's cached (k, v) followed by the current chunk's."""
-        if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
-            raise ValueError("a `CausalKVCache` streams inference: run the forward under torch.no_grad()")
         if self._staged_frames not in (None, num_frames):
             raise ValueError("every layer of one forward must see the same chunk")
         self._staged_frames = num_frames

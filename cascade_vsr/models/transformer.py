@@ -686,6 +686,11 @@ class CascadeVSRTransformer3DModel(
                     f"a streamed chunk has at most causal_chunk_frames={chunk_frames} latent frames, got "
                     f"{hidden_states.shape[2]}"
                 )
+            if torch.is_grad_enabled():
+                raise ValueError(
+                    "`kv_cache` streams inference (the cache is written in place): run the forward under "
+                    "torch.no_grad() or torch.inference_mode()"
+                )
             frame_offset = frame_offset + kv_cache.frames_seen
         if attention_kwargs:  # `scale` was taken by `apply_lora_scale`
             raise ValueError(
