@@ -118,13 +118,17 @@ def guided_velocity(
 ) -> torch.Tensor:
     """One float32 velocity of the stage's transformer at `timestep` (a scalar tensor), with classifier-free
     guidance `uncond + g * (cond - uncond)` unless `guidance_scale` is None: the two halves run as one batch, and the
-    text in `forward_kwargs` holds the unconditional half first."""
+    text in `forward_kwargs` holds the unconditional half first.
+
+    The latents and the condition go in as float32: the transformer casts what its layers read, and the velocity it
+    returns around the condition (preconditioned models) keeps float32 precision. Cast to a bfloat16 stage's dtype,
+    the clip itself would be rounded to 8 bits of mantissa, about a grey level, differently in every frame."""
     do_cfg = guidance_scale is not None
     model_input = torch.cat([latents] * 2) if do_cfg else latents
     model_condition = torch.cat([condition] * 2) if do_cfg else condition
     velocity = transformer(
-        hidden_states=model_input.to(transformer.dtype),
-        condition=model_condition.to(transformer.dtype),
+        hidden_states=model_input.float(),
+        condition=model_condition.float(),
         timestep=timestep.expand(model_input.shape[0]),
         return_dict=False,
         **forward_kwargs,

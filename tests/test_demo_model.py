@@ -48,8 +48,8 @@ def test_one_step_demo_model_samples_in_one_network_evaluation():
 
 
 def test_the_one_step_demo_model_streams_its_whole_clip_numbers_and_beats_bicubic():
-    """The shipped one-step model is block-causal (upscale's default; demo/README.md, recipe E): streamed chunk by
-    chunk it gives the frames of one whole-clip call (to a grey level) and beats bicubic on held-out frames."""
+    """The shipped one-step model is block-causal (upscale's default; demo/README.md, recipe S): streamed frame by
+    frame it gives the frames of one whole-clip call (to a grey level) and beats bicubic on held-out frames."""
     import numpy as np
     import torch
     from einops import rearrange
@@ -59,7 +59,7 @@ def test_the_one_step_demo_model_streams_its_whole_clip_numbers_and_beats_bicubi
     pipe = CascadeVSRPipeline.from_pretrained(demo_model_path(one_step=True))
     pipe.set_progress_bar_config(disable=True)
     chunk = pipe.transformer.config.causal_chunk_frames
-    assert (chunk, pipe.transformer.config.causal_cache_chunks) == (4, 1)
+    assert (chunk, pipe.transformer.config.causal_cache_chunks) == (1, 3)  # a sliding window of 4 frames
     ground_truth, _, lr, bicubic = demo.held_out_clip("bigbuckbunny", 9, (192, 320))
     whole = demo.super_resolve(pipe, lr, ground_truth.shape[1:3])
 
