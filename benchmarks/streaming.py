@@ -11,7 +11,8 @@ process's exact high-water mark (`upscale_memory.run_upscale`), with `make demo`
 (`--malloc demo`, freed memory kept in glibc's heap) or glibc's defaults (`--malloc glibc`).
 
 The time split comes from torch's profiler on 4 streamed frames in this process: self CPU time by operator
-family (attention kernels, linear layers, convolutions of the upsampler, the rest).
+family (attention kernels, linear layers, convolutions of the upsampler, layout copies and dtype casts, norms, GELU,
+the rest).
 
     .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames C] [--cache-chunks M]
         [--malloc demo|glibc] [--dtype auto|float32|bfloat16] [--baseline-model PATH] [--baseline-dtype D]
@@ -85,7 +86,9 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(chunks_profiled):
             next(stream)
-    families = {"attention": 0.0, "linear": 0.0, "convolution (upsampler)": 0.0, "other": 0.0}
+    families = dict.fromkeys(
+        ("attention", "linear", "convolution (upsampler)", "copies and casts", "norms", "GELU", "other"), 0.0
+    )
     for event in prof.key_averages():
         name = event.key.lower()
         seconds = event.self_cpu_time_total / 1e6
@@ -95,6 +98,12 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str
             families["linear"] += seconds
         elif "conv" in name:
             families["convolution (upsampler)"] += seconds
+        elif name in ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::_to_copy"):
+            families["copies and casts"] += seconds
+        elif "norm" in name:
+            families["norms"] += seconds
+        elif "gelu" in name:
+            families["GELU"] += seconds
         else:
             families["other"] += seconds
     return families

@@ -175,7 +175,7 @@ FFN_ACTIVATIONS = ("gelu-approximate", "gelu")
 class CascadeVSRTransformerBlock(nn.Module):
     """Self-attention, text cross-attention and feed-forward; AdaLN-zero modulation of self-attn and FFN.
 
-    Takes and returns the float32 residual stream; the sublayers compute in the dtype of `encoder_hidden_states`."""
+    Inside the block the residual stream is float32; the sublayers read it in the block's input dtype."""
 
     def __init__(
         self,
@@ -212,10 +212,10 @@ class CascadeVSRTransformerBlock(nn.Module):
             :, :, None
         ].unbind(dim=1)  # each (B, 1, dim)
 
-        # The residual stream is float32; each sublayer reads it in the model's compute dtype, that of the text
-        # tokens, so a bfloat16 model rounds only what its matrix products read. addcmul(a, b, c) is a + b * c in one
-        # pass over the tokens (modulation and gated residuals).
-        dtype = encoder_hidden_states.dtype
+        # The residual stream stays float32 through the block and each sublayer reads it in the block's input dtype,
+        # so a bfloat16 model rounds it once per block, not after every sublayer. addcmul(a, b, c) is a + b * c in
+        # one pass over the tokens (modulation and gated residuals).
+        dtype = hidden_states.dtype
         residual = hidden_states.float()
         norm_hidden = torch.addcmul(shift_msa, self.norm1(residual), 1 + scale_msa)
         attn_out = self.attn1(norm_hidden.to(dtype), rotary_emb=rotary_emb, grid=grid, causal=causal)
@@ -233,7 +233,7 @@ class CascadeVSRTransformerBlock(nn.Module):
 
         norm_hidden = torch.addcmul(shift_ffn, self.norm3(residual), 1 + scale_ffn)
         ffn_out = self.ffn(norm_hidden.to(dtype))
-        return torch.addcmul(residual, ffn_out.float(), gate_ffn)
+        return torch.addcmul(residual, ffn_out.float(), gate_ffn).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -720,7 +720,7 @@ class CascadeVSRTransformer3DModel(
         # dtype, not the (fp8) dtype the weights are stored in.
         x = self.patch_embedding(x.to(get_parameter_dtype(self.patch_embedding)))
         grid = tuple(x.shape[2:])
-        x = rearrange(x, "b d t h w -> b (t h w) d").float()  # the residual stream (see the blocks)
+        x = rearrange(x, "b d t h w -> b (t h w) d")
         rotary_emb = self.rope(grid, frame_offset, device=x.device)
         causal = None
         if kv_cache is not None:
@@ -741,8 +741,7 @@ class CascadeVSRTransformer3DModel(
         if encoder_hidden_states is None:
             encoder_hidden_states = self.null_text_embeds(batch_size)
         text = self.text_embedder(encoder_hidden_states.to(get_parameter_dtype(self.text_embedder)))
-        compute_dtype = get_parameter_dtype(self.blocks[0].attn1)  # what the blocks' matrix products read
-        text = text.to(compute_dtype).expand(batch_size, -1, -1)
+        text = text.to(x.dtype).expand(batch_size, -1, -1)
         text_mask = None
         if encoder_attention_mask is not None:
             text_mask = rearrange(encoder_attention_mask.bool(), "b l -> b 1 1 l").expand(batch_size, -1, -1, -1)
@@ -758,8 +757,7 @@ class CascadeVSRTransformer3DModel(
 
         # 4. Output modulation, projection, unpatchify, crop the padding.
         shift, scale = (self.scale_shift_table + temb[:, None].float()).unbind(dim=1)
-        x = torch.addcmul(shift[:, None], self.norm_out(x), 1 + scale[:, None])
-        x = self.proj_out(x.to(get_parameter_dtype(self.proj_out)))
+        x = self.proj_out(torch.addcmul(shift[:, None], self.norm_out(x.float()), 1 + scale[:, None]).type_as(x))
         t, h, w = grid
         output = rearrange(
             x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=p_t, ph=p_h, pw=p_w
