@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from cascade_vsr import demo_model_path
+from cascade_vsr.core.precision import resolve_dtype
 
 HELP = "Super-resolve held-out real clips with the demo model and bicubic; write videos, crops and metrics."
 
@@ -397,8 +398,6 @@ def run(args: argparse.Namespace) -> int:
         name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("upsampler", "transformer")
     }
     print(f"demo model {args.model}: {sum(parameters.values()):,} parameters {parameters}, on {device}")
-    from cascade_vsr.core.precision import resolve_dtype
-
     one_step_dtype = resolve_dtype(args.one_step_dtype, device)
     one_step = None
     if args.one_step_model not in (None, "none"):

@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cascade_vsr.core.precision import DTYPE_NAMES
+from cascade_vsr.core.precision import DTYPE_NAMES, resolve_dtype
 
 HELP = (
     "Super-resolve your own videos or frame folders with a trained stage (default: the streaming one-step demo model)."
@@ -430,8 +430,6 @@ def run(args: argparse.Namespace) -> int:
     if len(pairs) > 1:
         args.output.mkdir(parents=True, exist_ok=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from cascade_vsr.core.precision import resolve_dtype
-
     pipe = load_stage(args.model, device, resolve_dtype(args.dtype, device))
     for item, output in pairs:
         summary = upscale_one(pipe, item, output, args)
