@@ -27,7 +27,7 @@ from one_step import SPLITS  # noqa: E402
 from cascade_vsr.commands import demo  # noqa: E402
 from cascade_vsr.core.metrics import consistency_mask, warp_residual  # noqa: E402
 from cascade_vsr.core.optical_flow import bidirectional_flow  # noqa: E402
-from cascade_vsr.core.precision import resolve_dtype  # noqa: E402
+from cascade_vsr.core.precision import DTYPE_NAMES, resolve_dtype  # noqa: E402
 
 
 def boundary_pairs(num_frames: int, chunk_frames: int) -> torch.Tensor:
@@ -60,9 +60,7 @@ def main() -> None:
     parser.add_argument("--method", action="append", required=True, help="label=stage folder (one run, its settings)")
     parser.add_argument("--chunk-frames", type=int, default=None, help="default: the longest causal chunk")
     parser.add_argument("--num-frames", type=int, default=32)
-    parser.add_argument(
-        "--dtype", choices=("auto", "float32", "bfloat16"), default="float32", help="the methods' dtype (upscale's)"
-    )
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="the methods' dtype (upscale's)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     methods = {label: Path(path) for label, _, path in (text.partition("=") for text in args.method)}

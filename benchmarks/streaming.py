@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from upscale_memory import MALLOC_SETTINGS, cpu_name, make_input, ping_pong, run_upscale  # noqa: E402
 
 from cascade_vsr.commands.demo import demo_model_path  # noqa: E402
+from cascade_vsr.core.precision import DTYPE_NAMES  # noqa: E402
 from cascade_vsr.core.video import read_video, resize_frames, sample_video_path, video_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "streaming.json"
@@ -121,14 +122,14 @@ def main() -> None:
     parser.add_argument("--malloc", choices=sorted(MALLOC_SETTINGS), default="demo", help="glibc allocator settings")
     parser.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16"),
+        choices=DTYPE_NAMES,
         default="auto",
         help="the stage's dtype (upscale's --dtype)",
     )
     parser.add_argument(
         "--baseline-model", type=Path, default=None, help="a stage folder streamed at the shortest length as well"
     )
-    parser.add_argument("--baseline-dtype", choices=("auto", "float32", "bfloat16"), default="float32")
+    parser.add_argument("--baseline-dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of one chunk")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
 from cascade_vsr.models.attention_spec import AttentionSpec
-from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, rope_cos_sin
+from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, rope_cos_sin, rope_rotation
 
 from .conftest import TINY_TRANSFORMER, TINY_UPSAMPLER, randomize_
 
@@ -124,7 +124,7 @@ def test_rope_matches_complex_rotation_reference():
     grid, head_dim, theta = (3, 4, 5), 12, 10000.0
     x = torch.randn(1, 2, 60, head_dim, dtype=torch.float64)
     cos, sin = rope_cos_sin(grid, head_dim, theta)
-    out = apply_rope(x.float(), cos, sin).double()
+    out = apply_rope(x.float(), rope_rotation(cos, sin)).double()
     t_dim, s_dim = head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6)
     t, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
     angles = []
@@ -145,7 +145,12 @@ def test_self_attention_matches_naive_dense_reference(tiny_transformer):
     x = torch.randn(2, 24, 24)
     cos, sin = rope_cos_sin(grid, 12)
     with torch.no_grad():
-        out = attn(x, rotary_emb=(cos, sin), grid=grid)
+        out = attn(x, rotary_emb=rope_rotation(cos, sin), grid=grid)
+
+        def rope(t):  # the real-valued form: pair (a, b) -> (a cos - b sin, b cos + a sin)
+            a, b = t[..., 0::2], t[..., 1::2]
+            c, s = cos[:, 0::2], sin[:, 0::2]
+            return torch.stack([a * c - b * s, b * c + a * s], dim=-1).flatten(-2)
 
         def heads(t):
             return rearrange(t, "b n (h d) -> b h n d", h=2)
@@ -153,8 +158,8 @@ def test_self_attention_matches_naive_dense_reference(tiny_transformer):
         def rms(t, weight):
             return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
 
-        q = apply_rope(rms(heads(x @ attn.to_q.weight.T + attn.to_q.bias), attn.norm_q.weight), cos, sin)
-        k = apply_rope(rms(heads(x @ attn.to_k.weight.T + attn.to_k.bias), attn.norm_k.weight), cos, sin)
+        q = rope(rms(heads(x @ attn.to_q.weight.T + attn.to_q.bias), attn.norm_q.weight))
+        k = rope(rms(heads(x @ attn.to_k.weight.T + attn.to_k.bias), attn.norm_k.weight))
         v = heads(x @ attn.to_v.weight.T + attn.to_v.bias)
         weights = torch.softmax(q @ k.transpose(-1, -2) / 12**0.5, dim=-1)
         reference = rearrange(weights @ v, "b h n d -> b n (h d)") @ attn.to_out[0].weight.T + attn.to_out[0].bias
@@ -570,7 +575,7 @@ def test_rope_module_keeps_the_tables_of_the_last_grid_and_offset():
     for grid, offset in (((2, 3, 5), 0.0), ((2, 3, 4), 1.0)):
         other = rope(grid, offset)
         assert other is not first
-        assert all(torch.equal(a, b) for a, b in zip(other, rope_cos_sin(grid, 12, frame_offset=offset)))
+        assert torch.equal(other, rope_rotation(*rope_cos_sin(grid, 12, frame_offset=offset)))
     assert not list(rope.parameters()) and not list(rope.buffers())
 
 

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from cascade_vsr import demo_model_path
-from cascade_vsr.core.precision import resolve_dtype
+from cascade_vsr.core.precision import DTYPE_NAMES, resolve_dtype
 
 HELP = "Super-resolve held-out real clips with the demo model and bicubic; write videos, crops and metrics."
 
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--one-step-dtype",
-        choices=("auto", "float32", "bfloat16"),
+        choices=DTYPE_NAMES,
         default="auto",
         help="dtype of the one-step stage (auto: as `upscale` runs it, bfloat16 on a CPU with AMX or a CUDA GPU)",
     )

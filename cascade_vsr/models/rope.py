@@ -73,25 +73,29 @@ def rope_cos_sin(
     return assemble(t_cos, h_cos, w_cos), assemble(t_sin, h_sin, w_sin)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of x (B, heads, N, D) by the angles whose cos/sin are (N, D).
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The unit complex numbers cos + i sin of the (N, D) tables, one per channel pair: (N, D / 2) complex64."""
+    return torch.complex(cos[..., 0::2].contiguous(), sin[..., 0::2].contiguous())
+
+
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of x (B, heads, N, D) by the (N, D / 2) unit complex numbers of `rope_rotation`.
 
     Each pair (2i, 2i+1) is one complex number, rotated by one complex multiplication: a single vectorised kernel,
     where the real-valued form (negate, interleave, two products and a sum) makes five passes over x."""
     pairs = x.float().unflatten(-1, (-1, 2))
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.contiguous()  # a complex view needs whole (real, imaginary) pairs
-    rotation = torch.complex(cos[..., 0::2], sin[..., 0::2])
     return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(x)
 
 
 class RotaryPositionEmbedding3D(nn.Module):
-    """The (cos, sin) tables of `rope_cos_sin`, kept for the last grid, frame offset and device.
+    """The rotation table (`rope_rotation` of `rope_cos_sin`), kept for the last grid, frame offset and device.
 
-    The tables depend on the token grid only, so the steps of a sampler at one size pay for them once. They are
-    no parameters or buffers: the state dict has none of them, and a grid, offset or device of another call builds
-    new ones. Tables built under `torch.inference_mode()` are inference tensors, which autograd may not save, so
-    the inference-mode flag is part of the key.
+    The table depends on the token grid only, so the steps of a sampler at one size, and the queries and keys of
+    every layer, use one. It is no parameter or buffer: the state dict has none, and a grid, offset or device of
+    another call builds a new one. A table built under `torch.inference_mode()` is an inference tensor, which
+    autograd may not save, so the inference-mode flag is part of the key.
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
@@ -99,14 +103,15 @@ class RotaryPositionEmbedding3D(nn.Module):
         rope_axis_dims(head_dim)
         self.head_dim = head_dim
         self.theta = theta
-        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def forward(
         self, grid: Sequence[int], frame_offset: float = 0.0, device: torch.device | str | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         frame_offset = check_frame_offset(frame_offset)
         device = torch.device("cpu") if device is None else torch.device(device)
         key = (tuple(grid), frame_offset, device, torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, rope_cos_sin(grid, self.head_dim, self.theta, frame_offset, device))
+            tables = rope_cos_sin(grid, self.head_dim, self.theta, frame_offset, device)
+            self._cache = (key, rope_rotation(*tables))
         return self._cache[1]

@@ -81,7 +81,7 @@ class CascadeVSRAttnProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary_emb: torch.Tensor | None = None,
         grid: tuple[int, int, int] | None = None,
         causal: CausalContext | None = None,
     ) -> torch.Tensor:
@@ -98,7 +98,7 @@ class CascadeVSRAttnProcessor:
             if attn.spec is None or rotary_emb is None or grid is None:
                 raise ValueError("self-attention needs the layer's `spec`, `rotary_emb` and the token `grid`")
             query, key, value = (rearrange(x, "b n h d -> b h n d") for x in (query, key, value))
-            query, key = apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb)
+            query, key = apply_rope(query, rotary_emb), apply_rope(key, rotary_emb)
             if causal is None:
                 out = self_attention(query, key, value, grid, attn.spec)
             else:
@@ -145,7 +145,7 @@ class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary_emb: torch.Tensor | None = None,
         grid: tuple[int, int, int] | None = None,
         causal: CausalContext | None = None,
     ) -> torch.Tensor:
@@ -204,7 +204,7 @@ class CascadeVSRTransformerBlock(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None,
         modulation: torch.Tensor,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        rotary_emb: torch.Tensor,
         grid: tuple[int, int, int],
         causal: CausalContext | None = None,
     ) -> torch.Tensor:
