@@ -9,7 +9,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cascade_vsr import CascadeVSRTransformer3DModel, LatentUpsampler3D
 from cascade_vsr.models.attention_spec import AttentionSpec
-from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, rope_cos_sin, rope_rotation
+from cascade_vsr.models.rope import (
+    RotaryPositionEmbedding3D,
+    apply_rope,
+    rms_norm_rope,
+    rope_cos_sin,
+    rope_rotation,
+)
 
 from .conftest import TINY_TRANSFORMER, TINY_UPSAMPLER, randomize_
 
@@ -136,6 +142,27 @@ def test_rope_matches_complex_rotation_reference():
         torch.view_as_complex(x.reshape(1, 2, 60, -1, 2).contiguous()) * torch.polar(torch.ones_like(angles), angles)
     )
     torch.testing.assert_close(out, reference.reshape_as(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_rope_matches_the_norm_then_the_real_valued_rotation(dtype):
+    """x * w / sqrt(mean(x^2) + eps), then each channel pair rotated by the 2x2 matrix [[cos, -sin], [sin, cos]],
+    in float64; bfloat16 input rounds once, at the end."""
+    grid, head_dim = (2, 3, 4), 12
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 24, head_dim, generator=g) * 4).to(dtype)
+    norm = torch.nn.RMSNorm(head_dim, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(head_dim, generator=g) + 0.5)
+    cos, sin = rope_cos_sin(grid, head_dim)
+    x64 = x.double()
+    normed = x64 * norm.weight.double() / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    even, odd, c, s = normed[..., 0::2], normed[..., 1::2], cos[:, 0::2].double(), sin[:, 0::2].double()
+    reference = torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2)
+    out = rms_norm_rope(x, norm, rope_rotation(cos, sin))
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8 * reference.abs().max().item()
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance)
 
 
 def test_self_attention_matches_naive_dense_reference(tiny_transformer):

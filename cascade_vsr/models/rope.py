@@ -89,6 +89,19 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(x)
 
 
+def rms_norm_rope(x: torch.Tensor, norm: nn.RMSNorm, rotation: torch.Tensor) -> torch.Tensor:
+    """`apply_rope(norm(x), rotation)` of x (B, heads, N, D) with the RMSNorm written out: the normalised values
+    stay float32 until they are rotated and are rounded to x's dtype once, and the mean square is one reduction
+    (bfloat16 would otherwise take a cast in and out of each, six passes over x for the norm and three for RoPE)."""
+    if norm.eps is None:
+        raise ValueError("`norm` needs an explicit eps (nn.RMSNorm(..., eps=...))")
+    values = x.float()
+    mean_square = torch.linalg.vector_norm(values, dim=-1, keepdim=True).square() / x.shape[-1]
+    inverse_rms = torch.rsqrt(mean_square + norm.eps)
+    normed = values * inverse_rms if norm.weight is None else values * inverse_rms * norm.weight.float()
+    return torch.view_as_real(torch.view_as_complex(normed.unflatten(-1, (-1, 2))) * rotation).flatten(-2).type_as(x)
+
+
 class RotaryPositionEmbedding3D(nn.Module):
     """The rotation table (`rope_rotation` of `rope_cos_sin`), kept for the last grid, frame offset and device.
 

@@ -46,7 +46,14 @@ from cascade_vsr.models.causal_attention import (
     chunk_visibility,
 )
 from cascade_vsr.models.loading import SafeLoadingMixin
-from cascade_vsr.models.rope import RotaryPositionEmbedding3D, apply_rope, check_frame_offset, rope_axis_dims
+from cascade_vsr.models.onednn import feed_forward, linear
+from cascade_vsr.models.rope import (
+    RotaryPositionEmbedding3D,
+    apply_rope,
+    check_frame_offset,
+    rms_norm_rope,
+    rope_axis_dims,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention
@@ -86,19 +93,22 @@ class CascadeVSRAttnProcessor:
         causal: CausalContext | None = None,
     ) -> torch.Tensor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = rearrange(attn.to_q(hidden_states), "b n (h d) -> b n h d", h=attn.heads)
-        key = rearrange(attn.to_k(context), "b n (h d) -> b n h d", h=attn.heads)
-        value = rearrange(attn.to_v(context), "b n (h d) -> b n h d", h=attn.heads)
-        query, key = attn.norm_q(query), attn.norm_k(key)
+        query = rearrange(linear(attn.to_q, hidden_states), "b n (h d) -> b n h d", h=attn.heads)
+        key = rearrange(linear(attn.to_k, context), "b n (h d) -> b n h d", h=attn.heads)
+        value = rearrange(linear(attn.to_v, context), "b n (h d) -> b n h d", h=attn.heads)
 
         if encoder_hidden_states is not None:  # text cross-attention: no positions on either side
+            query, key = attn.norm_q(query), attn.norm_k(key)
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend)
             out = rearrange(out, "b n h d -> b n (h d)")
         else:
             if attn.spec is None or rotary_emb is None or grid is None:
                 raise ValueError("self-attention needs the layer's `spec`, `rotary_emb` and the token `grid`")
             query, key, value = (rearrange(x, "b n h d -> b h n d") for x in (query, key, value))
-            query, key = apply_rope(query, rotary_emb), apply_rope(key, rotary_emb)
+            query, key = (
+                normalize_and_rotate(attn.norm_q, query, rotary_emb),
+                normalize_and_rotate(attn.norm_k, key, rotary_emb),
+            )
             if causal is None:
                 out = self_attention(query, key, value, grid, attn.spec)
             else:
@@ -106,8 +116,16 @@ class CascadeVSRAttnProcessor:
                     key, value = causal.cache.keys_values(attn, key, value, grid[0])
                 out = causal_self_attention(query, key, value, grid, causal.key_frames, causal.visibility, attn.spec)
             out = rearrange(out, "b h n d -> b n (h d)")
-        out = attn.to_out[0](out.type_as(hidden_states))
+        out = linear(attn.to_out[0], out.type_as(hidden_states))
         return attn.to_out[1](out)
+
+
+def normalize_and_rotate(norm: nn.Module, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """RMSNorm then RoPE of x (B, heads, N, D): fused (`rms_norm_rope`) for the plain `nn.RMSNorm`, through the
+    module for anything wrapped or hooked."""
+    if type(norm) is nn.RMSNorm and norm.eps is not None and not (norm._forward_hooks or norm._forward_pre_hooks):
+        return rms_norm_rope(x, norm, rotation)
+    return apply_rope(norm(x), rotation)
 
 
 class CascadeVSRAttention(nn.Module, AttentionModuleMixin):
@@ -172,6 +190,21 @@ def attends_to_one_token(encoder_hidden_states: torch.Tensor | None) -> bool:
 FFN_ACTIVATIONS = ("gelu-approximate", "gelu")
 
 
+def modulated_layer_norm(
+    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """AdaLN: `norm(x) * (1 + scale) + shift` in float32, returned in `dtype`, for a LayerNorm without its own affine;
+    `shift` / `scale` (B, 1, dim). With one sample the modulation is a per-channel affine, which the LayerNorm kernel
+    applies in its own pass; a bfloat16 `x` on CPU goes in as it is (the kernel computes in float32 and rounds
+    once)."""
+    if x.shape[0] != 1 or norm.weight is not None:
+        return torch.addcmul(shift, norm(x.float()), 1 + scale).to(dtype)
+    weight, bias = (1 + scale).flatten(), shift.flatten()
+    if x.dtype == dtype == torch.bfloat16 and x.device.type == "cpu":
+        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+    return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(dtype)
+
+
 class CascadeVSRTransformerBlock(nn.Module):
     """Self-attention, text cross-attention and feed-forward; AdaLN-zero modulation of self-attn and FFN.
 
@@ -214,12 +247,11 @@ class CascadeVSRTransformerBlock(nn.Module):
 
         # The residual stream stays float32 through the block and each sublayer reads it in the block's input dtype,
         # so a bfloat16 model rounds it once per block, not after every sublayer. addcmul(a, b, c) is a + b * c in
-        # one pass over the tokens (modulation and gated residuals).
+        # one pass over the tokens (gated residuals).
         dtype = hidden_states.dtype
-        residual = hidden_states.float()
-        norm_hidden = torch.addcmul(shift_msa, self.norm1(residual), 1 + scale_msa)
-        attn_out = self.attn1(norm_hidden.to(dtype), rotary_emb=rotary_emb, grid=grid, causal=causal)
-        residual = torch.addcmul(residual, attn_out.float(), gate_msa)
+        norm_hidden = modulated_layer_norm(self.norm1, hidden_states, shift_msa, scale_msa, dtype)
+        attn_out = self.attn1(norm_hidden, rotary_emb=rotary_emb, grid=grid, causal=causal)
+        residual = torch.addcmul(hidden_states.float(), attn_out.float(), gate_msa)
 
         if attends_to_one_token(encoder_hidden_states):
             cross_out = self.attn2.single_key_output(encoder_hidden_states)
@@ -231,8 +263,8 @@ class CascadeVSRTransformerBlock(nn.Module):
             )
         residual = residual + cross_out.float()
 
-        norm_hidden = torch.addcmul(shift_ffn, self.norm3(residual), 1 + scale_ffn)
-        ffn_out = self.ffn(norm_hidden.to(dtype))
+        norm_hidden = modulated_layer_norm(self.norm3, residual, shift_ffn, scale_ffn, dtype)
+        ffn_out = feed_forward(self.ffn, norm_hidden)
         return torch.addcmul(residual, ffn_out.float(), gate_ffn).to(dtype)
 
 

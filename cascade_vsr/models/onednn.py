@@ -1,0 +1,71 @@
+"""Linear layers as single oneDNN calls for bfloat16 inference on CPU.
+
+`F.linear` on CPU first copies the broadcast bias into the output and then accumulates the product onto it, and an
+activation after it is one more pass over the output. oneDNN's fused linear (the kernel that torch.compile's CPU
+backend emits for Linear + GELU) adds the bias and applies the GELU to the float32 accumulator while it writes the
+output: one pass instead of three. It is used only where it computes what the module would (a plain `nn.Linear`
+whose weights have the input's dtype, no hooks, no autograd); everything else runs the module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward
+
+# GELU's `approximate` -> oneDNN's GELU algorithm
+_GELU_ALGORITHMS = {"none": "none", "tanh": "tanh"}
+
+
+def _onednn_linear():
+    """oneDNN's fused linear op, or None where this torch build has none."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """No forward hooks of torch's or of diffusers' (layerwise casting, group offloading) on the module itself."""
+    return not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_diffusers_hook"))
+
+
+def fused_linear_applies(x: torch.Tensor, *layers: nn.Module) -> bool:
+    """Whether `layers` may run as oneDNN calls on `x`: bfloat16 on CPU, outside autograd, each layer a plain
+    `nn.Linear` (not a LoRA or other wrapper) with bfloat16 weights on the CPU and no hooks."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.is_grad_enabled() or _onednn_linear() is None:
+        return False
+    for layer in layers:
+        if type(layer) is not nn.Linear or not _unhooked(layer):
+            return False
+        for param in (layer.weight, layer.bias):
+            if param is not None and (param.dtype != x.dtype or param.device.type != "cpu"):
+                return False
+    return True
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+    """`layer(x)`, followed by GELU (`approximate` "none" or "tanh") when `gelu` is given; one oneDNN call where
+    `fused_linear_applies`."""
+    if gelu is not None and gelu not in _GELU_ALGORITHMS:
+        raise ValueError(f"`gelu` must be one of {sorted(_GELU_ALGORITHMS)} or None, got {gelu!r}")
+    if not fused_linear_applies(x, layer):
+        out = layer(x)
+        return out if gelu is None else nn.functional.gelu(out, approximate=gelu)
+    if gelu is None:
+        return _onednn_linear()(x, layer.weight, layer.bias, "none", [], "")
+    return _onednn_linear()(x, layer.weight, layer.bias, "gelu", [], _GELU_ALGORITHMS[gelu])
+
+
+def feed_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    """`ffn(x)` for diffusers' GELU FeedForward (projection + GELU, dropout, projection), its two products as fused
+    oneDNN calls where they apply (inference, where dropout is the identity); any other form runs the module."""
+    project_in, project_out = ffn.net[0], ffn.net[-1]
+    if (
+        type(project_in) is not GELU
+        or len(ffn.net) != 3
+        or not (_unhooked(ffn) and _unhooked(project_in))
+        or not fused_linear_applies(x, project_in.proj, project_out)
+    ):
+        return ffn(x)
+    return linear(project_out, linear(project_in.proj, x, gelu=project_in.approximate))
