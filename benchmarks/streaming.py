@@ -16,7 +16,12 @@ the rest).
 
     .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames C] [--cache-chunks M]
         [--malloc demo|glibc] [--dtype auto|float32|bfloat16] [--baseline-model PATH] [--baseline-dtype D]
-        [--no-profile]
+        [--baseline-code CHECKOUT] [--repeats N] [--no-profile]
+
+The baseline row streams `--baseline-model` (default: the same model) in `--baseline-dtype`, with this checkout's code
+or with the code of `--baseline-code` (another checkout of the repository, e.g. `git worktree add /tmp/base REV`):
+new code against old on the same model and input. At the shortest length the streamed and baseline runs alternate
+`--repeats` times and each reports its median, since this machine's speed drifts by 10-20% over minutes.
 """
 
 from __future__ import annotations
@@ -59,9 +64,12 @@ def causal_copy(
     return target, config["causal_chunk_frames"], config["causal_cache_chunks"]
 
 
-def command(video: Path, output: Path, model: Path, stream: bool, dtype: str) -> list[str]:
+def command(video: Path, output: Path, model: Path, stream: bool, dtype: str, code: Path | None = None) -> list[str]:
+    """The upscale command line; with `code`, that checkout's packages are imported (on PYTHONPATH, see `main`), so
+    the working directory must not come first on the path (python -P)."""
+    flags = [] if code is None else ["-P"]
     return [
-        sys.executable, "-m", "cascade_vsr.cli", "upscale", str(video), "-o", str(output), "--scale", "2",
+        sys.executable, *flags, "-m", "cascade_vsr.cli", "upscale", str(video), "-o", str(output), "--scale", "2",
         "--model", str(model), "--stream" if stream else "--no-stream", "--dtype", dtype,
     ]  # fmt: skip
 
@@ -95,7 +103,14 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str
         seconds = event.self_cpu_time_total / 1e6
         if "attention" in name or "softmax" in name or "sdpa" in name:
             families["attention"] += seconds
-        elif name in ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"):
+        elif name in (
+            "aten::addmm",
+            "aten::mm",
+            "aten::bmm",
+            "aten::linear",
+            "aten::matmul",
+            "mkldnn::_linear_pointwise",
+        ):
             families["linear"] += seconds
         elif "conv" in name:
             families["convolution (upsampler)"] += seconds
@@ -108,6 +123,24 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str
         else:
             families["other"] += seconds
     return families
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (path, input length) in order of appearance: the median frames/s and the largest peak RSS of its
+    runs."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["path"], row["input_frames"]), []).append(row)
+    return [
+        {
+            "path": path,
+            "input_frames": count,
+            "runs": len(runs),
+            "frames_per_s": float(np.median([r["frames_per_s"] for r in runs])),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        }
+        for (path, count), runs in groups.items()
+    ]
 
 
 def main() -> None:
@@ -130,14 +163,31 @@ def main() -> None:
         "--baseline-model", type=Path, default=None, help="a stage folder streamed at the shortest length as well"
     )
     parser.add_argument("--baseline-dtype", choices=DTYPE_NAMES, default="float32")
+    parser.add_argument(
+        "--baseline-code", type=Path, default=None, help="a checkout whose code runs the baseline (default: this one)"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs at the shortest length (median)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of one chunk")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.baseline_code is not None:
+        if not (args.baseline_code / "cascade_vsr" / "__init__.py").is_file():
+            parser.error(f"--baseline-code {args.baseline_code} is not a checkout of this repository")
+        if args.baseline_model is None:
+            args.baseline_model = args.model
     import torch
 
     source = sample_video_path("bigbuckbunny.mp4")
     clip = resize_frames(read_video(source), tuple(args.size), mode="area", crop_to_aspect=True)
     env = {**os.environ, **MALLOC_SETTINGS[args.malloc]}
+    baseline_env = env
+    if args.baseline_code is not None:  # its packages first on the path
+        baseline_env = {
+            **env,
+            "PYTHONPATH": os.pathsep.join([str(args.baseline_code.resolve()), env.get("PYTHONPATH", "")]),
+        }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -149,32 +199,36 @@ def main() -> None:
         lengths = sorted(args.frames)
         for count in lengths:
             video = make_input(ping_pong(clip, count), count, video_info(source)["fps"], folder)
-            runs = [("streamed", model, True, args.dtype)]
+            runs = [("streamed", model, True, args.dtype, None)]
             if count == lengths[0]:
-                runs.append(("windowed", model, False, args.dtype))
                 if baseline is not None:
-                    runs.append(("baseline", baseline, True, args.baseline_dtype))
-            for label, stage, stream, dtype in runs:
-                result = run_upscale(command(video, folder / f"{label}_{count}.mp4", stage, stream, dtype), env,
-                                     folder / f"{label}_{count}.log", 0.2)  # fmt: skip
+                    runs.append(("baseline", baseline, True, args.baseline_dtype, args.baseline_code))
+                runs = runs * args.repeats + [("windowed", model, False, args.dtype, None)]
+            for run, (label, stage, stream, dtype, code) in enumerate(runs):
+                name = f"{label}_{count}_{run}"
+                result = run_upscale(command(video, folder / f"{name}.mp4", stage, stream, dtype, code),
+                                     env if code is None else baseline_env, folder / f"{name}.log", 0.2)  # fmt: skip
                 result.pop("rss_trace")
                 rows.append({"path": label, "input_frames": count, **result})
                 print(f"{label:>9} {count:>5} frames: peak RSS {result['peak_rss_mib']:.0f} MiB, "
                       f"{result['frames_per_s']:.2f} frames/s", flush=True)  # fmt: skip
         split = None if args.no_profile else profile_chunk(model, clip, chunk_frames, args.dtype)
 
-    streamed = [r for r in rows if r["path"] == "streamed"]
-    ratio = streamed[-1]["peak_rss_mib"] / streamed[0]["peak_rss_mib"]
+    summary = summarize(rows)
+    streamed = [r for r in summary if r["path"] == "streamed"]
+    ratio = max(r["peak_rss_mib"] for r in streamed) / streamed[0]["peak_rss_mib"]
     print()
-    print(f"{'path':<10}{'frames':>8}{'peak RSS MiB':>14}{'frames/s':>10}")
-    for row in rows:
-        print(f"{row['path']:<10}{row['input_frames']:>8}{row['peak_rss_mib']:>14.0f}{row['frames_per_s']:>10.2f}")
-    print(f"peak RSS, {streamed[-1]['input_frames']} vs {streamed[0]['input_frames']} frames (streamed): {ratio:.3f}")
-    baseline_rows = [r for r in rows if r["path"] == "baseline"]
+    print(f"{'path':<10}{'frames':>8}{'runs':>6}{'peak RSS MiB':>14}{'frames/s':>10}")
+    for row in summary:
+        print(f"{row['path']:<10}{row['input_frames']:>8}{row['runs']:>6}{row['peak_rss_mib']:>14.0f}"
+              f"{row['frames_per_s']:>10.2f}")  # fmt: skip
+    print(f"peak RSS, largest vs {streamed[0]['input_frames']} frames (streamed): {ratio:.3f}")
+    baseline_rows = [r for r in summary if r["path"] == "baseline"]
     speedup = None
     if baseline_rows:
         speedup = streamed[0]["frames_per_s"] / baseline_rows[0]["frames_per_s"]
-        print(f"frames/s, streamed vs baseline ({args.baseline_model}, {args.baseline_dtype}): {speedup:.2f}x")
+        code = "this code" if args.baseline_code is None else f"the code of {args.baseline_code}"
+        print(f"frames/s, streamed vs baseline ({args.baseline_model}, {args.baseline_dtype}, {code}): {speedup:.2f}x")
     if split is not None:
         total = sum(split.values())
         print("4 streamed frames, self CPU time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
@@ -191,9 +245,11 @@ def main() -> None:
                 "cpu": cpu_name(),
                 "torch_threads": torch.get_num_threads(),
                 "rows": rows,
-                "peak_rss_ratio_longest_vs_shortest": ratio,
+                "summary": summary,
+                "peak_rss_ratio_largest_vs_shortest": ratio,
                 "baseline_model": None if args.baseline_model is None else str(args.baseline_model),
                 "baseline_dtype": args.baseline_dtype,
+                "baseline_code": None if args.baseline_code is None else str(args.baseline_code),
                 "frames_per_s_ratio_vs_baseline": speedup,
                 "chunk_self_cpu_seconds": split,
             },

@@ -17,6 +17,7 @@ COMMANDS = {
     "make-pairs": "cascade_vsr.commands.make_pairs",
     "train": "cascade_vsr.commands.train",
     "distill": "cascade_vsr.commands.distill",
+    "average-weights": "cascade_vsr.commands.average_weights",
     "calibrate-sampler": "cascade_vsr.commands.calibrate_sampler",
     "evaluate": "cascade_vsr.commands.evaluate",
     "upscale": "cascade_vsr.commands.upscale",

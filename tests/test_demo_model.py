@@ -48,7 +48,7 @@ def test_one_step_demo_model_samples_in_one_network_evaluation():
 
 
 def test_the_one_step_demo_model_streams_its_whole_clip_numbers_and_beats_bicubic():
-    """The shipped one-step model is block-causal (upscale's default; demo/README.md, recipe S): streamed frame by
+    """The shipped one-step model is block-causal (upscale's default; demo/README.md, recipe W): streamed frame by
     frame it gives the frames of one whole-clip call (to a grey level) and beats bicubic on held-out frames."""
     import numpy as np
     import torch

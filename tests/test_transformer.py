@@ -16,6 +16,7 @@ from cascade_vsr.models.rope import (
     rope_cos_sin,
     rope_rotation,
 )
+from cascade_vsr.models.transformer import normalize_and_rotate
 
 from .conftest import TINY_TRANSFORMER, TINY_UPSAMPLER, randomize_
 
@@ -163,6 +164,16 @@ def test_rms_norm_rope_matches_the_norm_then_the_real_valued_rotation(dtype):
     assert out.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8 * reference.abs().max().item()
     torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance)
+
+
+def test_a_hooked_or_wrapped_rms_norm_runs_through_the_module():
+    """`normalize_and_rotate` fuses only the plain unhooked nn.RMSNorm; a hook's effect is kept."""
+    norm = torch.nn.RMSNorm(12, eps=1e-6)
+    x, rotation = torch.randn(1, 2, 24, 12), rope_rotation(*rope_cos_sin((2, 3, 4), 12))
+    torch.testing.assert_close(normalize_and_rotate(norm, x, rotation), apply_rope(norm(x), rotation))
+    norm.register_forward_hook(lambda module, args, out: out * 2)
+    torch.testing.assert_close(normalize_and_rotate(norm, x, rotation), apply_rope(norm(x), rotation))
+    torch.testing.assert_close(normalize_and_rotate(norm, x, rotation), 2 * rms_norm_rope(x, norm, rotation))
 
 
 def test_self_attention_matches_naive_dense_reference(tiny_transformer):

@@ -25,7 +25,7 @@ def _onednn_linear():
     return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
-def _unhooked(module: nn.Module) -> bool:
+def unhooked(module: nn.Module) -> bool:
     """No forward hooks of torch's or of diffusers' (layerwise casting, group offloading) on the module itself."""
     return not (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_diffusers_hook"))
 
@@ -36,7 +36,7 @@ def fused_linear_applies(x: torch.Tensor, *layers: nn.Module) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.is_grad_enabled() or _onednn_linear() is None:
         return False
     for layer in layers:
-        if type(layer) is not nn.Linear or not _unhooked(layer):
+        if type(layer) is not nn.Linear or not unhooked(layer):
             return False
         for param in (layer.weight, layer.bias):
             if param is not None and (param.dtype != x.dtype or param.device.type != "cpu"):
@@ -64,7 +64,7 @@ def feed_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
     if (
         type(project_in) is not GELU
         or len(ffn.net) != 3
-        or not (_unhooked(ffn) and _unhooked(project_in))
+        or not (unhooked(ffn) and unhooked(project_in))
         or not fused_linear_applies(x, project_in.proj, project_out)
     ):
         return ffn(x)

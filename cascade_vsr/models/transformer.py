@@ -46,7 +46,7 @@ from cascade_vsr.models.causal_attention import (
     chunk_visibility,
 )
 from cascade_vsr.models.loading import SafeLoadingMixin
-from cascade_vsr.models.onednn import feed_forward, linear
+from cascade_vsr.models.onednn import feed_forward, unhooked
 from cascade_vsr.models.rope import (
     RotaryPositionEmbedding3D,
     apply_rope,
@@ -93,9 +93,9 @@ class CascadeVSRAttnProcessor:
         causal: CausalContext | None = None,
     ) -> torch.Tensor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = rearrange(linear(attn.to_q, hidden_states), "b n (h d) -> b n h d", h=attn.heads)
-        key = rearrange(linear(attn.to_k, context), "b n (h d) -> b n h d", h=attn.heads)
-        value = rearrange(linear(attn.to_v, context), "b n (h d) -> b n h d", h=attn.heads)
+        query = rearrange(attn.to_q(hidden_states), "b n (h d) -> b n h d", h=attn.heads)
+        key = rearrange(attn.to_k(context), "b n (h d) -> b n h d", h=attn.heads)
+        value = rearrange(attn.to_v(context), "b n (h d) -> b n h d", h=attn.heads)
 
         if encoder_hidden_states is not None:  # text cross-attention: no positions on either side
             query, key = attn.norm_q(query), attn.norm_k(key)
@@ -116,14 +116,14 @@ class CascadeVSRAttnProcessor:
                     key, value = causal.cache.keys_values(attn, key, value, grid[0])
                 out = causal_self_attention(query, key, value, grid, causal.key_frames, causal.visibility, attn.spec)
             out = rearrange(out, "b h n d -> b n (h d)")
-        out = linear(attn.to_out[0], out.type_as(hidden_states))
+        out = attn.to_out[0](out.type_as(hidden_states))
         return attn.to_out[1](out)
 
 
 def normalize_and_rotate(norm: nn.Module, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """RMSNorm then RoPE of x (B, heads, N, D): fused (`rms_norm_rope`) for the plain `nn.RMSNorm`, through the
     module for anything wrapped or hooked."""
-    if type(norm) is nn.RMSNorm and norm.eps is not None and not (norm._forward_hooks or norm._forward_pre_hooks):
+    if type(norm) is nn.RMSNorm and norm.eps is not None and unhooked(norm):
         return rms_norm_rope(x, norm, rotation)
     return apply_rope(norm(x), rotation)
 
