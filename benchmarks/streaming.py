@@ -186,7 +186,7 @@ def main() -> None:
     if args.baseline_code is not None:  # its packages first on the path
         baseline_env = {
             **env,
-            "PYTHONPATH": os.pathsep.join([str(args.baseline_code.resolve()), env.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join(p for p in [str(args.baseline_code.resolve()), env.get("PYTHONPATH")] if p),
         }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
