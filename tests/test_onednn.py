@@ -81,7 +81,8 @@ def test_fused_linear_matches_the_layer():
 
 
 def test_fused_paths_fall_back_to_the_modules(monkeypatch):
-    """Autograd, float32, a LoRA-wrapped layer and a hooked layer all run the modules, value for value."""
+    """Autograd, float32, a hooked layer, dropout in training mode and a LoRA-wrapped layer all run the modules, value
+    for value."""
     counter = _CountCalls(monkeypatch) if onednn._onednn_linear() is not None else None
     ffn = _ffn()
     x = torch.randn(2, 7, 24).bfloat16()
@@ -96,6 +97,12 @@ def test_fused_paths_fall_back_to_the_modules(monkeypatch):
         hooked.net[2].register_forward_hook(lambda module, args, out: out * 2)
         assert not fused_linear_applies(x, hooked.net[2])
         torch.testing.assert_close(feed_forward(hooked, x), hooked(x), rtol=0, atol=0)
+
+        dropping = FeedForward(24, inner_dim=40, activation_fn="gelu", dropout=0.5).train().bfloat16()
+        torch.manual_seed(0)
+        expected = dropping(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(feed_forward(dropping, x), expected, rtol=0, atol=0)
 
         lora = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), _ffn())
         lora.bfloat16()

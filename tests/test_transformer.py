@@ -166,6 +166,27 @@ def test_rms_norm_rope_matches_the_norm_then_the_real_valued_rotation(dtype):
     torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance)
 
 
+def test_rms_norm_rope_gradients_match_the_module_path_and_stay_finite_at_zero():
+    """Training runs the fused form too: its gradients are those of nn.RMSNorm + apply_rope, also for an all-zero
+    head vector (where a norm's own gradient is 0 / 0)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 24, 12, generator=g)
+    x[0, 0, 3] = 0.0
+    norm = torch.nn.RMSNorm(12, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(12, generator=g) + 0.5)
+    rotation, upstream = rope_rotation(*rope_cos_sin((2, 3, 4), 12)), torch.randn(1, 2, 24, 12, generator=g)
+    grads = []
+    for forward in (lambda x: rms_norm_rope(x, norm, rotation), lambda x: apply_rope(norm(x), rotation)):
+        leaf = x.clone().requires_grad_(True)
+        norm.weight.grad = None
+        (forward(leaf) * upstream).sum().backward()
+        grads.append((leaf.grad, norm.weight.grad.clone()))
+    assert all(torch.isfinite(grad).all() for pair in grads for grad in pair)
+    for fused, module in zip(*grads):
+        torch.testing.assert_close(fused, module, rtol=1e-4, atol=1e-5)
+
+
 def test_a_hooked_or_wrapped_rms_norm_runs_through_the_module():
     """`normalize_and_rotate` fuses only the plain unhooked nn.RMSNorm; a hook's effect is kept."""
     norm = torch.nn.RMSNorm(12, eps=1e-6)

@@ -64,6 +64,7 @@ def feed_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
     if (
         type(project_in) is not GELU
         or len(ffn.net) != 3
+        or (ffn.training and ffn.net[1].p > 0)  # dropout that would drop something
         or not (unhooked(ffn) and unhooked(project_in))
         or not fused_linear_applies(x, project_in.proj, project_out)
     ):
