@@ -9,7 +9,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from cascade_vsr import CascadeVSRTransformer3DModel
 from cascade_vsr.models import onednn
-from cascade_vsr.models.onednn import feed_forward, fused_linear_applies, linear
+from cascade_vsr.models.onednn import feed_forward, fused_linear_applies
 from cascade_vsr.models.transformer import modulated_layer_norm
 
 from .conftest import TINY_TRANSFORMER, randomize_
@@ -69,17 +69,6 @@ def test_fused_feed_forward_matches_a_float64_reference_in_one_call_per_layer(
     assert error <= max(module_error, 1e-3) * 1.5, (error, module_error)
 
 
-@requires_onednn
-def test_fused_linear_matches_the_layer():
-    layer = randomize_(nn.Linear(24, 40)).bfloat16()
-    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(0)).bfloat16()
-    reference = x.double() @ layer.weight.double().T + layer.bias.double()
-    with torch.no_grad():
-        assert fused_linear_applies(x, layer)
-        torch.testing.assert_close(linear(layer, x).double(), reference, rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(linear(layer, x), layer(x), rtol=1e-2, atol=1e-2)
-
-
 def test_fused_paths_fall_back_to_the_modules(monkeypatch):
     """Autograd, float32, a hooked layer, dropout in training mode and a LoRA-wrapped layer all run the modules, value
     for value."""
@@ -110,11 +99,6 @@ def test_fused_paths_fall_back_to_the_modules(monkeypatch):
         torch.testing.assert_close(feed_forward(lora, x), lora(x), rtol=0, atol=0)
     if counter is not None:
         assert counter.calls == []
-
-
-def test_linear_refuses_an_unknown_gelu():
-    with pytest.raises(ValueError, match="`gelu` must be one of"):
-        linear(nn.Linear(2, 2), torch.zeros(1, 2), gelu="erf")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""Linear layers as single oneDNN calls for bfloat16 inference on CPU.
+"""The feed-forward as two oneDNN calls for bfloat16 inference on CPU.
 
 `F.linear` on CPU first copies the broadcast bias into the output and then accumulates the product onto it, and an
 activation after it is one more pass over the output. oneDNN's fused linear (the kernel that torch.compile's CPU
@@ -44,29 +44,19 @@ def fused_linear_applies(x: torch.Tensor, *layers: nn.Module) -> bool:
     return True
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
-    """`layer(x)`, followed by GELU (`approximate` "none" or "tanh") when `gelu` is given; one oneDNN call where
-    `fused_linear_applies`."""
-    if gelu is not None and gelu not in _GELU_ALGORITHMS:
-        raise ValueError(f"`gelu` must be one of {sorted(_GELU_ALGORITHMS)} or None, got {gelu!r}")
-    if not fused_linear_applies(x, layer):
-        out = layer(x)
-        return out if gelu is None else nn.functional.gelu(out, approximate=gelu)
-    if gelu is None:
-        return _onednn_linear()(x, layer.weight, layer.bias, "none", [], "")
-    return _onednn_linear()(x, layer.weight, layer.bias, "gelu", [], _GELU_ALGORITHMS[gelu])
-
-
 def feed_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
     """`ffn(x)` for diffusers' GELU FeedForward (projection + GELU, dropout, projection), its two products as fused
     oneDNN calls where they apply (inference, where dropout is the identity); any other form runs the module."""
     project_in, project_out = ffn.net[0], ffn.net[-1]
     if (
         type(project_in) is not GELU
+        or project_in.approximate not in _GELU_ALGORITHMS
         or len(ffn.net) != 3
         or (ffn.training and ffn.net[1].p > 0)  # dropout that would drop something
         or not (unhooked(ffn) and unhooked(project_in))
         or not fused_linear_applies(x, project_in.proj, project_out)
     ):
         return ffn(x)
-    return linear(project_out, linear(project_in.proj, x, gelu=project_in.approximate))
+    onednn_linear, up = _onednn_linear(), project_in.proj
+    hidden = onednn_linear(x, up.weight, up.bias, "gelu", [], _GELU_ALGORITHMS[project_in.approximate])
+    return onednn_linear(hidden, project_out.weight, project_out.bias, "none", [], "")
