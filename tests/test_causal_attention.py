@@ -133,6 +133,26 @@ def test_streamed_transformer_equals_its_offline_block_causal_form(mode, chunk, 
     torch.testing.assert_close(torch.cat(streamed, dim=2), offline, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["full", "window"])
+@torch.no_grad()
+def test_a_long_stream_rolls_its_cache_through_compactions(mode):
+    """Eleven chunks of one frame through a cache of 2: the layers' buffers grow, then compact several times (window
+    layers keep window tiles, the others tokens); the stream still equals the offline form and each layer holds
+    exactly the cached frames."""
+    model = _tiny_causal(mode, chunk=1, cache=2)
+    x, condition, t, s, text = _inputs(11)
+    offline = model(x, condition, t, s, text, return_dict=False)[0]
+    kv_cache = CausalKVCache(2)
+    streamed = []
+    for frame in range(x.shape[2]):
+        part = slice(frame, frame + 1)
+        streamed.append(model(x[:, :, part], condition[:, :, part], t, s, text, kv_cache=kv_cache)[0])
+        for buffer in kv_cache._entries.values():
+            per_frame = 1 if buffer.axis == -3 else 5 * 7  # window tiles hold frames, the token layout tokens
+            assert buffer.end - buffer.start == len(kv_cache.frame_chunks) * per_frame
+    torch.testing.assert_close(torch.cat(streamed, dim=2), offline, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["full", "window", "sparse_topk"])
 @torch.no_grad()
 def test_a_chunk_never_sees_a_later_frame(mode):

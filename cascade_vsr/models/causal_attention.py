@@ -14,7 +14,7 @@ Each mode keeps its spatial structure and takes its temporal extent from the chu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,7 @@ from einops import rearrange
 from cascade_vsr.models.attention import adaptive_window_size, select_units, tile_attention
 from cascade_vsr.models.attention_spec import AttentionSpec
 from cascade_vsr.models.token_layout import (
+    Part,
     pad_window_layout,
     partition_axis,
     region_windows,
@@ -58,23 +59,66 @@ def causal_full_attention(q, k, v, query_grid, visibility):
     return tile_attention(q, k, v, _frame_mask(visibility, tokens, tokens, q.device))
 
 
+def window_tiles(x: torch.Tensor, grid: Sequence[int], spatial: Sequence[Part]) -> Iterator[torch.Tensor]:
+    """The 2D windows of x (B, heads, T*H*W, D), cut by the `spatial` (H, W) partitions and spanning all T frames,
+    region by region (`window_regions`), each region as a strided view (B, heads, ny, nx, T, ly, lx, D)."""
+    parts = [partition_axis(grid[0], grid[0]), *spatial]
+    tokens = x.unflatten(-2, tuple(grid))
+    for runs in window_regions(grid, parts):
+        yield region_windows(tokens, runs).squeeze(2)
+
+
+def _key_tiles(windows: torch.Tensor) -> torch.Tensor:
+    """Key or value windows (B, heads, ny, nx, T, ly, lx, D) -> (B, heads, windows, T, window tokens, D): the layout
+    the KV cache keeps, where any run of frames is a view (B, heads, windows, frames x window tokens, D)."""
+    return rearrange(windows, "b h ny nx t y x d -> b h (ny nx) t (y x) d")
+
+
+def _tiles_shape(windows: torch.Tensor) -> tuple[int, ...]:
+    """The shape that `_key_tiles` gives windows (B, heads, ny, nx, T, ly, lx, D)."""
+    batch, heads, ny, nx, frames, ly, lx, dim = windows.shape
+    return (batch, heads, ny * nx, frames, ly * lx, dim)
+
+
+def attend_window_tiles(
+    q: torch.Tensor,
+    query_grid: tuple[int, int, int],
+    spatial: Sequence[Part],
+    key_tiles: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    visibility: torch.Tensor,
+) -> torch.Tensor:
+    """Window attention of q (B, heads, Tq*H*W, D) over `key_tiles`: per region of equally shaped windows, the
+    (keys, values) of its windows (B, heads, windows, Tk, window tokens, D), in the order of `window_tiles`. One
+    SDPA call per region, masked by the frames' `visibility` (Tq, Tk) where it is not all True. The result is
+    (B, heads, N, D) with the heads innermost in memory, so that merging them afterwards is a view."""
+    batch, heads, _, dim = q.shape
+    frames, height, width = query_grid
+    out = q.new_empty(batch, frames, height, width, heads, dim).permute(0, 4, 1, 2, 3, 5).flatten(2, 4)
+    regions = zip(window_tiles(q, query_grid, spatial), window_tiles(out, query_grid, spatial), key_tiles)
+    for q_windows, out_windows, (keys, values) in regions:
+        window_tokens = q_windows.shape[-3] * q_windows.shape[-2]
+        tiles = rearrange(q_windows, "b h ny nx t y x d -> b h (ny nx) (t y x) d")
+        mask = _frame_mask(visibility, window_tokens, window_tokens, q.device)
+        attended = tile_attention(tiles, keys.flatten(-3, -2), values.flatten(-3, -2), mask)
+        out_windows.copy_(attended.view(q_windows.shape))
+    return out
+
+
+def window_partitions(height: int, width: int, window: Sequence[int], shift: bool) -> list[Part]:
+    """The (H, W) partitions of a layer's 2D windows of (wh, ww) tokens, shifted by half a window when `shift`."""
+    return [partition_axis(height, window[0], shift), partition_axis(width, window[1], shift)]
+
+
 def causal_window_attention(q, k, v, query_grid, key_frames, visibility, window, shift):
     """2D spatial windows of (wh, ww) tokens (shifted by half a window when `shift`), each over all visible frames:
     one masked SDPA call per region of equally shaped windows (at most 9)."""
-    frames, height, width = query_grid
-    key_grid = (key_frames, height, width)
-    spatial = [partition_axis(height, window[0], shift), partition_axis(width, window[1], shift)]
-    q_parts, k_parts = [partition_axis(frames, frames), *spatial], [partition_axis(key_frames, key_frames), *spatial]
-    q_tokens, k_tokens, v_tokens = q.unflatten(-2, query_grid), k.unflatten(-2, key_grid), v.unflatten(-2, key_grid)
-    out = torch.empty_like(q_tokens)
-    for q_runs, k_runs in zip(window_regions(query_grid, q_parts), window_regions(key_grid, k_parts), strict=True):
-        qw = region_windows(q_tokens, q_runs)  # (B, heads, 1, ny, nx, Tq, ly, lx, D)
-        kw, vw = region_windows(k_tokens, k_runs), region_windows(v_tokens, k_runs)
-        window_tokens = qw.shape[-3] * qw.shape[-2]
-        tiles = [rearrange(x, "b h 1 ny nx t y x d -> b h (ny nx) (t y x) d") for x in (qw, kw, vw)]
-        mask = _frame_mask(visibility, window_tokens, window_tokens, q.device)
-        region_windows(out, q_runs).copy_(tile_attention(*tiles, mask).view(qw.shape))
-    return out.flatten(-4, -2)
+    spatial = window_partitions(*query_grid[1:], window, shift)
+    key_grid = (key_frames, *query_grid[1:])
+    key_tiles = (
+        (_key_tiles(keys), _key_tiles(values))
+        for keys, values in zip(window_tiles(k, key_grid, spatial), window_tiles(v, key_grid, spatial))
+    )
+    return attend_window_tiles(q, query_grid, spatial, key_tiles, visibility)
 
 
 def causal_sparse_topk_attention(q, k, v, query_grid, key_frames, visibility, window, topk):
@@ -126,10 +170,14 @@ def causal_self_attention(
     key_frames: int,
     visibility: torch.Tensor,
     spec: AttentionSpec,
+    cache: CausalKVCache | None = None,
+    layer: object = None,
 ) -> torch.Tensor:
-    """Block-causal self-attention of one layer: q (B, heads, Tq*H*W, D) of the `query_grid`, k / v
-    (B, heads, key_frames*H*W, D) whose last Tq frames are the queries' own, `visibility` (Tq, key_frames) bool on
-    the host (`chunk_visibility`). The layer's `spec` gives the mode and its spatial window."""
+    """Block-causal self-attention of one layer: q (B, heads, Tq*H*W, D) of the `query_grid`, `visibility`
+    (Tq, key_frames) bool on the host (`chunk_visibility`). The layer's `spec` gives the mode and its spatial window.
+
+    Offline, k / v (B, heads, key_frames*H*W, D) hold every key frame, the last Tq being the queries' own. Streaming,
+    they hold the chunk's own Tq frames and `cache` adds the earlier ones of `layer` (its key for the cache)."""
     query_grid = tuple(int(g) for g in query_grid)
     frames, height, width = query_grid
     if visibility.shape != (frames, key_frames) or key_frames < frames:
@@ -137,16 +185,25 @@ def causal_self_attention(
             f"`visibility` must have shape (Tq, Tk) = ({frames}, {key_frames}) with Tk >= Tq, got "
             f"{tuple(visibility.shape)}"
         )
-    if k.shape[-2] != key_frames * height * width or k.shape != v.shape:
-        raise ValueError(f"`k` and `v` must hold {key_frames} frames of {height}x{width} tokens, got {tuple(k.shape)}")
+    given_frames = key_frames if cache is None else frames
+    if k.shape[-2] != given_frames * height * width or k.shape != v.shape:
+        raise ValueError(
+            f"`k` and `v` must hold {given_frames} frames of {height}x{width} tokens, got {tuple(k.shape)}"
+        )
+    if spec.mode == "window":
+        window = spec.window
+        if window is None:
+            window = adaptive_window_size(query_grid, spec.window_reference, spec.num_windows, spec.max_frames)
+        if cache is None:
+            return causal_window_attention(q, k, v, query_grid, key_frames, visibility, window[-2:], spec.shift)
+        spatial = window_partitions(height, width, window[-2:], spec.shift)
+        key_tiles = cache.window_tiles(layer, k, v, query_grid, spatial)
+        return attend_window_tiles(q, query_grid, spatial, key_tiles, visibility)
+    if cache is not None:
+        k, v = cache.keys_values(layer, k, v, frames)
     if spec.mode == "full":
         return causal_full_attention(q, k, v, query_grid, visibility)
-    if spec.mode == "sparse_topk":
-        return causal_sparse_topk_attention(q, k, v, query_grid, key_frames, visibility, spec.window, spec.topk)
-    window = spec.window
-    if window is None:
-        window = adaptive_window_size(query_grid, spec.window_reference, spec.num_windows, spec.max_frames)
-    return causal_window_attention(q, k, v, query_grid, key_frames, visibility, window[-2:], spec.shift)
+    return causal_sparse_topk_attention(q, k, v, query_grid, key_frames, visibility, spec.window, spec.topk)
 
 
 @dataclass(frozen=True)
@@ -159,38 +216,52 @@ class CausalContext:
     cache: CausalKVCache | None = None
 
 
-class _KeyValueBuffer:
-    """One layer's cached keys and values, (B, heads, tokens, D) each, kept in a buffer of twice the tokens that a
-    forward needs: a chunk is written after the cached frames and the keys are a view of the buffer, so each token is
-    copied once on arrival and once more per compaction (when the buffer's end is reached), instead of once per chunk
-    it stays in the cache, as concatenating the cache and the chunk at every chunk would."""
+class _RollingBuffer:
+    """One layer's cached keys and values: tensors that grow along `axis` (tokens, or frames of window tiles) as
+    chunks arrive and drop their oldest entries as the cache rolls. They live in buffers of about twice the entries
+    a forward needs: a chunk is written after the held entries and the held ones are views, so each entry is copied
+    once on arrival and once more per compaction (when a buffer's end is reached), instead of once per chunk it stays
+    in the cache, as concatenating the cache and the chunk at every chunk would."""
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor):
-        self.keys, self.values = key, value
-        self.start, self.end = 0, key.shape[-2]
+    def __init__(self, axis: int):
+        self.axis = axis
+        self.tensors: list[torch.Tensor] = []
+        self.start = self.end = 0
 
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept (k, v) followed by the chunk's, as views of the buffer (valid until the next append)."""
-        kept, new = self.end - self.start, key.shape[-2]
-        capacity = self.keys.shape[-2]
-        if self.end + new > capacity and self.start >= kept and kept + new <= capacity:  # compact, no overlap
-            self.keys[..., :kept, :] = self.keys[..., self.start : self.end, :]
-            self.values[..., :kept, :] = self.values[..., self.start : self.end, :]
+    @property
+    def batch_size(self) -> int | None:
+        return self.tensors[0].shape[0] if self.tensors else None
+
+    def make_room(self, like: torch.Tensor, shapes: Sequence[Sequence[int]], entries: int) -> list[torch.Tensor]:
+        """Slices of `entries` along the axis after the held ones, one per tensor (of `shapes`, the chunk's, with
+        the dtype and device of `like`), for the caller to write; compacts or grows the buffers first if needed."""
+        axis, kept = self.axis, self.end - self.start
+        capacity = self.tensors[0].shape[axis] if self.tensors else 0
+        if self.end + entries > capacity:
+            if not (self.start >= kept and kept + entries <= capacity):  # compaction would overlap: grow
+                capacity = 2 * (kept + entries)
+                grown = []
+                for shape in shapes:
+                    shape = list(shape)
+                    shape[axis] = capacity
+                    grown.append(like.new_empty(shape))
+                for new, old in zip(grown, self.tensors):
+                    new.narrow(axis, 0, kept).copy_(old.narrow(axis, self.start, kept))
+                self.tensors = grown
+            else:
+                for tensor in self.tensors:
+                    tensor.narrow(axis, 0, kept).copy_(tensor.narrow(axis, self.start, kept))
             self.start, self.end = 0, kept
-        elif self.end + new > capacity:
-            capacity = 2 * (kept + new)
-            keys = key.new_empty(*key.shape[:-2], capacity, key.shape[-1])
-            values = value.new_empty(*value.shape[:-2], capacity, value.shape[-1])
-            keys[..., :kept, :] = self.keys[..., self.start : self.end, :]
-            values[..., :kept, :] = self.values[..., self.start : self.end, :]
-            self.keys, self.values, self.start, self.end = keys, values, 0, kept
-        self.keys[..., self.end : self.end + new, :] = key
-        self.values[..., self.end : self.end + new, :] = value
-        self.end += new
-        return self.keys[..., self.start : self.end, :], self.values[..., self.start : self.end, :]
+        slots = [tensor.narrow(axis, self.end, entries) for tensor in self.tensors]
+        self.end += entries
+        return slots
 
-    def keep_last(self, tokens: int) -> None:
-        self.start = max(self.start, self.end - tokens)
+    def held(self) -> list[torch.Tensor]:
+        """The held entries of every tensor, as views (valid until the next `make_room`)."""
+        return [tensor.narrow(self.axis, self.start, self.end - self.start) for tensor in self.tensors]
+
+    def keep_last(self, entries: int) -> None:
+        self.start = max(self.start, self.end - entries)
 
 
 @dataclass
@@ -209,7 +280,7 @@ class CausalKVCache:
     frames_seen: int = 0
     frame_chunks: list[int] = field(default_factory=list)  # chunk of each cached frame
     guidance: torch.Tensor | None = None  # the first chunk's pooled key frames (visual guidance), kept for all
-    _entries: dict = field(default_factory=dict)  # layer -> _KeyValueBuffer
+    _entries: dict = field(default_factory=dict)  # layer -> _RollingBuffer
     _staged_frames: int | None = None
 
     def __post_init__(self):
@@ -227,21 +298,46 @@ class CausalKVCache:
         queries = torch.full((num_frames,), self.next_chunk, dtype=torch.long)
         return chunk_visibility(queries, keys, self.cache_chunks), len(keys)
 
-    def keys_values(self, layer: object, key: torch.Tensor, value: torch.Tensor, num_frames: int):
-        """The layer's cached (k, v) followed by the current chunk's."""
+    def _buffer(self, layer: object, key: torch.Tensor, num_frames: int, axis: int) -> _RollingBuffer:
+        """The layer's buffer (a new one for a layer not seen yet), after checking that the chunk fits the stream."""
         if self._staged_frames not in (None, num_frames):
             raise ValueError("every layer of one forward must see the same chunk")
         self._staged_frames = num_frames
-        if layer not in self._entries:
-            self._entries[layer] = _KeyValueBuffer(key, value)
-            return key, value
-        entry = self._entries[layer]
-        if entry.keys.shape[0] != key.shape[0]:
+        buffer = self._entries.setdefault(layer, _RollingBuffer(axis))
+        if buffer.axis != axis:
+            raise ValueError("a layer's attention mode (its cache layout) must not change within a stream")
+        if buffer.batch_size not in (None, key.shape[0]):
             raise ValueError(
-                f"the streamed batch changed from {entry.keys.shape[0]} to {key.shape[0]} (with classifier-free "
+                f"the streamed batch changed from {buffer.batch_size} to {key.shape[0]} (with classifier-free "
                 "guidance, stream the conditional and unconditional halves as one batch throughout)"
             )
-        return entry.append(key, value)
+        return buffer
+
+    def keys_values(
+        self, layer: object, key: torch.Tensor, value: torch.Tensor, num_frames: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's cached (k, v) followed by the current chunk's, (B, heads, tokens, D) each."""
+        buffer = self._buffer(layer, key, num_frames, axis=-2)
+        for slot, chunk in zip(buffer.make_room(key, (key.shape, value.shape), key.shape[-2]), (key, value)):
+            slot.copy_(chunk)
+        keys, values = buffer.held()
+        return keys, values
+
+    def window_tiles(
+        self, layer: object, key: torch.Tensor, value: torch.Tensor, grid: Sequence[int], spatial: Sequence[Part]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The layer's cached keys and values followed by the current chunk's, (B, heads, tokens, D) each over the
+        chunk's (Tq, H, W) `grid`, cut into the `spatial` windows: per region (`window_tiles`), (keys, values) of
+        (B, heads, windows, frames, window tokens, D). The cache keeps them in this layout, so attention reads views
+        of it and only the chunk's own frames are copied."""
+        chunk = [*window_tiles(key, grid, spatial), *window_tiles(value, grid, spatial)]
+        shapes = [_tiles_shape(windows) for windows in chunk]
+        buffer = self._buffer(layer, key, grid[0], axis=-3)
+        for slot, windows in zip(buffer.make_room(key, shapes, grid[0]), chunk):
+            slot.unflatten(2, windows.shape[2:4]).unflatten(-2, windows.shape[-3:-1]).copy_(windows)
+        held = buffer.held()
+        regions = len(held) // 2
+        return list(zip(held[:regions], held[regions:]))
 
     def advance(self) -> None:
         """Commit the chunk just computed and drop the frames of chunks older than `cache_chunks`."""
@@ -251,8 +347,8 @@ class CausalKVCache:
         frame_chunks = [*self.frame_chunks, *[self.next_chunk] * num_frames]
         keep = [c >= self.next_chunk - self.cache_chunks + 1 for c in frame_chunks] if self.cache_chunks else []
         kept_frames = sum(keep)
-        for entry in self._entries.values():
-            entry.keep_last((entry.end - entry.start) // len(frame_chunks) * kept_frames)
+        for buffer in self._entries.values():  # entries (tokens or frames) per frame, times the frames kept
+            buffer.keep_last((buffer.end - buffer.start) // len(frame_chunks) * kept_frames)
         self.frame_chunks = frame_chunks[len(frame_chunks) - kept_frames :]
         self.frames_seen += num_frames
         self.next_chunk += 1

@@ -111,10 +111,10 @@ class CascadeVSRAttnProcessor:
             )
             if causal is None:
                 out = self_attention(query, key, value, grid, attn.spec)
-            else:
-                if causal.cache is not None:  # the cached chunks' keys and values, then this chunk's
-                    key, value = causal.cache.keys_values(attn, key, value, grid[0])
-                out = causal_self_attention(query, key, value, grid, causal.key_frames, causal.visibility, attn.spec)
+            else:  # streaming: the cache adds the earlier chunks' keys and values to this chunk's
+                out = causal_self_attention(
+                    query, key, value, grid, causal.key_frames, causal.visibility, attn.spec, causal.cache, attn
+                )
             out = rearrange(out, "b h n d -> b n (h d)")
         out = attn.to_out[0](out.type_as(hidden_states))
         return attn.to_out[1](out)
