@@ -1212,7 +1212,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
             text,
             guidance if do_cfg else None,
             settings["noise_aug_strength"],
-            StreamingNoise(settings["noise_frame_correlation"], generator),
+            StreamingNoise(settings["noise_frame_correlation"], settings["noise_aug_strength"], generator),
         )
         for hr in hr_chunks:
             if output_type == "latent":

@@ -16,7 +16,7 @@ all that later chunks need (`CausalKVCache`). The other parts are made to give e
   refused (`output_type="latent"` streams their latents).
 
 Noise is drawn per chunk in a fixed order (the condition's noise, then the initial noise; with frame-correlated
-noise the shared image once, first), see `StreamingNoise`.
+noise the shared image once, first), skipping a draw whose weight is 0, see `StreamingNoise`.
 """
 
 from __future__ import annotations
@@ -34,22 +34,29 @@ from cascade_vsr.pipelines.sampling import guided_velocity
 @dataclass
 class StreamingNoise:
     """The stream's noise, drawn per chunk from one generator: the shared image of frame-correlated noise once,
-    first (when the correlation is above 0); then for each chunk the condition's noise and the initial noise, each
-    `randn` of the chunk's shape."""
+    first (when the correlation is above 0); then for each chunk the condition's noise (when its strength is above
+    0) and the chunk's own initial noise (when the correlation is below 1), each `randn` of the chunk's shape.
+
+    A draw whose weight is 0 is skipped: it cannot change the output, and a one-step model with shared noise and a
+    clean condition (the demo model) would otherwise draw two unused noise images per frame."""
 
     noise_frame_correlation: float
+    noise_aug_strength: float
     generator: torch.Generator | None
     shared: torch.Tensor | None = None
 
     def _randn(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, device=device, dtype=torch.float32)
 
-    def chunk(self, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(condition noise, initial noise) of a (B, C, Tc, H, W) chunk."""
+    def chunk(self, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(condition noise, None when the condition is not noised; initial noise) of a (B, C, Tc, H, W) chunk."""
         correlation = self.noise_frame_correlation
         if correlation > 0 and self.shared is None:
             self.shared = self._randn((*shape[:2], 1, *shape[3:]), device)
-        condition_noise, independent = self._randn(shape, device), self._randn(shape, device)
+        condition_noise = self._randn(shape, device) if self.noise_aug_strength > 0 else None
+        if correlation == 1:
+            return condition_noise, self.shared.expand(shape)
+        independent = self._randn(shape, device)
         if correlation == 0:
             return condition_noise, independent
         return condition_noise, correlation**0.5 * self.shared + (1 - correlation) ** 0.5 * independent
@@ -108,7 +115,9 @@ def stream_chunks(
     def run(upsampled: torch.Tensor) -> torch.Tensor:
         nonlocal noise_level
         condition_noise, initial = noise.chunk(tuple(upsampled.shape), upsampled.device)
-        condition = noise_augment(upsampled, noise_aug_strength, noise=condition_noise)
+        condition = upsampled
+        if condition_noise is not None:
+            condition = noise_augment(upsampled, noise_aug_strength, noise=condition_noise)
         sigma_start = float(sigmas[0])
         if sigma_start < 1.0:
             initial = (1 - sigma_start) * upsampled + sigma_start * initial

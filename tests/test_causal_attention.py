@@ -316,6 +316,28 @@ def test_streamed_pipeline_equals_the_offline_block_causal_computation(chunk, ca
     torch.testing.assert_close(torch.cat(streamed, 1), decoded, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("correlation, strength", [(0.5, 0.2), (1.0, 0.0), (0.0, 0.3), (1.0, 0.4)])
+def test_streaming_noise_draws_in_order_and_skips_what_weighs_nothing(correlation, strength):
+    """Per chunk: the condition's noise when its strength is above 0, then the chunk's own noise when the correlation
+    is below 1, after the shared image (drawn once, first, when the correlation is above 0)."""
+    from cascade_vsr.pipelines.streaming import StreamingNoise
+
+    shape = (1, 3, 2, 4, 5)
+    noise = StreamingNoise(correlation, strength, torch.Generator().manual_seed(5))
+    draws = [noise.chunk(shape, torch.device("cpu")) for _ in range(3)]
+    reference = torch.Generator().manual_seed(5)
+    shared = torch.randn((1, 3, 1, 4, 5), generator=reference) if correlation > 0 else None
+    for condition_noise, initial in draws:
+        expected_condition = torch.randn(shape, generator=reference) if strength > 0 else None
+        own = torch.randn(shape, generator=reference) if correlation < 1 else torch.zeros(shape)
+        expected = own if shared is None else correlation**0.5 * shared + (1 - correlation) ** 0.5 * own
+        assert (condition_noise is None) is (expected_condition is None)
+        if expected_condition is not None:
+            assert torch.equal(condition_noise, expected_condition)
+        assert torch.equal(initial, expected)
+    assert torch.equal(noise.generator.get_state(), reference.get_state())  # nothing else was drawn
+
+
 def test_stream_refuses_what_it_cannot_stream():
     pipe = _streaming_stage(2, 1)
     lr = torch.zeros(1, 48, 2, 4, 5)
