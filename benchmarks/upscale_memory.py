@@ -43,7 +43,9 @@ from cascade_vsr.core.video import read_video, resize_frames, sample_video_path,
 MALLOC_SETTINGS = {
     # `make demo`'s (README, attention modes): glibc keeps freed buffers in its heap instead of returning them
     "demo": {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483647"},
-    "glibc": {},  # the defaults: large buffers mmapped and unmapped when freed
+    # no MALLOC_* variables, what a user gets: the command line's own settings (`core.allocator`, the same as
+    # `demo`'s since it exists; glibc's defaults before, which unmapped large buffers when freed)
+    "glibc": {},
 }
 ACCEPTANCE = 1.15  # long peak / short peak
 

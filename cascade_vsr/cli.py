@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from cascade_vsr.core.allocator import keep_freed_memory
+
 # sub-command -> module implementing it
 COMMANDS = {
     "demo": "cascade_vsr.commands.demo",
@@ -50,10 +52,12 @@ USER_ERRORS = (ValueError, FileNotFoundError)
 
 def console_main(argv: list[str] | None = None) -> int:
     """The `cascade-vsr` command: a user error prints one line `cascade-vsr COMMAND: error: ...` and exits 2, as
-    argparse does; `--debug` (or CASCADE_VSR_DEBUG=1) shows its traceback instead."""
+    argparse does; `--debug` (or CASCADE_VSR_DEBUG=1) shows its traceback instead. glibc keeps freed buffers for
+    reuse (`core.allocator`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CASCADE_VSR_DEBUG", "") not in ("", "0")
     argv = [word for word in argv if word != "--debug"]
+    keep_freed_memory()
     try:
         return main(argv)
     except USER_ERRORS as error:
