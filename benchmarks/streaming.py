@@ -18,9 +18,9 @@ the rest).
         [--malloc demo|glibc] [--dtype auto|float32|bfloat16] [--baseline-model PATH] [--baseline-dtype D]
         [--baseline-code CHECKOUT] [--repeats N] [--no-profile]
 
-The baseline row streams `--baseline-model` (default: the same model) in `--baseline-dtype`, with this checkout's code
-or with the code of `--baseline-code` (another checkout of the repository, e.g. `git worktree add /tmp/base REV`):
-new code against old on the same model and input. At the shortest length the streamed and baseline runs alternate
+The baseline row streams `--baseline-model` (default: the same model) in `--baseline-dtype` (default: `--dtype`'s),
+with this checkout's code or with the code of `--baseline-code` (another checkout of the repository, e.g.
+`git worktree add /tmp/base REV`): new code against old on the same model and input. At the shortest length the streamed and baseline runs alternate
 `--repeats` times and each reports its median, since this machine's speed drifts by 10-20% over minutes.
 """
 
@@ -162,7 +162,9 @@ def main() -> None:
     parser.add_argument(
         "--baseline-model", type=Path, default=None, help="a stage folder streamed at the shortest length as well"
     )
-    parser.add_argument("--baseline-dtype", choices=DTYPE_NAMES, default="float32")
+    parser.add_argument(
+        "--baseline-dtype", choices=DTYPE_NAMES, default=None, help="the baseline's dtype (default: --dtype's)"
+    )
     parser.add_argument(
         "--baseline-code", type=Path, default=None, help="a checkout whose code runs the baseline (default: this one)"
     )
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of one chunk")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    args.baseline_dtype = args.baseline_dtype or args.dtype
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.baseline_code is not None:
