@@ -1116,6 +1116,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         generator: torch.Generator | None = None,
         output_type: str = "np",
         max_sequence_length: int | None = None,
+        chunks_per_forward: int = 1,
     ) -> Iterator[torch.Tensor | np.ndarray]:
         r"""
         Super-resolve a video of any length chunk by chunk, at constant memory, with a block-causal model
@@ -1133,14 +1134,21 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
                 through `adapter.stream_decoder`, equal to one decode of the whole clip: a per-frame VAE such as
                 space-to-depth, or Wan's causal VAE with its cache carried across chunks; the other families' VAEs
                 are refused: stream their latents).
+            chunks_per_forward (`int`): Chunks of `causal_chunk_frames` latent frames that one forward pass
+                computes, each attending to exactly the keys it would see alone: the same numbers, with the fixed
+                cost of a forward (hundreds of small operations, about 15 ms on a CPU) spread over more frames, for
+                a latency and an activation memory of that many chunks.
 
         Yields:
-            HR chunks of `causal_chunk_frames` latent frames (the last may be shorter), as `__call__` returns
-            frames: (B, C, Tc, H/s, W/s) latents, or the pixel frames each chunk completes, (B, T', H, W, 3)
-            arrays or (B, T', 3, H, W) tensors (T' = Tc for space-to-depth; for Wan 4 Tc, 4 Tc - 3 the first).
+            HR pieces of `chunks_per_forward` x `causal_chunk_frames` latent frames (the last may be shorter), as
+            `__call__` returns frames: (B, C, Tc, H/s, W/s) latents, or the pixel frames each piece completes,
+            (B, T', H, W, 3) arrays or (B, T', 3, H, W) tensors (T' = Tc for space-to-depth; for Wan 4 Tc, 4 Tc - 3
+            the first).
         """
         if self.transformer.config.causal_chunk_frames is None:
             raise ValueError("`stream` needs a block-causal transformer (`causal_chunk_frames` in its config)")
+        if isinstance(chunks_per_forward, bool) or not isinstance(chunks_per_forward, int) or chunks_per_forward < 1:
+            raise ValueError(f"`chunks_per_forward` must be an int >= 1, got {chunks_per_forward!r}")
         if output_type not in ("latent", "np", "pt"):
             raise ValueError(f"`output_type` of a stream must be 'latent', 'np' or 'pt', got {output_type!r}")
         adapter = self.adapter
@@ -1213,6 +1221,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
             guidance if do_cfg else None,
             settings["noise_aug_strength"],
             StreamingNoise(settings["noise_frame_correlation"], settings["noise_aug_strength"], generator),
+            chunks_per_forward,
         )
         for hr in hr_chunks:
             if output_type == "latent":

@@ -103,21 +103,26 @@ def stream_chunks(
     guidance_scale: float | None,
     noise_aug_strength: float,
     noise: StreamingNoise,
+    chunks_per_forward: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """HR latent chunks (B, C, Tc, H, W) of model-space LR latent chunks of any length, in order; `guidance_scale`
-    None runs without CFG."""
+    """HR latent pieces (B, C, T, H, W) of model-space LR latent chunks of any length, in order, `chunks_per_forward`
+    of the model's chunks per forward pass (the last piece may be shorter); `guidance_scale` None runs without CFG."""
     transformer = pipe.transformer
     chunk_frames = transformer.config.causal_chunk_frames
+    piece_frames = chunk_frames * chunks_per_forward
     caches = [CausalKVCache(transformer.config.causal_cache_chunks) for _ in range(len(sigmas) - 1)]
     upsampler = pipe.upsampler.stream(latent_size)
     noise_level = None
 
     def run(upsampled: torch.Tensor) -> torch.Tensor:
         nonlocal noise_level
-        condition_noise, initial = noise.chunk(tuple(upsampled.shape), upsampled.device)
+        # drawn model chunk by model chunk, so the noise does not depend on how many chunks a forward takes
+        draws = [noise.chunk(tuple(chunk.shape), upsampled.device) for chunk in upsampled.split(chunk_frames, dim=2)]
+        condition_noises, initials = zip(*draws)
+        initial = torch.cat(initials, dim=2)
         condition = upsampled
-        if condition_noise is not None:
-            condition = noise_augment(upsampled, noise_aug_strength, noise=condition_noise)
+        if condition_noises[0] is not None:
+            condition = noise_augment(upsampled, noise_aug_strength, noise=torch.cat(condition_noises, dim=2))
         sigma_start = float(sigmas[0])
         if sigma_start < 1.0:
             initial = (1 - sigma_start) * upsampled + sigma_start * initial
@@ -128,8 +133,8 @@ def stream_chunks(
 
     for lr in lr_chunks:
         upsampler.push(lr.to(pipe.upsampler.dtype))
-        while upsampler.available >= chunk_frames:
-            yield run(upsampler.pop(chunk_frames).float())
+        while upsampler.available >= piece_frames:
+            yield run(upsampler.pop(piece_frames).float())
     upsampler.end()
     while upsampler.available:
-        yield run(upsampler.pop(chunk_frames).float())
+        yield run(upsampler.pop(piece_frames).float())

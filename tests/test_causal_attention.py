@@ -16,6 +16,7 @@ from cascade_vsr.models.causal_attention import (
     causal_self_attention,
     chunk_ids,
     chunk_visibility,
+    visible_runs,
 )
 
 from .conftest import randomize_, tiny_causal_stage, tiny_causal_transformer
@@ -105,6 +106,51 @@ def test_causal_modes_match_a_dense_reference(spec, streamed):
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
 
 
+def test_visible_runs_are_the_chunks_of_block_causal_visibility():
+    chunks = chunk_ids(7, 2)
+    runs = visible_runs(chunk_visibility(chunks, chunks, 1))
+    assert runs == [(slice(0, 2), slice(0, 2)), (slice(2, 4), slice(0, 4)), (slice(4, 6), slice(2, 6)),
+                    (slice(6, 7), slice(4, 7))]  # fmt: skip
+    assert visible_runs(torch.tensor([[True, False, True], [False, True, True]])) is None  # a hole
+    assert visible_runs(torch.tensor([[True, True], [False, False]])) is None  # a query frame that sees nothing
+
+
+@pytest.mark.parametrize("hole", [False, True], ids=["block-causal", "any visibility"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_window_attention_gradients_match_a_dense_reference(hole, shift):
+    """Training runs the offline form: the gradients of q, k and v through the per-chunk calls (or the masked call)
+    equal those of the dense masked softmax."""
+    generator = torch.Generator().manual_seed(3)
+    grid = (4, 3, 5)
+    chunks = chunk_ids(4, 2)
+    visibility = chunk_visibility(chunks, chunks, 1)
+    if hole:
+        visibility[3, 1] = False
+    spec = AttentionSpec(mode="window", window=(1, 2, 3), shift=shift)
+    inputs = [torch.randn(1, 2, 4 * 15, 8, generator=generator, dtype=torch.float64) for _ in "qkv"]
+    weights = torch.randn(1, 2, 4 * 15, 8, generator=generator, dtype=torch.float64)
+    grads = []
+    for attend in (causal_self_attention, _dense_reference):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        (attend(*leaves, grid, 4, visibility, spec) * weights).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+
+
+def test_window_attention_under_any_visibility_matches_a_dense_reference():
+    """A visibility that is no run of key frames per query frame takes the masked call."""
+    generator = torch.Generator().manual_seed(2)
+    grid, key_frames = (2, 3, 5), 3
+    visibility = torch.tensor([[True, False, True], [False, True, True]])
+    spec = AttentionSpec(mode="window", window=(1, 2, 3), shift=True)
+    q = torch.randn(1, 2, 2 * 15, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, key_frames * 15, 8, generator=generator, dtype=torch.float64) for _ in "kv")
+    out = causal_self_attention(q, k, v, grid, key_frames, visibility, spec)
+    reference = _dense_reference(q, k, v, grid, key_frames, visibility, spec)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+
+
 def _tiny_causal(mode: str, chunk: int, cache: int, **config) -> CascadeVSRTransformer3DModel:
     return tiny_causal_transformer(mode, chunk, cache, **config)
 
@@ -117,16 +163,19 @@ def _inputs(frames: int = 6):
 
 
 @pytest.mark.parametrize("mode", ["full", "window", "sparse_topk"])
-@pytest.mark.parametrize("chunk, cache", [(2, 1), (1, 2), (3, 1), (2, 0), (4, 1)])
+@pytest.mark.parametrize(
+    "chunk, cache, per_call", [(2, 1, 1), (1, 2, 1), (3, 1, 1), (2, 0, 1), (4, 1, 1), (1, 2, 2), (2, 1, 2), (1, 1, 4)]
+)
 @torch.no_grad()
-def test_streamed_transformer_equals_its_offline_block_causal_form(mode, chunk, cache):
+def test_streamed_transformer_equals_its_offline_block_causal_form(mode, chunk, cache, per_call):
+    """Chunk by chunk, or `per_call` chunks per forward (each attending to exactly its own cached and current keys)."""
     model = _tiny_causal(mode, chunk, cache)
     x, condition, t, s, text = _inputs()
     offline = model(x, condition, t, s, text, return_dict=False)[0]
     kv_cache = CausalKVCache(cache)
     streamed = []
-    for start in range(0, x.shape[2], chunk):  # the last chunk may be shorter
-        part = slice(start, start + chunk)
+    for start in range(0, x.shape[2], chunk * per_call):  # the last chunk may be shorter
+        part = slice(start, start + chunk * per_call)
         streamed.append(model(x[:, :, part], condition[:, :, part], t, s, text, kv_cache=kv_cache)[0])
         assert kv_cache.num_chunks <= cache and len(kv_cache.frame_chunks) <= cache * chunk
     assert kv_cache.frames_seen == x.shape[2]
@@ -188,8 +237,11 @@ def test_causal_config_and_cache_checks():
         CausalKVCache(-1)
     model = _tiny_causal("full", chunk=2, cache=1)
     x, condition, t, s, text = _inputs()
-    with pytest.raises(ValueError, match="at most causal_chunk_frames=2"):
-        model(x, condition, t, s, text, kv_cache=CausalKVCache(1))
+    with torch.no_grad():  # a chunk shorter than the model's ends the stream
+        kv_cache = CausalKVCache(1)
+        model(x[:, :, :3], condition[:, :, :3], t, s, text, kv_cache=kv_cache)
+        with pytest.raises(ValueError, match="no frame can follow it"):
+            model(x[:, :, 3:5], condition[:, :, 3:5], t, s, text, kv_cache=kv_cache)
     with pytest.raises(ValueError, match=r"CausalKVCache\(1\)"):
         model(x[:, :, :2], condition[:, :, :2], t, s, text, kv_cache=CausalKVCache(3))
     with pytest.raises(ValueError, match=r"run the forward under torch.no_grad\(\)"):
@@ -262,11 +314,17 @@ def test_upsampler_stream_equals_whole_clip_call(num_blocks, pieces, space_to_de
 
 
 @pytest.mark.parametrize(
-    "chunk, cache, steps, pieces",
-    [(2, 1, 1, [1, 3, 2, 3]), (3, 2, 2, [4, 5]), (1, 1, 2, [9])],
+    "chunk, cache, steps, pieces, per_forward",
+    [
+        (2, 1, 1, [1, 3, 2, 3], 1),
+        (3, 2, 2, [4, 5], 1),
+        (1, 1, 2, [9], 1),
+        (2, 1, 1, [1, 3, 2, 3], 2),
+        (1, 2, 2, [9], 4),
+    ],
 )
 @torch.no_grad()
-def test_streamed_pipeline_equals_the_offline_block_causal_computation(chunk, cache, steps, pieces):
+def test_streamed_pipeline_equals_the_offline_block_causal_computation(chunk, cache, steps, pieces, per_forward):
     """Upsampler (streamed with per-layer frame caches), block-causal transformer (one cache per step) and the
     per-frame VAE: the stream of LR pieces of any lengths gives the frames of the whole-clip computation with the
     same noise."""
@@ -279,12 +337,13 @@ def test_streamed_pipeline_equals_the_offline_block_causal_computation(chunk, ca
     text = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(4))
     kwargs = dict(
         scale=1.5, num_inference_steps=steps, noise_aug_strength=0.2, noise_frame_correlation=0.5,
-        prompt_embeds=text, guidance_scale=2.0,
+        prompt_embeds=text, guidance_scale=2.0, chunks_per_forward=per_forward,
     )  # fmt: skip
     starts = torch.tensor([0, *pieces]).cumsum(0).tolist()
     lr_pieces = [lr[:, :, a:b] for a, b in zip(starts[:-1], starts[1:])]
     streamed = list(pipe.stream(lr_pieces, output_type="pt", generator=torch.Generator().manual_seed(7), **kwargs))
-    assert [c.shape[1] for c in streamed] == [min(chunk, frames - s) for s in range(0, frames, chunk)]
+    piece = chunk * per_forward
+    assert [c.shape[1] for c in streamed] == [min(piece, frames - s) for s in range(0, frames, piece)]
     streamed_latents = torch.cat(
         list(pipe.stream(lr_pieces, output_type="latent", generator=torch.Generator().manual_seed(7), **kwargs)), 2
     )
@@ -340,6 +399,9 @@ def test_streaming_noise_draws_in_order_and_skips_what_weighs_nothing(correlatio
 
 def test_stream_refuses_what_it_cannot_stream():
     pipe = _streaming_stage(2, 1)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="`chunks_per_forward` must be an int >= 1"):
+            next(pipe.stream([torch.zeros(1, 48, 2, 4, 5)], chunks_per_forward=bad))
     lr = torch.zeros(1, 48, 2, 4, 5)
     with pytest.raises(ValueError, match="`output_type` of a stream"):
         next(pipe.stream([lr], scale=2, output_type="pil"))

@@ -80,6 +80,25 @@ def _tiles_shape(windows: torch.Tensor) -> tuple[int, ...]:
     return (batch, heads, ny * nx, frames, ly * lx, dim)
 
 
+def visible_runs(visibility: torch.Tensor) -> list[tuple[slice, slice]] | None:
+    """The (Tq, Tk) frame `visibility` as runs (query frames, key frames): consecutive query frames that all see the
+    same consecutive key frames and no other, or None where it is not of that form. Block-causal visibility always
+    is (a chunk sees itself and the m chunks before it), so each chunk can attend to exactly its own keys."""
+    counts = visibility.sum(1)
+    first = visibility.int().argmax(1)
+    keys = torch.arange(visibility.shape[1])
+    band = (keys >= first[:, None]) & (keys < (first + counts)[:, None])
+    if not bool((counts > 0).all()) or not torch.equal(band, visibility):
+        return None
+    starts = torch.ones_like(counts, dtype=torch.bool)
+    starts[1:] = (first[1:] != first[:-1]) | (counts[1:] != counts[:-1])
+    bounds = [*torch.nonzero(starts).flatten().tolist(), len(counts)]
+    return [
+        (slice(start, end), slice(int(first[start]), int(first[start] + counts[start])))
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+
+
 def attend_window_tiles(
     q: torch.Tensor,
     query_grid: tuple[int, int, int],
@@ -88,20 +107,32 @@ def attend_window_tiles(
     visibility: torch.Tensor,
 ) -> torch.Tensor:
     """Window attention of q (B, heads, Tq*H*W, D) over `key_tiles`: per region of equally shaped windows, the
-    (keys, values) of its windows (B, heads, windows, Tk, window tokens, D), in the order of `window_tiles`. One
-    SDPA call per region, masked by the frames' `visibility` (Tq, Tk) where it is not all True. The result is
-    (B, heads, N, D) with the heads innermost in memory, so that merging them afterwards is a view."""
+    (keys, values) of its windows (B, heads, windows, Tk, window tokens, D), in the order of `window_tiles`.
+
+    Per region, one SDPA call per run of query frames with the same visible key frames (`visible_runs`: a chunk of
+    a block-causal layer), on views of exactly those keys; a `visibility` of any other form takes one call masked
+    by it. The result is (B, heads, N, D) with the heads innermost in memory, so that merging them is a view."""
     batch, heads, _, dim = q.shape
     frames, height, width = query_grid
-    out = q.new_empty(batch, frames, height, width, heads, dim).permute(0, 4, 1, 2, 3, 5).flatten(2, 4)
-    regions = zip(window_tiles(q, query_grid, spatial), window_tiles(out, query_grid, spatial), key_tiles)
-    for q_windows, out_windows, (keys, values) in regions:
-        window_tokens = q_windows.shape[-3] * q_windows.shape[-2]
-        tiles = rearrange(q_windows, "b h ny nx t y x d -> b h (ny nx) (t y x) d")
-        mask = _frame_mask(visibility, window_tokens, window_tokens, q.device)
-        attended = tile_attention(tiles, keys.flatten(-3, -2), values.flatten(-3, -2), mask)
-        out_windows.copy_(attended.view(q_windows.shape))
-    return out
+    out = q.new_empty(batch, frames, height, width, heads, dim)
+    runs = visible_runs(visibility)
+    parts = [partition_axis(frames, frames), *spatial]
+    regions = zip(window_regions(query_grid, parts), window_tiles(q, query_grid, spatial), key_tiles)
+    for region, q_windows, (keys, values) in regions:
+        if runs is None:
+            window_tokens = q_windows.shape[-3] * q_windows.shape[-2]
+            calls = [(slice(None), slice(None), _frame_mask(visibility, window_tokens, window_tokens, q.device))]
+        else:
+            calls = [(q_frames, k_frames, None) for q_frames, k_frames in runs]
+        for q_frames, k_frames, mask in calls:  # frames are axis -4 of the windows, -3 of the key tiles
+            q_part = q_windows[..., q_frames, :, :, :]
+            tiles = rearrange(q_part, "b h ny nx t y x d -> b h (ny nx) (t y x) d")
+            keys_part, values_part = (x[..., k_frames, :, :].flatten(-3, -2) for x in (keys, values))
+            attended = tile_attention(tiles, keys_part, values_part, mask).view(q_part.shape)
+            # a fresh view of `out` for every write: autograd refuses writes through views taken before an earlier one
+            out_windows = region_windows(rearrange(out, "b t y x h d -> b h t y x d"), region).squeeze(2)
+            out_windows[..., q_frames, :, :, :].copy_(attended)
+    return rearrange(out, "b t y x h d -> b h (t y x) d")
 
 
 def window_partitions(height: int, width: int, window: Sequence[int], shift: bool) -> list[Part]:
@@ -282,6 +313,8 @@ class CausalKVCache:
     guidance: torch.Tensor | None = None  # the first chunk's pooled key frames (visual guidance), kept for all
     _entries: dict = field(default_factory=dict)  # layer -> _RollingBuffer
     _staged_frames: int | None = None
+    _query_chunks: list[int] | None = None  # chunk of each frame of the forward under way
+    _ended: bool = False  # a chunk shorter than the model's chunk came: the stream is over
 
     def __post_init__(self):
         if isinstance(self.cache_chunks, bool) or not isinstance(self.cache_chunks, int) or self.cache_chunks < 0:
@@ -292,10 +325,18 @@ class CausalKVCache:
         """Chunks held now."""
         return len(set(self.frame_chunks))
 
-    def visibility(self, num_frames: int) -> tuple[torch.Tensor, int]:
-        """(visibility, key frames) of the next chunk of `num_frames` frames: the cached frames, then its own."""
-        keys = torch.tensor([*self.frame_chunks, *[self.next_chunk] * num_frames], dtype=torch.long)
-        queries = torch.full((num_frames,), self.next_chunk, dtype=torch.long)
+    def visibility(self, num_frames: int, chunk_frames: int | None = None) -> tuple[torch.Tensor, int]:
+        """(visibility, key frames) of a forward on the next `num_frames` frames, cut into chunks of `chunk_frames`
+        (None: one chunk): the cached frames, then its own. A chunk shorter than `chunk_frames` ends the stream."""
+        if self._ended:
+            raise ValueError(
+                "the stream's last chunk was shorter than causal_chunk_frames: no frame can follow it (only the "
+                "stream's last chunk may be shorter)"
+            )
+        queries = chunk_ids(num_frames, chunk_frames or num_frames, self.next_chunk)
+        self._ended = chunk_frames is not None and num_frames % chunk_frames != 0
+        self._query_chunks = queries.tolist()
+        keys = torch.tensor([*self.frame_chunks, *self._query_chunks], dtype=torch.long)
         return chunk_visibility(queries, keys, self.cache_chunks), len(keys)
 
     def _buffer(self, layer: object, key: torch.Tensor, num_frames: int, axis: int) -> _RollingBuffer:
@@ -340,16 +381,16 @@ class CausalKVCache:
         return list(zip(held[:regions], held[regions:]))
 
     def advance(self) -> None:
-        """Commit the chunk just computed and drop the frames of chunks older than `cache_chunks`."""
+        """Commit the chunks just computed and drop the frames of chunks older than `cache_chunks`."""
         if self._staged_frames is None:
             raise ValueError("`advance` needs a forward of the chunk first")
-        num_frames = self._staged_frames
-        frame_chunks = [*self.frame_chunks, *[self.next_chunk] * num_frames]
-        keep = [c >= self.next_chunk - self.cache_chunks + 1 for c in frame_chunks] if self.cache_chunks else []
+        chunks = self._query_chunks or [self.next_chunk] * self._staged_frames
+        frame_chunks = [*self.frame_chunks, *chunks]
+        keep = [c > chunks[-1] - self.cache_chunks for c in frame_chunks] if self.cache_chunks else []
         kept_frames = sum(keep)
         for buffer in self._entries.values():  # entries (tokens or frames) per frame, times the frames kept
             buffer.keep_last((buffer.end - buffer.start) // len(frame_chunks) * kept_frames)
         self.frame_chunks = frame_chunks[len(frame_chunks) - kept_frames :]
-        self.frames_seen += num_frames
-        self.next_chunk += 1
-        self._staged_frames = None
+        self.frames_seen += len(chunks)
+        self.next_chunk = chunks[-1] + 1
+        self._staged_frames, self._query_chunks = None, None

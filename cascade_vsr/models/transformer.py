@@ -697,9 +697,12 @@ class CascadeVSRTransformer3DModel(
                 options exist (backends: `set_attention_backend`), so any other key is an error.
             return_dict (`bool`): Return a `Transformer2DModelOutput` instead of a tuple.
             kv_cache (`CausalKVCache`, *optional*): Streaming of a block-causal model (`causal_chunk_frames`):
-                `hidden_states` is the next chunk (at most `causal_chunk_frames` latent frames), its frame
-                positions continue from `kv_cache.frames_seen` (plus `frame_offset`), it attends to the cached
-                chunks, and the cache then holds its keys and values (`kv_cache.advance()` is called here).
+                `hidden_states` are the next chunks (their latent frames cut into chunks of `causal_chunk_frames`;
+                only the stream's last chunk may be shorter), their frame positions continue from
+                `kv_cache.frames_seen` (plus `frame_offset`), each chunk attends to itself and the `m` chunks before
+                it (cached or in this call), and the cache then holds the last `m` chunks' keys and values
+                (`kv_cache.advance()` is called here). Several chunks per call give the numbers of one per call, with
+                less fixed cost per frame.
 
         Returns:
             The predicted velocity `eps - z_0`, with the shape of `hidden_states`.
@@ -714,11 +717,6 @@ class CascadeVSRTransformer3DModel(
                 raise ValueError(
                     f"`kv_cache` must be a CausalKVCache({self.config.causal_cache_chunks}) (the model's "
                     f"causal_cache_chunks), got {kv_cache!r}"
-                )
-            if hidden_states.shape[2] > chunk_frames:
-                raise ValueError(
-                    f"a streamed chunk has at most causal_chunk_frames={chunk_frames} latent frames, got "
-                    f"{hidden_states.shape[2]}"
                 )
             if torch.is_grad_enabled():
                 raise ValueError(
@@ -756,7 +754,7 @@ class CascadeVSRTransformer3DModel(
         rotary_emb = self.rope(grid, frame_offset, device=x.device)
         causal = None
         if kv_cache is not None:
-            visibility, key_frames = kv_cache.visibility(grid[0])
+            visibility, key_frames = kv_cache.visibility(grid[0], chunk_frames)
             causal = CausalContext(visibility, key_frames, kv_cache)
         elif chunk_frames is not None:
             chunks = chunk_ids(grid[0], chunk_frames)
