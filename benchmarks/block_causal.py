@@ -1,7 +1,7 @@
-"""Block-causal window attention: per-chunk SDPA calls against one masked call, and streamed forwards of several
-chunks against one -> benchmarks/results/block_causal.json.
+"""Block-causal window attention: per-chunk SDPA calls against one masked call, streamed forwards of several chunks
+against one, and the KV cache's tile layout against gathering -> benchmarks/results/block_causal.json.
 
-Two measurements on the one-step demo model (`demo_model_path(one_step=True)`), each alternating its variants in
+Three measurements on the one-step demo model (`demo_model_path(one_step=True)`), each alternating its variants in
 one process (this machine's speed drifts by 10-20% over minutes, so ratios within a run are what carry over):
 
 - `offline`: a training step (forward + backward, float32) of the offline block-causal form on a clip of
@@ -10,6 +10,8 @@ one process (this machine's speed drifts by 10-20% over minutes, so ratios withi
   frames' visibility (it also computes the scores of the frames a chunk may not see).
 - `streaming`: `CascadeVSRPipeline.stream` of bigbuckbunny at 160x96 -> 320x192 in upscale's dtype, with
   `chunks_per_forward` 1, 2, 4 and 8: seconds per frame, and whether the frames equal those of 1.
+- `kv_layout`: the same stream with the window layers' KV cache in tile layout (cached keys are views) against the
+  cache as it was before (tokens, every visible frame gathered into windows at every chunk).
 
     .venv/bin/python benchmarks/block_causal.py [--frames 9] [--rounds 6] [--dtype auto]
 """
@@ -64,8 +66,9 @@ def offline_step(rounds: int, frames: int) -> dict:
     }
 
 
-def streaming(rounds: int, dtype: str, per_forward: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
-    """Median seconds per streamed frame for each `chunks_per_forward`, 16 frames per variant and round."""
+def _streaming_input(rounds: int, dtype: str):
+    """The demo's one-step stage in upscale's `dtype` and bigbuckbunny at 160x96 (played back and forth to the
+    length that `rounds` + 1 rounds of 16 frames need), as model-space LR latent chunks of one frame."""
     import torch
     from einops import rearrange
 
@@ -82,7 +85,14 @@ def streaming(rounds: int, dtype: str, per_forward: tuple[int, ...] = (1, 2, 4, 
     clip = np.concatenate([clip, clip[::-1]] * (frames_needed // (2 * len(clip)) + 1))[:frames_needed]
     video = rearrange(torch.from_numpy(clip), "t h w c -> 1 t c h w").float() / 255
     lr = pipe.adapter.encode(pipe.vae, pipe.preprocess_video(pipe.adapter, video))
-    chunks = list(lr.split(1, dim=2))
+    return pipe, list(lr.split(1, dim=2))
+
+
+def streaming(rounds: int, dtype: str, per_forward: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
+    """Median seconds per streamed frame for each `chunks_per_forward`, 16 frames per variant and round."""
+    import torch
+
+    pipe, chunks = _streaming_input(rounds, dtype)
     streams = {
         k: pipe.stream(
             chunks, scale=2, output_type="np", chunks_per_forward=k, generator=torch.Generator().manual_seed(0)
@@ -107,6 +117,52 @@ def streaming(rounds: int, dtype: str, per_forward: tuple[int, ...] = (1, 2, 4, 
     }
 
 
+def gathered_window_tiles(cache, layer, key, value, grid, spatial):
+    """`CausalKVCache.window_tiles` as the cache worked before the tile layout: keys and values kept as tokens,
+    every visible frame gathered into windows at every chunk (the offline form's copies)."""
+    from cascade_vsr.models.causal_attention import _key_tiles, window_tiles
+
+    keys, values = cache.keys_values(layer, key, value, grid[0])
+    key_grid = (keys.shape[-2] // (grid[1] * grid[2]), *grid[1:])
+    return [
+        (_key_tiles(k), _key_tiles(v))
+        for k, v in zip(window_tiles(keys, key_grid, spatial), window_tiles(values, key_grid, spatial))
+    ]
+
+
+def kv_layout(rounds: int, dtype: str) -> dict:
+    """Median seconds per streamed frame with the tile-layout cache against the gathered one: two streams of the
+    same clip in this process, 16 frames each per round, alternating."""
+    import torch
+
+    from cascade_vsr.models.causal_attention import CausalKVCache
+
+    pipe, chunks = _streaming_input(rounds, dtype)
+    tiles = CausalKVCache.window_tiles
+    variants = {"tiles": tiles, "gathered": gathered_window_tiles}
+    streams = {
+        name: pipe.stream(chunks, scale=2, output_type="np", generator=torch.Generator().manual_seed(0))
+        for name in variants
+    }
+    frames, seconds = {name: [] for name in variants}, {name: [] for name in variants}
+    try:
+        for round_index in range(rounds + 1):  # the first round warms up
+            for name in variants if round_index % 2 else reversed(variants):
+                CausalKVCache.window_tiles = variants[name]
+                start = time.perf_counter()
+                for _ in range(16):
+                    frames[name].append(next(streams[name])[0])
+                if round_index:
+                    seconds[name].append((time.perf_counter() - start) / 16)
+    finally:
+        CausalKVCache.window_tiles = tiles
+    return {
+        "seconds_per_frame": {name: float(np.median(v)) for name, v in seconds.items()},
+        "ratio_tiles_vs_gathered": float(np.sum(seconds["tiles"]) / np.sum(seconds["gathered"])),
+        "equal": bool(np.array_equal(np.concatenate(frames["tiles"]), np.concatenate(frames["gathered"]))),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=9, help="latent frames of the offline clip")
@@ -122,6 +178,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "offline": offline_step(args.rounds, args.frames),
         "streaming": streaming(args.rounds, args.dtype),
+        "kv_layout": kv_layout(args.rounds, args.dtype),
     }
     offline, stream = record["offline"], record["streaming"]
     print(f"offline step ({args.frames} frames, float32), median seconds:")
@@ -131,6 +188,11 @@ def main() -> None:
     print(f"streaming ({stream['dtype']}), chunks per forward: ms per frame, ratio vs 1, frames equal to 1's")
     for k, value in stream["seconds_per_frame"].items():
         print(f"  {k:>2s}  {value * 1e3:6.1f}  {stream['ratio_vs_one'][k]:.3f}  {stream['equal_to_one'][k]}")
+    layout = record["kv_layout"]
+    print("streaming, window layers' KV cache: ms per frame")
+    for name, value in layout["seconds_per_frame"].items():
+        print(f"  {name:10s} {value * 1e3:6.1f}")
+    print(f"  tiles vs gathered: {layout['ratio_tiles_vs_gathered']:.3f}x the time, equal frames: {layout['equal']}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"-> {args.output}")
