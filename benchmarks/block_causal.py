@@ -2,7 +2,8 @@
 against one, and the KV cache's tile layout against gathering -> benchmarks/results/block_causal.json.
 
 Three measurements on the one-step demo model (`demo_model_path(one_step=True)`), each alternating its variants in
-one process (this machine's speed drifts by 10-20% over minutes, so ratios within a run are what carry over):
+one process (this machine's speed drifts by 10-20% over minutes, so the ratios of back-to-back runs are what carry
+over: each ratio is the median over rounds of the two variants' ratio in that round):
 
 - `offline`: a training step (forward + backward, float32) of the offline block-causal form on a clip of
   `--frames` latent frames at 160x96 -> 320x192 (48x80 tokens). `per-chunk` calls SDPA once per chunk on exactly
@@ -26,6 +27,12 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results" / "block_causal.json"
+
+
+def paired_ratio(new: list[float], old: list[float]) -> float:
+    """The median over rounds of new / old: the two ran back to back in each round, so a round's ratio is immune to
+    the machine's slower drift, and the median to a round disturbed by a burst."""
+    return float(np.median(np.array(new) / np.array(old)))
 
 
 def offline_step(rounds: int, frames: int) -> dict:
@@ -61,7 +68,8 @@ def offline_step(rounds: int, frames: int) -> dict:
         "chunk_frames": model.config.causal_chunk_frames,
         "cache_chunks": model.config.causal_cache_chunks,
         "seconds": {name: float(np.median(times)) for name, times in seconds.items()},
-        "ratio_per_chunk_vs_masked": float(np.sum(seconds["per-chunk"]) / np.sum(seconds["masked"])),
+        "seconds_per_round": seconds,
+        "ratio_per_chunk_vs_masked": paired_ratio(seconds["per-chunk"], seconds["masked"]),
         "max_abs_difference": float((outputs["per-chunk"] - outputs["masked"]).abs().max()),
     }
 
@@ -112,7 +120,8 @@ def streaming(rounds: int, dtype: str, per_forward: tuple[int, ...] = (1, 2, 4, 
     return {
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "seconds_per_frame": {str(k): float(np.median(v)) for k, v in seconds.items()},
-        "ratio_vs_one": {str(k): float(np.sum(v) / np.sum(seconds[per_forward[0]])) for k, v in seconds.items()},
+        "seconds_per_frame_per_round": {str(k): v for k, v in seconds.items()},
+        "ratio_vs_one": {str(k): paired_ratio(v, seconds[per_forward[0]]) for k, v in seconds.items()},
         "equal_to_one": {str(k): bool(np.array_equal(np.concatenate(frames[k]), reference)) for k in per_forward},
     }
 
@@ -158,7 +167,8 @@ def kv_layout(rounds: int, dtype: str) -> dict:
         CausalKVCache.window_tiles = tiles
     return {
         "seconds_per_frame": {name: float(np.median(v)) for name, v in seconds.items()},
-        "ratio_tiles_vs_gathered": float(np.sum(seconds["tiles"]) / np.sum(seconds["gathered"])),
+        "seconds_per_frame_per_round": seconds,
+        "ratio_tiles_vs_gathered": paired_ratio(seconds["tiles"], seconds["gathered"]),
         "equal": bool(np.array_equal(np.concatenate(frames["tiles"]), np.concatenate(frames["gathered"]))),
     }
 

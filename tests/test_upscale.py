@@ -290,6 +290,15 @@ def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_fram
         [c[0] for c in pipe.stream(chunks, scale=2, generator=torch.Generator().manual_seed(0), output_type="np")]
     )
     np.testing.assert_array_equal(streamed, np.clip(np.rint(expected * 255), 0, 255).astype(np.uint8))
+    batched = tmp_path / "batched"  # 3 chunks of 2 frames per forward: the same frames
+    args = ["upscale", str(folder), "-o", str(batched), "--model", str(causal_stage), "--scale", "2", *FP32]
+    assert main([*args, "--chunks-per-forward", "3"]) == 0
+    np.testing.assert_array_equal(read_frames(batched), streamed)
+    for bad, message in ((["--chunks-per-forward", "0"], "must be >= 1, got 0"),
+                         (["--chunks-per-forward", "2", "--no-stream"], "applies to streaming")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            main([*args[:3], str(tmp_path / "refused"), *args[4:], *bad])
+        assert not (tmp_path / "refused").exists()
 
     windowed = tmp_path / "windowed"
     args = ["upscale", str(folder), "-o", str(windowed), "--model", str(causal_stage), "--scale", "2", *FP32]

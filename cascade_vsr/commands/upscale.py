@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-stream runs overlapping windows",
     )
     chunks.add_argument(
+        "--chunks-per-forward",
+        type=int,
+        default=1,
+        help="the stage's chunks computed by one forward pass when streaming: the same frames, the fixed cost of a "
+        "pass spread over more of them, activations that many times larger (default 1)",
+    )
+    chunks.add_argument(
         "--chunk-frames",
         type=int,
         default=None,
@@ -287,7 +294,11 @@ def streams(pipe, args: argparse.Namespace) -> bool:
     causal = pipe.transformer.config.causal_chunk_frames is not None
     if args.stream is None:
         args.stream = causal
+    if args.chunks_per_forward < 1:
+        raise ValueError(f"`--chunks-per-forward` must be >= 1, got {args.chunks_per_forward}")
     if not args.stream:
+        if args.chunks_per_forward != 1:
+            raise ValueError("`--chunks-per-forward` applies to streaming: leave it out with --no-stream")
         return False
     if not causal:
         raise ValueError(f"`--stream` needs a block-causal stage (causal_chunk_frames); {args.model} is not one")
@@ -343,7 +354,13 @@ def stream_super_resolve(pipe, source, out_size: tuple[int, int], args: argparse
     }
     generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
     hr_chunks = pipe.stream(
-        lr_chunks(), height=out_size[0], width=out_size[1], generator=generator, output_type="np", **options
+        lr_chunks(),
+        height=out_size[0],
+        width=out_size[1],
+        generator=generator,
+        output_type="np",
+        chunks_per_forward=args.chunks_per_forward,
+        **options,
     )
     for hr in hr_chunks:
         yield np.clip(np.rint(hr[0] * 255), 0, 255).astype(np.uint8)
