@@ -16,7 +16,7 @@ the rest).
 
     .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames C] [--cache-chunks M]
         [--malloc demo|glibc] [--dtype auto|float32|bfloat16] [--baseline-model PATH] [--baseline-dtype D]
-        [--baseline-code CHECKOUT] [--repeats N] [--no-profile]
+        [--baseline-code CHECKOUT] [--repeats N] [--chunks-per-forward K] [--no-profile]
 
 The baseline row streams `--baseline-model` (default: the same model) in `--baseline-dtype` (default: `--dtype`'s),
 with this checkout's code or with the code of `--baseline-code` (another checkout of the repository, e.g.
@@ -64,13 +64,15 @@ def causal_copy(
     return target, config["causal_chunk_frames"], config["causal_cache_chunks"]
 
 
-def command(video: Path, output: Path, model: Path, stream: bool, dtype: str, code: Path | None = None) -> list[str]:
-    """The upscale command line; with `code`, that checkout's packages are imported (on PYTHONPATH, see `main`), so
-    the working directory must not come first on the path (python -P)."""
+def command(
+    video: Path, output: Path, model: Path, stream: bool, dtype: str, code: Path | None = None, extra: tuple = ()
+) -> list[str]:
+    """The upscale command line, with the `extra` options; with `code`, that checkout's packages are imported (on
+    PYTHONPATH, see `main`), so the working directory must not come first on the path (python -P)."""
     flags = [] if code is None else ["-P"]
     return [
         sys.executable, *flags, "-m", "cascade_vsr.cli", "upscale", str(video), "-o", str(output), "--scale", "2",
-        "--model", str(model), "--stream" if stream else "--no-stream", "--dtype", dtype,
+        "--model", str(model), "--stream" if stream else "--no-stream", "--dtype", dtype, *extra,
     ]  # fmt: skip
 
 
@@ -169,6 +171,9 @@ def main() -> None:
         "--baseline-code", type=Path, default=None, help="a checkout whose code runs the baseline (default: this one)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs at the shortest length (median)")
+    parser.add_argument(
+        "--chunks-per-forward", type=int, default=None, help="upscale's --chunks-per-forward for the streamed runs"
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of one chunk")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -191,6 +196,7 @@ def main() -> None:
             **env,
             "PYTHONPATH": os.pathsep.join(p for p in [str(args.baseline_code.resolve()), env.get("PYTHONPATH")] if p),
         }
+    streamed_flags = () if args.chunks_per_forward is None else ("--chunks-per-forward", str(args.chunks_per_forward))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -202,14 +208,14 @@ def main() -> None:
         lengths = sorted(args.frames)
         for count in lengths:
             video = make_input(ping_pong(clip, count), count, video_info(source)["fps"], folder)
-            runs = [("streamed", model, True, args.dtype, None)]
+            runs = [("streamed", model, True, args.dtype, None, streamed_flags)]
             if count == lengths[0]:
                 if baseline is not None:
-                    runs.append(("baseline", baseline, True, args.baseline_dtype, args.baseline_code))
-                runs = runs * args.repeats + [("windowed", model, False, args.dtype, None)]
-            for run, (label, stage, stream, dtype, code) in enumerate(runs):
+                    runs.append(("baseline", baseline, True, args.baseline_dtype, args.baseline_code, ()))
+                runs = runs * args.repeats + [("windowed", model, False, args.dtype, None, ())]
+            for run, (label, stage, stream, dtype, code, extra) in enumerate(runs):
                 name = f"{label}_{count}_{run}"
-                result = run_upscale(command(video, folder / f"{name}.mp4", stage, stream, dtype, code),
+                result = run_upscale(command(video, folder / f"{name}.mp4", stage, stream, dtype, code, extra),
                                      env if code is None else baseline_env, folder / f"{name}.log", 0.2)  # fmt: skip
                 result.pop("rss_trace")
                 rows.append({"path": label, "input_frames": count, **result})
@@ -244,6 +250,7 @@ def main() -> None:
                 "dtype": args.dtype,
                 "causal_chunk_frames": chunk_frames,
                 "causal_cache_chunks": cache_chunks,
+                "chunks_per_forward": args.chunks_per_forward or 1,
                 "size": list(args.size),
                 "cpu": cpu_name(),
                 "torch_threads": torch.get_num_threads(),

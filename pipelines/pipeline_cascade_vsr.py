@@ -1136,8 +1136,9 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
                 are refused: stream their latents).
             chunks_per_forward (`int`): Chunks of `causal_chunk_frames` latent frames that one forward pass
                 computes, each attending to exactly the keys it would see alone: the same numbers, with the fixed
-                cost of a forward (hundreds of small operations, about 15 ms on a CPU) spread over more frames, for
-                a latency and an activation memory of that many chunks.
+                cost of a forward (hundreds of small operations, about 20 ms a frame on 2 CPU cores) spread over
+                more frames, for a latency and an activation memory of that many chunks (on those cores 0.91-1.05x
+                the time per frame: the larger activations leave the caches; README, "Streaming").
 
         Yields:
             HR pieces of `chunks_per_forward` x `causal_chunk_frames` latent frames (the last may be shorter), as

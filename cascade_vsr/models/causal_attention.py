@@ -142,7 +142,8 @@ def window_partitions(height: int, width: int, window: Sequence[int], shift: boo
 
 def causal_window_attention(q, k, v, query_grid, key_frames, visibility, window, shift):
     """2D spatial windows of (wh, ww) tokens (shifted by half a window when `shift`), each over all visible frames:
-    one masked SDPA call per region of equally shaped windows (at most 9)."""
+    per region of equally shaped windows (at most 9), one SDPA call per chunk on its visible frames
+    (`attend_window_tiles`)."""
     spatial = window_partitions(*query_grid[1:], window, shift)
     key_grid = (key_frames, *query_grid[1:])
     key_tiles = (
@@ -300,8 +301,9 @@ class CausalKVCache:
     """Rolling keys and values of every self-attention layer over the last `cache_chunks` chunks, for streaming a
     block-causal model chunk by chunk (`CascadeVSRTransformer3DModel(..., kv_cache=cache)`).
 
-    A forward on chunk c reads each layer's cached (k, v) followed by the chunk's own; `advance` then keeps the
-    chunk and drops what is older than `cache_chunks` chunks, so the cache never holds more. Keys are stored after
+    A forward on the next chunks reads each layer's cached (k, v) followed by theirs; `advance` then keeps the last
+    `cache_chunks` chunks and drops what is older, so the cache never holds more. `window` layers keep their keys
+    and values as window tiles (`window_tiles`), the others as tokens (`keys_values`). Keys are stored after
     RoPE at their absolute frame positions (`frames_seen` is the next chunk's first position): attention scores
     only depend on position differences, so the rolled cache stays consistent. Streaming is inference: the cached
     tensors are written in place, so the model refuses a streamed forward with gradients enabled."""
