@@ -270,7 +270,7 @@ class _RollingBuffer:
         axis, kept = self.axis, self.end - self.start
         capacity = self.tensors[0].shape[axis] if self.tensors else 0
         if self.end + entries > capacity:
-            if not (self.start >= kept and kept + entries <= capacity):  # compaction would overlap: grow
+            if not (self.start >= kept and kept + entries <= capacity):  # no room, or compacting would overlap
                 capacity = 2 * (kept + entries)
                 grown = []
                 for shape in shapes:
