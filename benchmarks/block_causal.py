@@ -6,8 +6,8 @@ one process (this machine's speed drifts by 10-20% over minutes, so the ratios o
 over: each ratio is the median over rounds of the two variants' ratio in that round):
 
 - `offline`: a training step (forward + backward, float32) of the offline block-causal form on a clip of
-  `--frames` latent frames at 160x96 -> 320x192 (48x80 tokens). `per-chunk` calls SDPA once per chunk on exactly
-  its visible key frames (`visible_runs`); `masked` forces the former single call per window region, masked by the
+  `--frames` latent frames at 160x96 -> 320x192 (48x80 tokens). `per-chunk` attends each chunk to exactly its
+  visible key frames (`visible_runs`, chunks of one shape per SDPA call); `masked` forces the former single call per window region, masked by the
   frames' visibility (it also computes the scores of the frames a chunk may not see).
 - `streaming`: `CascadeVSRPipeline.stream` of bigbuckbunny at 160x96 -> 320x192 in upscale's dtype, with
   `chunks_per_forward` 1, 2, 4 and 8: seconds per frame, and whether the frames equal those of 1.

@@ -18,6 +18,32 @@ TINY_TRANSFORMER = dict(
 TINY_UPSAMPLER = dict(latent_channels=4, hidden_channels=16, num_blocks=1)
 
 
+def tiny_stage_folder(path, sampling: dict, num_layers: int = 2, seed: int = 0, **transformer_options):
+    """A tiny random pixel-space stage folder with its own sampling settings (never the committed demo model); the
+    upsampler is perturbed with `seed`, the transformer with `seed` + 1."""
+    from cascade_vsr.training.trainer import export_pipeline
+
+    torch.manual_seed(0)
+    transformer = CascadeVSRTransformer3DModel(
+        latent_channels=48,
+        num_layers=num_layers,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        ffn_dim=64,
+        text_dim=16,
+        latent_space="space_to_depth",
+        patch_size=(1, 1, 1),
+        condition_residual_std=0.05,
+        **transformer_options,
+    )
+    upsampler = LatentUpsampler3D(latent_channels=48, hidden_channels=16, num_blocks=1, space_to_depth_factor=4)
+    upsampler, transformer = (
+        randomize_(upsampler, std=0.01, seed=seed),
+        randomize_(transformer, std=0.01, seed=seed + 1),
+    )
+    return export_pipeline(path, upsampler, transformer, sampling)
+
+
 def randomize_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Perturb every parameter. The models start with zero-initialised output layers (AdaLN-zero,
     residual upsampler), where outputs are constant and most gradients are exactly zero by design;

@@ -9,31 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D
+from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel
 from cascade_vsr.cli import main
 from cascade_vsr.training.averaging import average_stages, average_state_dicts
-from cascade_vsr.training.trainer import export_pipeline
-from tests.conftest import randomize_
+from tests.conftest import tiny_stage_folder
 
 SAMPLING = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0, "self_ensemble": 1}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def _stage(path, seed: int, num_layers: int = 1):
-    torch.manual_seed(0)
-    transformer = CascadeVSRTransformer3DModel(
-        latent_channels=48,
-        num_layers=num_layers,
-        num_attention_heads=2,
-        attention_head_dim=12,
-        ffn_dim=32,
-        text_dim=16,
-        latent_space="space_to_depth",
-        patch_size=(1, 1, 1),
-    )
-    upsampler = LatentUpsampler3D(latent_channels=48, hidden_channels=8, num_blocks=1, space_to_depth_factor=4)
-    randomize_(upsampler, seed=seed), randomize_(transformer, seed=seed + 1)
-    return export_pipeline(path, upsampler, transformer, SAMPLING)
 
 
 def test_average_of_state_dicts_is_the_weighted_sum_and_keeps_integer_buffers():
@@ -72,7 +54,7 @@ def test_bad_weights_are_refused(weights, match):
 
 
 def test_averaged_stage_loads_and_holds_the_average_of_every_weight_file(tmp_path):
-    first, second = _stage(tmp_path / "a", seed=0), _stage(tmp_path / "b", seed=10)
+    first, second = tiny_stage_folder(tmp_path / "a", SAMPLING), tiny_stage_folder(tmp_path / "b", SAMPLING, seed=10)
     assert main(["average-weights", str(first), str(second), "--output", str(tmp_path / "soup")]) == 0
     for component in ("transformer", "upsampler"):
         a, b = load_file(first / component / WEIGHTS), load_file(second / component / WEIGHTS)
@@ -86,7 +68,8 @@ def test_averaged_stage_loads_and_holds_the_average_of_every_weight_file(tmp_pat
 
 
 def test_stages_of_other_architectures_or_an_existing_output_are_refused_before_writing(tmp_path):
-    first, deeper = _stage(tmp_path / "a", seed=0), _stage(tmp_path / "b", seed=1, num_layers=2)
+    first = tiny_stage_folder(tmp_path / "a", SAMPLING)
+    deeper = tiny_stage_folder(tmp_path / "b", SAMPLING, num_layers=3, seed=1)
     with pytest.raises(ValueError, match="config.json differs"):
         average_stages([first, deeper], tmp_path / "soup")
     assert not (tmp_path / "soup").exists() and not (tmp_path / ".tmp-soup").exists()
@@ -96,6 +79,6 @@ def test_stages_of_other_architectures_or_an_existing_output_are_refused_before_
         average_stages([first], tmp_path / "soup")
     (tmp_path / "soup").mkdir()
     with pytest.raises(ValueError, match="exists"):
-        average_stages([first, _stage(tmp_path / "c", seed=2)], tmp_path / "soup")
+        average_stages([first, tiny_stage_folder(tmp_path / "c", SAMPLING, seed=2)], tmp_path / "soup")
     with pytest.raises(ValueError, match="one of the stages"):
         average_stages([first, tmp_path / "c"], first, overwrite=True)

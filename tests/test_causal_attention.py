@@ -16,6 +16,7 @@ from cascade_vsr.models.causal_attention import (
     causal_self_attention,
     chunk_ids,
     chunk_visibility,
+    run_groups,
     visible_runs,
 )
 
@@ -113,6 +114,16 @@ def test_visible_runs_are_the_chunks_of_block_causal_visibility():
                     (slice(6, 7), slice(4, 7))]  # fmt: skip
     assert visible_runs(torch.tensor([[True, False, True], [False, True, True]])) is None  # a hole
     assert visible_runs(torch.tensor([[True, True], [False, False]])) is None  # a query frame that sees nothing
+    # nine 1-frame chunks seeing 3 cached ones: the first three runs are shorter, the other six go in one call
+    chunks = chunk_ids(9, 1)
+    groups = run_groups(visible_runs(chunk_visibility(chunks, chunks, 3)))
+    assert groups == [(0, 0, 1, 1, 1), (1, 0, 1, 2, 1), (2, 0, 1, 3, 1), (3, 0, 1, 4, 6)]
+    chunks = chunk_ids(7, 2)  # the last chunk is shorter: its own group
+    assert run_groups(visible_runs(chunk_visibility(chunks, chunks, 1))) == [
+        (0, 0, 2, 2, 1),
+        (2, 0, 2, 4, 2),
+        (6, 4, 1, 3, 1),
+    ]
 
 
 @pytest.mark.parametrize("hole", [False, True], ids=["block-causal", "any visibility"])

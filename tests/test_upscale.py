@@ -14,36 +14,16 @@ import pytest
 import torch
 from einops import rearrange
 
-from cascade_vsr import CascadeVSRPipeline, CascadeVSRTransformer3DModel, LatentUpsampler3D, demo_model_path
+from cascade_vsr import CascadeVSRPipeline, demo_model_path
 from cascade_vsr.cli import main
 from cascade_vsr.core.metrics import psnr
 from cascade_vsr.core.streams import VideoSink
 from cascade_vsr.core.video import read_frames, read_video, resize_frames, sample_video_path
-from cascade_vsr.training.trainer import export_pipeline
-from tests.conftest import randomize_
+from tests.conftest import tiny_stage_folder
 
 # The tests that compare `upscale` with a float32 pipeline pin its dtype (`--dtype auto` is bfloat16 on AMX CPUs).
 FP32 = ("--dtype", "float32")
 SAMPLING = {"num_inference_steps": 1, "noise_aug_strength": 0.0, "noise_frame_correlation": 1.0, "self_ensemble": 2}
-
-
-def tiny_stage_folder(path, sampling: dict, **transformer_options):
-    """A tiny random pixel-space stage folder with its own sampling settings (never the committed demo model)."""
-    torch.manual_seed(0)
-    transformer = CascadeVSRTransformer3DModel(
-        latent_channels=48,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        ffn_dim=64,
-        text_dim=16,
-        latent_space="space_to_depth",
-        patch_size=(1, 1, 1),
-        condition_residual_std=0.05,
-        **transformer_options,
-    )
-    upsampler = LatentUpsampler3D(latent_channels=48, hidden_channels=16, num_blocks=1, space_to_depth_factor=4)
-    return export_pipeline(path, randomize_(upsampler, std=0.01), randomize_(transformer, std=0.01, seed=1), sampling)
 
 
 @pytest.fixture(scope="module")

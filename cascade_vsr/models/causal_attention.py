@@ -99,6 +99,23 @@ def visible_runs(visibility: torch.Tensor) -> list[tuple[slice, slice]] | None:
     ]
 
 
+def run_groups(runs: Sequence[tuple[slice, slice]]) -> list[tuple[int, int, int, int, int]]:
+    """Consecutive `visible_runs` with the same numbers of query and key frames whose keys move on as far as their
+    queries (a block-causal layer's chunks once `m` chunks lie behind them), as one group each:
+    (first query frame, first key frame, query frames per run, key frames per run, runs)."""
+    groups: list[tuple[int, int, int, int, int]] = []
+    for queries, keys in runs:
+        q_len, k_len = queries.stop - queries.start, keys.stop - keys.start
+        if groups:
+            q_start, k_start, group_q, group_k, count = groups[-1]
+            follows = queries.start == q_start + count * q_len and keys.start == k_start + count * q_len
+            if (q_len, k_len) == (group_q, group_k) and follows:
+                groups[-1] = (q_start, k_start, q_len, k_len, count + 1)
+                continue
+        groups.append((queries.start, keys.start, q_len, k_len, 1))
+    return groups
+
+
 def attend_window_tiles(
     q: torch.Tensor,
     query_grid: tuple[int, int, int],
@@ -109,29 +126,36 @@ def attend_window_tiles(
     """Window attention of q (B, heads, Tq*H*W, D) over `key_tiles`: per region of equally shaped windows, the
     (keys, values) of its windows (B, heads, windows, Tk, window tokens, D), in the order of `window_tiles`.
 
-    Per region, one SDPA call per run of query frames with the same visible key frames (`visible_runs`: a chunk of
-    a block-causal layer), on views of exactly those keys; a `visibility` of any other form takes one call masked
-    by it. The result is (B, heads, N, D) with the heads innermost in memory, so that merging them is a view."""
+    Each run of query frames with the same visible key frames (`visible_runs`: a chunk of a block-causal layer)
+    attends to exactly those keys, and runs of the same shape go in one SDPA call (`run_groups`: the keys of a
+    group are overlapping views of the tiles, unfolded along the frames), so a region takes about m + 1 calls
+    whatever the number of chunks; a `visibility` of any other form takes one call masked by it. The result is
+    (B, heads, N, D) with the heads innermost in memory, so that merging them is a view."""
     batch, heads, _, dim = q.shape
     frames, height, width = query_grid
     out = q.new_empty(batch, frames, height, width, heads, dim)
     runs = visible_runs(visibility)
+    if runs is None:
+        groups, mask = [(0, 0, frames, visibility.shape[1], 1)], visibility
+    else:
+        groups, mask = run_groups(runs), None
     parts = [partition_axis(frames, frames), *spatial]
     regions = zip(window_regions(query_grid, parts), window_tiles(q, query_grid, spatial), key_tiles)
     for region, q_windows, (keys, values) in regions:
-        if runs is None:
-            window_tokens = q_windows.shape[-3] * q_windows.shape[-2]
-            calls = [(slice(None), slice(None), _frame_mask(visibility, window_tokens, window_tokens, q.device))]
-        else:
-            calls = [(q_frames, k_frames, None) for q_frames, k_frames in runs]
-        for q_frames, k_frames, mask in calls:  # frames are axis -4 of the windows, -3 of the key tiles
-            q_part = q_windows[..., q_frames, :, :, :]
-            tiles = rearrange(q_part, "b h ny nx t y x d -> b h (ny nx) (t y x) d")
-            keys_part, values_part = (x[..., k_frames, :, :].flatten(-3, -2) for x in (keys, values))
-            attended = tile_attention(tiles, keys_part, values_part, mask).view(q_part.shape)
+        window_tokens = q_windows.shape[-3] * q_windows.shape[-2]
+        key_mask = None if mask is None else _frame_mask(mask, window_tokens, window_tokens, q.device)
+        for q_start, k_start, q_len, k_len, count in groups:
+            # frames are axis -4 of the windows, -3 of the key tiles; run i's keys start i * q_len frames later
+            q_part = q_windows[..., q_start : q_start + count * q_len, :, :, :].unflatten(-4, (count, q_len))
+            tiles = rearrange(q_part, "b h ny nx n t y x d -> b h (ny nx) n (t y x) d")
+            span = slice(k_start, k_start + (count - 1) * q_len + k_len)
+            keys_part, values_part = (
+                x[..., span, :, :].unfold(-3, k_len, q_len).movedim(-1, -3).flatten(-3, -2) for x in (keys, values)
+            )  # (B, heads, windows, runs, k_len x window tokens, D), views
+            attended = tile_attention(tiles, keys_part, values_part, key_mask).view(q_part.shape)
             # a fresh view of `out` for every write: autograd refuses writes through views taken before an earlier one
             out_windows = region_windows(rearrange(out, "b t y x h d -> b h t y x d"), region).squeeze(2)
-            out_windows[..., q_frames, :, :, :].copy_(attended)
+            out_windows[..., q_start : q_start + count * q_len, :, :, :].unflatten(-4, (count, q_len)).copy_(attended)
     return rearrange(out, "b t y x h d -> b h (t y x) d")
 
 
@@ -142,8 +166,8 @@ def window_partitions(height: int, width: int, window: Sequence[int], shift: boo
 
 def causal_window_attention(q, k, v, query_grid, key_frames, visibility, window, shift):
     """2D spatial windows of (wh, ww) tokens (shifted by half a window when `shift`), each over all visible frames:
-    per region of equally shaped windows (at most 9), one SDPA call per chunk on its visible frames
-    (`attend_window_tiles`)."""
+    per region of equally shaped windows (at most 9), each chunk on exactly its visible frames, chunks of one shape in
+    one SDPA call (`attend_window_tiles`)."""
     spatial = window_partitions(*query_grid[1:], window, shift)
     key_grid = (key_frames, *query_grid[1:])
     key_tiles = (
