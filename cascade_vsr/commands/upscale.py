@@ -330,7 +330,7 @@ def stream_super_resolve(pipe, source, out_size: tuple[int, int], args: argparse
     import torch
     from einops import rearrange
 
-    adapter = pipe.adapter
+    adapter, device = pipe.adapter, pipe.device  # `pipe.device` walks every module: once, not per chunk
     # One stream encoder per input (fresh state): pieces of frames in, the whole clip's latents out, in order.
     encoder = adapter.stream_encoder(pipe.vae)
 
@@ -339,7 +339,7 @@ def stream_super_resolve(pipe, source, out_size: tuple[int, int], args: argparse
         size = pipe.transformer.config.causal_chunk_frames * adapter.temporal_compression
         for frames in source.chunks(size):
             video = rearrange(torch.from_numpy(frames), "t h w c -> 1 t c h w").float() / 255
-            latents = encoder.encode(pipe.preprocess_video(adapter, video, whole_clip=False).to(pipe.device))
+            latents = encoder.encode(pipe.preprocess_video(adapter, video, whole_clip=False).to(device))
             if latents.shape[2]:  # Wan holds back the frames of an incomplete group of 4
                 yield latents
         tail = encoder.finish()  # refuses a stream that ended inside a group (not 4k+1 frames)
@@ -352,7 +352,7 @@ def stream_super_resolve(pipe, source, out_size: tuple[int, int], args: argparse
         "noise_frame_correlation": args.noise_frame_correlation,
         "guidance_scale": args.guidance_scale,
     }
-    generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     hr_chunks = pipe.stream(
         lr_chunks(),
         height=out_size[0],
