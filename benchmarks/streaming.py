@@ -250,7 +250,7 @@ def main() -> None:
                 "dtype": args.dtype,
                 "causal_chunk_frames": chunk_frames,
                 "causal_cache_chunks": cache_chunks,
-                "chunks_per_forward": args.chunks_per_forward or 1,
+                "chunks_per_forward": args.chunks_per_forward or "auto",
                 "size": list(args.size),
                 "cpu": cpu_name(),
                 "torch_threads": torch.get_num_threads(),

@@ -52,7 +52,7 @@ from cascade_vsr.pipelines.self_ensemble import (
     generator_for_run,
     swaps_height_width,
 )
-from cascade_vsr.pipelines.streaming import StreamingNoise, stream_chunks
+from cascade_vsr.pipelines.streaming import StreamingNoise, auto_chunks_per_forward, stream_chunks
 from cascade_vsr.pipelines.target_size import check_target_size, resolve_target_size
 from cascade_vsr.pipelines.upstream import (
     UpstreamFamily,
@@ -1116,7 +1116,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         generator: torch.Generator | None = None,
         output_type: str = "np",
         max_sequence_length: int | None = None,
-        chunks_per_forward: int = 1,
+        chunks_per_forward: int | str = 1,
     ) -> Iterator[torch.Tensor | np.ndarray]:
         r"""
         Super-resolve a video of any length chunk by chunk, at constant memory, with a block-causal model
@@ -1134,11 +1134,12 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
                 through `adapter.stream_decoder`, equal to one decode of the whole clip: a per-frame VAE such as
                 space-to-depth, or Wan's causal VAE with its cache carried across chunks; the other families' VAEs
                 are refused: stream their latents).
-            chunks_per_forward (`int`): Chunks of `causal_chunk_frames` latent frames that one forward pass
-                computes, each attending to exactly the keys it would see alone: the same numbers, with the fixed
-                cost of a forward (hundreds of small operations, about 20 ms a frame on 2 CPU cores) spread over
-                more frames, for a latency and an activation memory of that many chunks (on those cores 0.91-1.05x
-                the time per frame: the larger activations leave the caches; README, "Streaming").
+            chunks_per_forward (`int` or `"auto"`): Chunks of `causal_chunk_frames` latent frames that one forward
+                pass computes, each attending to exactly the keys it would see alone: the same numbers, with the
+                fixed cost of a forward (hundreds of small operations, about 20 ms a frame on 2 CPU cores) spread
+                over more frames, for a latency and an activation memory of that many chunks. `"auto"`: as many as
+                fit 32k tokens (`streaming.auto_chunks_per_forward`; 8 at 320x192 on the demo model, 1 from about
+                960x540 up), for throughput rather than latency.
 
         Yields:
             HR pieces of `chunks_per_forward` x `causal_chunk_frames` latent frames (the last may be shorter), as
@@ -1148,8 +1149,11 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         """
         if self.transformer.config.causal_chunk_frames is None:
             raise ValueError("`stream` needs a block-causal transformer (`causal_chunk_frames` in its config)")
-        if isinstance(chunks_per_forward, bool) or not isinstance(chunks_per_forward, int) or chunks_per_forward < 1:
-            raise ValueError(f"`chunks_per_forward` must be an int >= 1, got {chunks_per_forward!r}")
+        auto = isinstance(chunks_per_forward, str) and chunks_per_forward == "auto"
+        if not auto and (
+            isinstance(chunks_per_forward, bool) or not isinstance(chunks_per_forward, int) or chunks_per_forward < 1
+        ):
+            raise ValueError(f"`chunks_per_forward` must be an int >= 1 or 'auto', got {chunks_per_forward!r}")
         if output_type not in ("latent", "np", "pt"):
             raise ValueError(f"`output_type` of a stream must be 'latent', 'np' or 'pt', got {output_type!r}")
         adapter = self.adapter
@@ -1181,6 +1185,8 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         height, width = resolve_target_size((first.shape[3] * sc, first.shape[4] * sc), height, width, scale)
         latent_size = (math.ceil(height / sc), math.ceil(width / sc))
         chunk_frames = self.transformer.config.causal_chunk_frames
+        if auto:
+            chunks_per_forward = auto_chunks_per_forward(self.sequence_length((chunk_frames, *latent_size)))
         set_schedule(
             self.scheduler,
             settings["sigmas"],

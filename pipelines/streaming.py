@@ -30,6 +30,18 @@ from cascade_vsr.core.flow import noise_augment
 from cascade_vsr.models.causal_attention import CausalKVCache
 from cascade_vsr.pipelines.sampling import guided_velocity
 
+FORWARD_TOKEN_BUDGET = 32_768
+
+
+def auto_chunks_per_forward(chunk_tokens: int, token_budget: int = FORWARD_TOKEN_BUDGET) -> int:
+    """Chunks per streamed forward pass for throughput: as many as keep a pass within `token_budget` tokens, at
+    least one. A pass has a fixed cost (hundreds of small operators, about 20 ms on 2 CPU cores) that more chunks
+    spread over more frames, while its activations grow with them; past about 32k tokens they leave the caches and
+    more chunks stop paying (README, "Streaming")."""
+    if chunk_tokens < 1:
+        raise ValueError(f"`chunk_tokens` must be >= 1, got {chunk_tokens}")
+    return max(1, token_budget // chunk_tokens)
+
 
 @dataclass
 class StreamingNoise:

@@ -332,6 +332,7 @@ def test_upsampler_stream_equals_whole_clip_call(num_blocks, pieces, space_to_de
         (1, 1, 2, [9], 1),
         (2, 1, 1, [1, 3, 2, 3], 2),
         (1, 2, 2, [9], 4),
+        (2, 1, 1, [1, 3, 2, 3], "auto"),
     ],
 )
 @torch.no_grad()
@@ -353,6 +354,9 @@ def test_streamed_pipeline_equals_the_offline_block_causal_computation(chunk, ca
     starts = torch.tensor([0, *pieces]).cumsum(0).tolist()
     lr_pieces = [lr[:, :, a:b] for a, b in zip(starts[:-1], starts[1:])]
     streamed = list(pipe.stream(lr_pieces, output_type="pt", generator=torch.Generator().manual_seed(7), **kwargs))
+    if per_forward == "auto":  # as many chunks as fit 32768 tokens: here the whole clip in one forward
+        per_forward = 32768 // pipe.sequence_length((chunk, 6, 8))
+        assert per_forward * chunk >= frames
     piece = chunk * per_forward
     assert [c.shape[1] for c in streamed] == [min(piece, frames - s) for s in range(0, frames, piece)]
     streamed_latents = torch.cat(
@@ -386,6 +390,16 @@ def test_streamed_pipeline_equals_the_offline_block_causal_computation(chunk, ca
     torch.testing.assert_close(torch.cat(streamed, 1), decoded, rtol=0, atol=1e-5)
 
 
+def test_auto_chunks_per_forward_fills_the_token_budget():
+    from cascade_vsr.pipelines.streaming import auto_chunks_per_forward
+
+    # 320x192 on the demo model (48x80 tokens a frame), 960x540 (135x240), larger, tiny
+    assert [auto_chunks_per_forward(n) for n in (3840, 32400, 129600, 1)] == [8, 1, 1, 32768]
+    assert auto_chunks_per_forward(3840, token_budget=16384) == 4
+    with pytest.raises(ValueError, match="`chunk_tokens` must be >= 1, got 0"):
+        auto_chunks_per_forward(0)
+
+
 @pytest.mark.parametrize("correlation, strength", [(0.5, 0.2), (1.0, 0.0), (0.0, 0.3), (1.0, 0.4)])
 def test_streaming_noise_draws_in_order_and_skips_what_weighs_nothing(correlation, strength):
     """Per chunk: the condition's noise when its strength is above 0, then the chunk's own noise when the correlation
@@ -410,8 +424,8 @@ def test_streaming_noise_draws_in_order_and_skips_what_weighs_nothing(correlatio
 
 def test_stream_refuses_what_it_cannot_stream():
     pipe = _streaming_stage(2, 1)
-    for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="`chunks_per_forward` must be an int >= 1"):
+    for bad in (0, 1.5, True, "fast"):
+        with pytest.raises(ValueError, match="`chunks_per_forward` must be an int >= 1 or 'auto'"):
             next(pipe.stream([torch.zeros(1, 48, 2, 4, 5)], chunks_per_forward=bad))
     lr = torch.zeros(1, 48, 2, 4, 5)
     with pytest.raises(ValueError, match="`output_type` of a stream"):

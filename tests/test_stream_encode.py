@@ -239,7 +239,7 @@ def test_upscale_windows_of_a_wan_stage_are_4k_plus_1_frames(tmp_path, wan_stage
 def test_upscale_refuses_to_stream_other_vaes_and_a_stage_without_one():
     from cascade_vsr.commands.upscale import streams
 
-    args = dict(stream=None, model="stage", tile=None, color_fix=None, self_ensemble=None, chunks_per_forward=1)
+    args = dict(stream=None, model="stage", tile=None, color_fix=None, self_ensemble=None, chunks_per_forward=None)
     pipe = tiny_causal_stage(tu.tiny_cogvideox_vae())
     with pytest.raises(ValueError, match="the cogvideox VAE is not streamed .*; pass --no-stream"):
         streams(pipe, argparse.Namespace(**args))

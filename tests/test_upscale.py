@@ -247,7 +247,7 @@ def causal_stage(tmp_path_factory):
     )
 
 
-def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_frames, monkeypatch):
+def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_frames, monkeypatch, capsys):
     """`upscale` streams a block-causal stage: its frames are `CascadeVSRPipeline.stream`'s on the encoded input.
     --no-stream runs the windowed path instead (`stream` is never called), whose offline block-causal form gives
     the same frames to within a grey level."""
@@ -275,10 +275,14 @@ def test_a_block_causal_stage_streams_by_default(tmp_path, causal_stage, lr_fram
     assert main([*args, "--chunks-per-forward", "3"]) == 0
     np.testing.assert_array_equal(read_frames(batched), streamed)
     for bad, message in ((["--chunks-per-forward", "0"], "must be >= 1, got 0"),
+                         (["--chunks-per-forward", "auto", "--no-stream"], "applies to streaming"),
                          (["--chunks-per-forward", "2", "--no-stream"], "applies to streaming")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             main([*args[:3], str(tmp_path / "refused"), *args[4:], *bad])
         assert not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit):  # argparse: "expected an int >= 1 or 'auto', got 'many'"
+        main([*args[:3], str(tmp_path / "refused"), *args[4:], "--chunks-per-forward", "many"])
+    assert "expected an int >= 1 or 'auto', got 'many'" in capsys.readouterr().err
 
     windowed = tmp_path / "windowed"
     args = ["upscale", str(folder), "-o", str(windowed), "--model", str(causal_stage), "--scale", "2", *FP32]

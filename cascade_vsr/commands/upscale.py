@@ -56,10 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     chunks.add_argument(
         "--chunks-per-forward",
-        type=int,
-        default=1,
-        help="the stage's chunks computed by one forward pass when streaming: the same frames, the fixed cost of a "
-        "pass spread over more of them, activations that many times larger (default 1)",
+        type=chunks_per_forward_arg,
+        default=None,
+        help="the stage's chunks computed by one forward pass when streaming, or 'auto': the same frames, the fixed "
+        "cost of a pass spread over more of them, activations that many times larger (default auto: as many as fit "
+        "32k tokens, 8 at 320x192 with the demo model, 1 from about 960x540 up)",
     )
     chunks.add_argument(
         "--chunk-frames",
@@ -89,6 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_WINDOW_FRAMES = 32
+
+
+def chunks_per_forward_arg(text: str) -> int | str:
+    """`--chunks-per-forward`: 'auto' or an int (its range is checked with the other options)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'auto', got {text!r}") from None
 
 
 def window_frames(args: argparse.Namespace, temporal_compression: int) -> int:
@@ -294,10 +305,10 @@ def streams(pipe, args: argparse.Namespace) -> bool:
     causal = pipe.transformer.config.causal_chunk_frames is not None
     if args.stream is None:
         args.stream = causal
-    if args.chunks_per_forward < 1:
+    if args.chunks_per_forward not in (None, "auto") and args.chunks_per_forward < 1:
         raise ValueError(f"`--chunks-per-forward` must be >= 1, got {args.chunks_per_forward}")
     if not args.stream:
-        if args.chunks_per_forward != 1:
+        if args.chunks_per_forward is not None:
             raise ValueError("`--chunks-per-forward` applies to streaming: leave it out with --no-stream")
         return False
     if not causal:
@@ -359,7 +370,7 @@ def stream_super_resolve(pipe, source, out_size: tuple[int, int], args: argparse
         width=out_size[1],
         generator=generator,
         output_type="np",
-        chunks_per_forward=args.chunks_per_forward,
+        chunks_per_forward=args.chunks_per_forward or "auto",
         **options,
     )
     for hr in hr_chunks:
