@@ -118,6 +118,19 @@ def test_save_and_load_round_trip_uses_safetensors(tmp_path, tiny_transformer, t
         torch.testing.assert_close(upsampler(lr, size=(6, 10)).sample, tiny_upsampler(lr, size=(6, 10)).sample)
 
 
+def test_the_residual_stream_is_token_major_in_memory(tiny_transformer):
+    # element-wise ops keep the layout of their first input: a transposed stream would make every norm and linear
+    # layer of every block copy it first
+    layouts = []
+    for block in tiny_transformer.blocks:
+        block.register_forward_hook(
+            lambda module, args, out: layouts.append((args[0].is_contiguous(), out.is_contiguous()))
+        )
+    with torch.no_grad():
+        tiny_transformer(**_inputs(batch=1))
+    assert layouts == [(True, True)] * len(tiny_transformer.blocks)
+
+
 def test_rope_is_relative_in_time(tiny_transformer):
     inputs = _inputs(batch=1, frames=4, height=6, width=8)
     with torch.no_grad():

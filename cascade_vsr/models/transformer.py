@@ -747,10 +747,14 @@ class CascadeVSRTransformer3DModel(
         x = torch.cat([network_input, condition.to(hidden_states.dtype)], dim=1)
         x = F.pad(x, (0, pad_w, 0, pad_h, 0, pad_t))
         # Each input goes in the dtype its layer computes in: under `enable_layerwise_casting` that is the compute
-        # dtype, not the (fp8) dtype the weights are stored in.
-        x = self.patch_embedding(x.to(get_parameter_dtype(self.patch_embedding)))
+        # dtype, not the (fp8) dtype the weights are stored in. Channels-last, the patch embedding writes its output
+        # token-major, as the blocks read it, and oneDNN runs it as one matrix product instead of a strided one.
+        x = x.to(get_parameter_dtype(self.patch_embedding)).contiguous(memory_format=torch.channels_last_3d)
+        x = self.patch_embedding(x)
         grid = tuple(x.shape[2:])
-        x = rearrange(x, "b d t h w -> b (t h w) d")
+        # Token-major in memory (a view after the channels-last embedding): element-wise ops take the layout of their
+        # first input, so a transposed stream would make every norm and linear layer of every block copy it first.
+        x = rearrange(x, "b d t h w -> b (t h w) d").contiguous()
         rotary_emb = self.rope(grid, frame_offset, device=x.device)
         causal = None
         if kv_cache is not None:
