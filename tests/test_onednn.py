@@ -9,7 +9,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from cascade_vsr import CascadeVSRTransformer3DModel
 from cascade_vsr.models import onednn
-from cascade_vsr.models.onednn import feed_forward, fused_linear_applies
+from cascade_vsr.models.onednn import feed_forward, fused_linear_applies, linear_projections
 from cascade_vsr.models.transformer import modulated_layer_norm
 
 from .conftest import TINY_TRANSFORMER, randomize_
@@ -67,6 +67,43 @@ def test_fused_feed_forward_matches_a_float64_reference_in_one_call_per_layer(
     # bfloat16 rounds the hidden activations once (after the GELU) instead of twice (before and after)
     error, module_error = ((y.double() - reference).abs().max() for y in (out, module_out))
     assert error <= max(module_error, 1e-3) * 1.5, (error, module_error)
+
+
+@requires_onednn
+def test_linear_projections_match_a_float64_reference_in_one_call(monkeypatch):
+    """Query, key and value projections of one input: one oneDNN call over the concatenated weights, each output the
+    float64 product plus bias rounded once to bfloat16."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(24, width).bfloat16() for width in (16, 16, 8)]
+    x = torch.randn(2, 37, 24, generator=torch.Generator().manual_seed(1)).bfloat16()
+    counter = _CountCalls(monkeypatch)
+    with torch.no_grad():
+        outputs = linear_projections(x, *layers)
+    assert counter.calls == [("none", [], "")]
+    for out, layer in zip(outputs, layers):
+        reference = x.double() @ layer.weight.double().T + layer.bias.double()
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 37, layer.out_features)
+        torch.testing.assert_close(out.double(), reference, rtol=2**-8, atol=1e-3)
+
+
+def test_linear_projections_fall_back_to_the_modules(monkeypatch):
+    """Autograd, a layer without bias among layers with one, and a LoRA-wrapped layer run each module, value for
+    value."""
+    counter = _CountCalls(monkeypatch) if onednn._onednn_linear() is not None else None
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 24).bfloat16()
+    layers = [nn.Linear(24, 16).bfloat16(), nn.Linear(24, 16, bias=False).bfloat16()]
+    for out, layer in zip(linear_projections(x, *layers), layers):  # grad mode is on
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    with torch.no_grad():
+        for out, layer in zip(linear_projections(x, *layers), layers):
+            torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+        lora = inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), _ffn())
+        lora.bfloat16()
+        (out,) = linear_projections(x, lora.net[0].proj)
+        torch.testing.assert_close(out, lora.net[0].proj(x), rtol=0, atol=0)
+    if counter is not None:
+        assert counter.calls == []
 
 
 def test_fused_paths_fall_back_to_the_modules(monkeypatch):

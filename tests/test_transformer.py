@@ -158,13 +158,19 @@ def test_rope_matches_complex_rotation_reference():
     torch.testing.assert_close(out, reference.reshape_as(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize("heads_interleaved", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_rope_matches_the_norm_then_the_real_valued_rotation(dtype):
+def test_rms_norm_rope_matches_the_norm_then_the_real_valued_rotation(dtype, heads_interleaved, grad_enabled):
     """x * w / sqrt(mean(x^2) + eps), then each channel pair rotated by the 2x2 matrix [[cos, -sin], [sin, cos]],
-    in float64; bfloat16 input rounds once, at the end."""
+    in float64; bfloat16 input rounds once, at the end. Also for x a view of a projection's (B, N, heads, D) output
+    and in inference mode, where the fused form works in place: on its own buffer, never on x."""
     grid, head_dim = (2, 3, 4), 12
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 3, 24, head_dim, generator=g) * 4).to(dtype)
+    if heads_interleaved:
+        x = rearrange(x, "b h n d -> b n h d").contiguous().transpose(1, 2)
+    original = x.clone()
     norm = torch.nn.RMSNorm(head_dim, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(head_dim, generator=g) + 0.5)
@@ -173,8 +179,9 @@ def test_rms_norm_rope_matches_the_norm_then_the_real_valued_rotation(dtype):
     normed = x64 * norm.weight.double() / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
     even, odd, c, s = normed[..., 0::2], normed[..., 1::2], cos[:, 0::2].double(), sin[:, 0::2].double()
     reference = torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2)
-    out = rms_norm_rope(x, norm, rope_rotation(cos, sin))
-    assert out.dtype == dtype
+    with torch.set_grad_enabled(grad_enabled):
+        out = rms_norm_rope(x, norm, rope_rotation(cos, sin))
+    assert out.dtype == dtype and torch.equal(x, original)
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8 * reference.abs().max().item()
     torch.testing.assert_close(out.double(), reference, rtol=0, atol=tolerance)
 

@@ -1,4 +1,4 @@
-"""The feed-forward as two oneDNN calls for bfloat16 inference on CPU.
+"""The feed-forward and the attention projections as fused oneDNN calls for bfloat16 inference on CPU.
 
 `F.linear` on CPU first copies the broadcast bias into the output and then accumulates the product onto it, and an
 activation after it is one more pass over the output. oneDNN's fused linear (the kernel that torch.compile's CPU
@@ -42,6 +42,23 @@ def fused_linear_applies(x: torch.Tensor, *layers: nn.Module) -> bool:
             if param is not None and (param.dtype != x.dtype or param.device.type != "cpu"):
                 return False
     return True
+
+
+def linear_projections(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """`layer(x)` for each of `layers` (e.g. an attention's query, key and value projections): as one fused oneDNN
+    call over their concatenated weights where it applies, the outputs then being views of its result; each module
+    otherwise. One call reads x once and adds the biases as it writes, where `F.linear` copies each bias into its
+    output first."""
+    if not fused_linear_applies(x, *layers) or any(
+        (layer.bias is None) != (layers[0].bias is None) for layer in layers
+    ):
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
+    bias = None
+    if layers[0].bias is not None:
+        bias = torch.cat([layer.bias for layer in layers]) if len(layers) > 1 else layers[0].bias
+    out = _onednn_linear()(x, weight, bias, "none", [], "")
+    return tuple(out.split([layer.out_features for layer in layers], dim=-1))
 
 
 def feed_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:

@@ -92,14 +92,27 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 def rms_norm_rope(x: torch.Tensor, norm: nn.RMSNorm, rotation: torch.Tensor) -> torch.Tensor:
     """`apply_rope(norm(x), rotation)` of x (B, heads, N, D) with the RMSNorm written out: the normalised values
     stay float32 until they are rotated and are rounded to x's dtype once, and the mean square is one reduction
-    (bfloat16 would otherwise take a cast in and out of each, six passes over x for the norm and three for RoPE)."""
+    (bfloat16 would otherwise take a cast in and out of each, six passes over x for the norm and three for RoPE).
+
+    The float32 values are (B, heads, N, D)-contiguous whatever x's strides (the heads of a projection are
+    interleaved in memory), so every pass runs over contiguous rows and the (N, D / 2) table broadcasts over the
+    heads. Outside autograd the passes write into that one buffer instead of allocating a new one each."""
     if norm.eps is None:
         raise ValueError("`norm` needs an explicit eps (nn.RMSNorm(..., eps=...))")
-    values = x.float()
-    mean_square = torch.linalg.vector_norm(values, dim=-1, keepdim=True).square() / x.shape[-1]
-    inverse_rms = torch.rsqrt(mean_square + norm.eps)
-    normed = values * inverse_rms if norm.weight is None else values * inverse_rms * norm.weight.float()
-    return torch.view_as_real(torch.view_as_complex(normed.unflatten(-1, (-1, 2))) * rotation).flatten(-2).type_as(x)
+    in_place = not torch.is_grad_enabled()
+    values = x.to(torch.float32, memory_format=torch.contiguous_format, copy=in_place)
+    weight = None if norm.weight is None else norm.weight.float()
+    if in_place:
+        norms = torch.linalg.vector_norm(values, dim=-1, keepdim=True)
+        inverse_rms = norms.square_().div_(x.shape[-1]).add_(norm.eps).rsqrt_()
+        normed = values.mul_(inverse_rms) if weight is None else values.mul_(inverse_rms).mul_(weight)
+        rotated = torch.view_as_complex(normed.unflatten(-1, (-1, 2))).mul_(rotation)
+    else:
+        mean_square = torch.linalg.vector_norm(values, dim=-1, keepdim=True).square() / x.shape[-1]
+        inverse_rms = torch.rsqrt(mean_square + norm.eps)
+        normed = values * inverse_rms if weight is None else values * inverse_rms * weight
+        rotated = torch.view_as_complex(normed.unflatten(-1, (-1, 2))) * rotation
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 class RotaryPositionEmbedding3D(nn.Module):

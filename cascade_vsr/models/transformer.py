@@ -46,7 +46,7 @@ from cascade_vsr.models.causal_attention import (
     chunk_visibility,
 )
 from cascade_vsr.models.loading import SafeLoadingMixin
-from cascade_vsr.models.onednn import feed_forward, unhooked
+from cascade_vsr.models.onednn import feed_forward, linear_projections, unhooked
 from cascade_vsr.models.rope import (
     RotaryPositionEmbedding3D,
     apply_rope,
@@ -92,10 +92,11 @@ class CascadeVSRAttnProcessor:
         grid: tuple[int, int, int] | None = None,
         causal: CausalContext | None = None,
     ) -> torch.Tensor:
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = rearrange(attn.to_q(hidden_states), "b n (h d) -> b n h d", h=attn.heads)
-        key = rearrange(attn.to_k(context), "b n (h d) -> b n h d", h=attn.heads)
-        value = rearrange(attn.to_v(context), "b n (h d) -> b n h d", h=attn.heads)
+        if encoder_hidden_states is None:
+            projections = linear_projections(hidden_states, attn.to_q, attn.to_k, attn.to_v)
+        else:
+            projections = (attn.to_q(hidden_states), *linear_projections(encoder_hidden_states, attn.to_k, attn.to_v))
+        query, key, value = (rearrange(x, "b n (h d) -> b n h d", h=attn.heads) for x in projections)
 
         if encoder_hidden_states is not None:  # text cross-attention: no positions on either side
             query, key = attn.norm_q(query), attn.norm_k(key)
@@ -116,7 +117,7 @@ class CascadeVSRAttnProcessor:
                     query, key, value, grid, causal.key_frames, causal.visibility, attn.spec, causal.cache, attn
                 )
             out = rearrange(out, "b h n d -> b n (h d)")
-        out = attn.to_out[0](out.type_as(hidden_states))
+        (out,) = linear_projections(out.type_as(hidden_states), attn.to_out[0])
         return attn.to_out[1](out)
 
 
