@@ -10,9 +10,10 @@ the windowed path (`--no-stream`, 32-frame windows overlapping by 4) for the sho
 process's exact high-water mark (`upscale_memory.run_upscale`), with `make demo`'s allocator settings
 (`--malloc demo`, freed memory kept in glibc's heap) or glibc's defaults (`--malloc glibc`).
 
-The time split comes from torch's profiler on 4 streamed frames in this process: self CPU time by operator
-family (attention kernels, linear layers, convolutions of the upsampler, layout copies and dtype casts, norms, GELU,
-the rest).
+The time split comes from torch's profiler on 32 frames streamed in this process as `upscale` streams them (its
+chunks per forward), after a warm-up piece: milliseconds a frame of wall time and of self CPU time by operator family
+(attention kernels, linear layers, convolutions, layout copies and dtype casts, norms, the rest), and the dispatch
+and Python between them.
 
     .venv/bin/python benchmarks/streaming.py [--frames 64 256 1024] [--chunk-frames C] [--cache-chunks M]
         [--malloc demo|glibc] [--dtype auto|float32|bfloat16] [--baseline-model PATH] [--baseline-dtype D]
@@ -68,17 +69,38 @@ def command(
     video: Path, output: Path, model: Path, stream: bool, dtype: str, code: Path | None = None, extra: tuple = ()
 ) -> list[str]:
     """The upscale command line, with the `extra` options; with `code`, that checkout's packages are imported (on
-    PYTHONPATH, see `main`), so the working directory must not come first on the path (python -P)."""
-    flags = [] if code is None else ["-P"]
+    PYTHONPATH, see `main`), so the working directory must not come first on the path (python -P), and its
+    top-level pipelines/ and degradations/ become `cascade_vsr`'s subpackages (as its install maps them), not this
+    checkout's."""
+    if code is None:
+        start = [sys.executable, "-m", "cascade_vsr.cli"]
+    else:
+        start = [sys.executable, "-P", "-c", BASELINE_CLI, str(code.resolve())]
     return [
-        sys.executable, *flags, "-m", "cascade_vsr.cli", "upscale", str(video), "-o", str(output), "--scale", "2",
+        *start, "upscale", str(video), "-o", str(output), "--scale", "2",
         "--model", str(model), "--stream" if stream else "--no-stream", "--dtype", dtype, *extra,
     ]  # fmt: skip
 
 
-def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str) -> dict[str, float]:
-    """Self CPU seconds of streaming 4 frames (one chunk, or as many chunks as that takes; after a warm-up chunk) in
-    upscale's `dtype`, by operator family."""
+# `cascade-vsr` of another checkout: its root on `cascade_vsr.__path__`, so that `cascade_vsr.pipelines` and
+# `cascade_vsr.degradations` are its own top-level folders, found before the editable install's mapping to this one
+BASELINE_CLI = (
+    "import sys, cascade_vsr; cascade_vsr.__path__.append(sys.argv.pop(1)); "
+    "from cascade_vsr.cli import console_main; sys.exit(console_main())"
+)
+
+
+PROFILED_FRAMES = 32
+
+
+def profile_stream(
+    model: Path, frames: np.ndarray, chunk_frames: int, dtype: str, chunks_per_forward: int | str
+) -> dict[str, float]:
+    """Milliseconds per frame of streaming `PROFILED_FRAMES` frames with `chunks_per_forward` as `upscale` does (after
+    a warm-up piece), in upscale's `dtype`, from torch's profiler: the wall time, and the self CPU time by operator
+    family. Dispatch and Python between the operators is the wall time less their sum."""
+    import time
+
     import torch
     from einops import rearrange
     from torch.profiler import ProfilerActivity, profile
@@ -87,18 +109,25 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str
     from cascade_vsr.core.precision import resolve_dtype
 
     pipe = load_stage(model, "cpu", resolve_dtype(dtype, "cpu"))
-    chunks_profiled = max(1, 4 // chunk_frames)
-    video = rearrange(torch.from_numpy(frames[: (2 + chunks_profiled) * chunk_frames]), "t h w c -> 1 t c h w")
-    video = video.float() / 255
+    video = rearrange(torch.from_numpy(frames), "t h w c -> 1 t c h w").float() / 255
     lr = pipe.adapter.encode(pipe.vae, pipe.preprocess_video(pipe.adapter, video))
     chunks = [lr[:, :, i : i + chunk_frames] for i in range(0, lr.shape[2], chunk_frames)]
-    stream = pipe.stream(chunks, scale=2, output_type="np", generator=torch.Generator().manual_seed(0))
-    next(stream)  # warm-up: the first chunk also waits for the upsampler's temporal radius of later frames
+    stream = pipe.stream(
+        chunks,
+        scale=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        chunks_per_forward=chunks_per_forward,
+    )
+    next(stream)  # warm-up: the first piece also waits for the upsampler's temporal radius of later frames
+    profiled = 0
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(chunks_profiled):
-            next(stream)
+        started = time.perf_counter()
+        while profiled < PROFILED_FRAMES:
+            profiled += next(stream).shape[1]
+        wall = time.perf_counter() - started
     families = dict.fromkeys(
-        ("attention", "linear", "convolution (upsampler)", "copies and casts", "norms", "GELU", "other"), 0.0
+        ("attention", "linear", "convolutions", "copies and casts", "norms", "other operators"), 0.0
     )
     for event in prof.key_averages():
         name = event.key.lower()
@@ -115,16 +144,16 @@ def profile_chunk(model: Path, frames: np.ndarray, chunk_frames: int, dtype: str
         ):
             families["linear"] += seconds
         elif "conv" in name:
-            families["convolution (upsampler)"] += seconds
+            families["convolutions"] += seconds
         elif name in ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::_to_copy"):
             families["copies and casts"] += seconds
         elif "norm" in name:
             families["norms"] += seconds
-        elif "gelu" in name:
-            families["GELU"] += seconds
         else:
-            families["other"] += seconds
-    return families
+            families["other operators"] += seconds
+    families["dispatch and Python"] = max(0.0, wall - sum(families.values()))
+    families["wall"] = wall
+    return {name: 1000 * seconds / profiled for name, seconds in families.items()}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -221,7 +250,11 @@ def main() -> None:
                 rows.append({"path": label, "input_frames": count, **result})
                 print(f"{label:>9} {count:>5} frames: peak RSS {result['peak_rss_mib']:.0f} MiB, "
                       f"{result['frames_per_s']:.2f} frames/s", flush=True)  # fmt: skip
-        split = None if args.no_profile else profile_chunk(model, clip, chunk_frames, args.dtype)
+        split = None
+        if not args.no_profile:
+            split = profile_stream(
+                model, ping_pong(clip, 64), chunk_frames, args.dtype, args.chunks_per_forward or "auto"
+            )
 
     summary = summarize(rows)
     streamed = [r for r in summary if r["path"] == "streamed"]
@@ -239,8 +272,8 @@ def main() -> None:
         code = "this code" if args.baseline_code is None else f"the code of {args.baseline_code}"
         print(f"frames/s, streamed vs baseline ({args.baseline_model}, {args.baseline_dtype}, {code}): {speedup:.2f}x")
     if split is not None:
-        total = sum(split.values())
-        print("4 streamed frames, self CPU time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
+        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in split.items() if name != "wall")
+        print(f"streamed, ms a frame (torch's profiler, {PROFILED_FRAMES} frames): {split['wall']:.1f} wall = {parts}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         json.dumps(
@@ -261,7 +294,7 @@ def main() -> None:
                 "baseline_dtype": args.baseline_dtype,
                 "baseline_code": None if args.baseline_code is None else str(args.baseline_code),
                 "frames_per_s_ratio_vs_baseline": speedup,
-                "chunk_self_cpu_seconds": split,
+                "profile_ms_per_frame": split,
             },
             indent=2,
         )

@@ -741,7 +741,7 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Upsample once and noise-augment once (the condition is fixed through denoising): returns the upsampled
         latents and the condition `(1 - s) * up + s * eps`."""
-        upsampled = self.upsampler(lr_latents.to(self.upsampler.dtype), size=latent_size, return_dict=False)[0].float()
+        upsampled = self.upsampler(lr_latents, size=latent_size, return_dict=False)[0].float()
         noise = randn_tensor(upsampled.shape, generator=generator, device=upsampled.device, dtype=torch.float32)
         return upsampled, noise_augment(upsampled, noise_aug_strength, noise=noise)
 

@@ -144,7 +144,7 @@ def stream_chunks(
         return denoise_chunk(pipe, condition, initial, caches, text, noise_level, guidance_scale, sigmas)
 
     for lr in lr_chunks:
-        upsampler.push(lr.to(pipe.upsampler.dtype))
+        upsampler.push(lr)
         while upsampler.available >= piece_frames:
             yield run(upsampler.pop(piece_frames).float())
     upsampler.end()

@@ -27,3 +27,14 @@ def test_bad_inputs():
         vae.encode(torch.zeros(1, 4, 1, 8, 8))
     with pytest.raises(ValueError, match="z.*48 channels"):
         vae.decode(torch.zeros(1, 16, 1, 2, 2))
+
+
+def test_reports_float32_whatever_it_is_cast_to_so_callers_keep_the_clip_unrounded():
+    """It has no weights: a bfloat16 stage's callers cast the video and the latents to `vae.dtype`, which stays
+    float32, and the round trip stays exact."""
+    autoencoder = SpaceToDepthAutoencoder(factor=2).to(torch.bfloat16)
+    assert autoencoder.dtype == torch.float32
+    video = torch.rand(1, 3, 2, 4, 6) * 2 - 1
+    latents = autoencoder.encode(video.to(autoencoder.dtype)).latent_dist.mode()
+    assert latents.dtype == torch.float32
+    assert torch.equal(autoencoder.decode(latents.to(autoencoder.dtype)).sample, video)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,34 @@ def test_fresh_pixel_space_upsampler_is_exactly_a_pixel_resize(mode):
         expected_pixels = F.interpolate(pixels[:, :, t], size=(48, 80), mode=mode, align_corners=False)
         expected = autoencoder.encode(expected_pixels[:, :, None]).latent_dist.mode()[:, :, 0]
         torch.testing.assert_close(out[:, :, t], expected, rtol=0, atol=1e-6)
+
+
+def test_a_bfloat16_upsampler_resizes_the_clip_in_float32_and_only_its_residual_in_bfloat16():
+    """The base resize is the clip itself: a bfloat16 upsampler computes it from the float32 input in float32 (a
+    fresh one returns exactly the float32 resize, whole-clip and streamed), and its convolutions add a residual
+    computed in bfloat16."""
+    torch.manual_seed(0)
+    upsampler = LatentUpsampler3D(
+        latent_channels=48, hidden_channels=8, num_blocks=1, resize_mode="bicubic", space_to_depth_factor=4
+    )
+    lr = torch.rand(1, 48, 4, 6, 10)
+    expected = upsampler(lr, size=(12, 20)).sample
+    upsampler.bfloat16()
+    out = upsampler(lr, size=(12, 20)).sample
+    stream = upsampler.stream((12, 20))
+    for t in range(4):
+        stream.push(lr[:, :, t : t + 1])
+    stream.end()
+    streamed = stream.pop(4)
+    assert out.dtype == streamed.dtype == torch.float32
+    assert torch.equal(out, expected) and torch.equal(streamed, expected)
+
+    with torch.no_grad():
+        upsampler.conv_out.weight.normal_(std=0.01)
+    reference = copy.deepcopy(upsampler).float()(lr, size=(12, 20)).sample
+    residual = (reference - expected).abs().max()
+    # bfloat16 rounding of the residual only: rounding the clip (values up to 1) would move it by up to 2^-9
+    assert 0 < (upsampler(lr, size=(12, 20)).sample - reference).abs().max() <= 2**-6 * residual < 2**-9
 
 
 def test_pixel_grid_resize_reconstructs_a_smooth_picture_that_latent_bilinear_scrambles():

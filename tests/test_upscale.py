@@ -308,6 +308,31 @@ def test_dtype_auto_is_bfloat16_on_a_cpu_with_amx_and_float32_elsewhere(monkeypa
     assert resolve_dtype("float16", "cpu") == "float16"
 
 
+def test_a_bfloat16_stage_hands_its_transformer_the_clip_unrounded(causal_stage, lr_frames):
+    """Loaded in bfloat16 (as `upscale` loads it), the stage keeps the clip at float32 from the frames to the
+    transformer's first layer: the space-to-depth VAE reports float32, the upsampler's base resize is float32, and
+    the patch embedding stays float32 (`_keep_in_fp32_modules`). With a zero residual the condition and the patch
+    embedding's input equal the float32 stage's, bit for bit."""
+    from cascade_vsr.commands.upscale import load_stage
+
+    video = rearrange(torch.from_numpy(lr_frames[:4]), "t h w c -> 1 t c h w").float() / 255
+    seen = {}
+    for dtype in ("float32", "bfloat16"):
+        pipe = load_stage(causal_stage, "cpu", dtype)
+        pipe.upsampler.reset_residual()
+        transformer = pipe.transformer
+        assert transformer.dtype == getattr(torch, dtype) and transformer.patch_embedding.weight.dtype == torch.float32
+        inputs = []
+        transformer.patch_embedding.register_forward_pre_hook(
+            lambda module, args, inputs=inputs: inputs.append(args[0])
+        )
+        lr = pipe.adapter.encode(pipe.vae, pipe.preprocess_video(pipe.adapter, video).to(pipe.vae.dtype))
+        list(pipe.stream([lr], scale=2, output_type="latent", generator=torch.Generator().manual_seed(0)))
+        seen[dtype] = torch.cat(inputs, dim=2)
+    assert seen["bfloat16"].dtype == torch.float32
+    assert torch.equal(seen["bfloat16"], seen["float32"])
+
+
 def test_a_bfloat16_stream_stays_within_a_few_grey_levels_of_float32(tmp_path, causal_stage, lr_frames, monkeypatch):
     """`--dtype bfloat16` (what `auto` picks on an AMX CPU) runs the stage's modules in bfloat16, but the latents and
     the condition reach the transformer in float32 (rounded to bfloat16 they would move the whole clip by about a

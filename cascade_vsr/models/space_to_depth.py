@@ -37,6 +37,13 @@ class SpaceToDepthAutoencoder(ModelMixin, ConfigMixin):
         self.register_buffer("anchor", torch.zeros(()))
 
     @property
+    def dtype(self) -> torch.dtype:
+        """float32, whatever dtype the module was cast to: it has no weights and moves values exactly, so the callers
+        that cast the video or the latents to `vae.dtype` keep the clip at full precision (in bfloat16 a pixel near
+        white moves by up to a quarter of a grey level, differently in every frame)."""
+        return torch.float32
+
+    @property
     def latent_channels(self) -> int:
         return self.config.in_channels * self.config.factor**2
 

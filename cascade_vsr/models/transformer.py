@@ -370,7 +370,16 @@ class CascadeVSRTransformer3DModel(
     _supports_gradient_checkpointing = True
     _no_split_modules = ["CascadeVSRTransformerBlock"]
     _repeated_blocks = ["CascadeVSRTransformerBlock"]
-    _keep_in_fp32_modules = ["time_embedder", "noise_level_embedder", "scale_shift_table", "norm1", "norm3"]
+    # The patch embedding reads the latents and the condition themselves: in float32 a bfloat16 stage sees the clip
+    # unrounded (rounded, its values move by up to a grey level, differently in every frame).
+    _keep_in_fp32_modules = [
+        "patch_embedding",
+        "time_embedder",
+        "noise_level_embedder",
+        "scale_shift_table",
+        "norm1",
+        "norm3",
+    ]
     # Kept in the model's dtype under `enable_layerwise_casting`, as in diffusers' Wan: the input patch embedding, the
     # timestep / noise-level / text conditioning and the norms (small layers that fp8 storage would hurt most).
     _skip_layerwise_casting_patterns = [
@@ -755,7 +764,8 @@ class CascadeVSRTransformer3DModel(
         grid = tuple(x.shape[2:])
         # Token-major in memory (a view after the channels-last embedding): element-wise ops take the layout of their
         # first input, so a transposed stream would make every norm and linear layer of every block copy it first.
-        x = rearrange(x, "b d t h w -> b (t h w) d").contiguous()
+        # The blocks compute in the model's dtype (the embedding may be kept in float32).
+        x = rearrange(x, "b d t h w -> b (t h w) d").to(self.dtype).contiguous()
         rotary_emb = self.rope(grid, frame_offset, device=x.device)
         causal = None
         if kv_cache is not None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin, get_parameter_dtype
 from diffusers.utils import BaseOutput
 from einops import rearrange
 
@@ -144,6 +144,18 @@ class LatentUpsampler3D(SafeLoadingMixin, ModelMixin, ConfigMixin):
         (conv_in, two per residual block, hr_conv, conv_out); the norms are per frame."""
         return 3 + 2 * self.config.num_blocks
 
+    def base_resize(self, lr_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The plain resize that the residual branch corrects, in float32 whatever the upsampler's dtype: it is the
+        clip itself, which bfloat16 would move by up to a quarter of a grey level, differently in every frame (the
+        convolutions compute only the small residual, in the upsampler's dtype)."""
+        config = self.config
+        return resize_frames(
+            lr_latents.to(torch.promote_types(lr_latents.dtype, torch.float32)),
+            size,
+            config.resize_mode,
+            space_to_depth_factor=config.space_to_depth_factor,
+        )
+
     def reset_residual(self) -> None:
         """Zero the residual branch's last convolution: the upsampler becomes exactly its base resize again."""
         nn.init.zeros_(self.conv_out.weight)
@@ -152,16 +164,14 @@ class LatentUpsampler3D(SafeLoadingMixin, ModelMixin, ConfigMixin):
     def forward(
         self, lr_latents: torch.Tensor, size: tuple[int, int], return_dict: bool = True
     ) -> LatentUpsampler3DOutput | tuple[torch.Tensor]:
-        """Upsample (B, C, T, h, w) latents to (B, C, T, *size): a `LatentUpsampler3DOutput`, or with
+        """Upsample (B, C, T, h, w) latents of any float dtype to (B, C, T, *size), at least float32 (the base
+        resize; the residual branch computes in the upsampler's dtype): a `LatentUpsampler3DOutput`, or with
         `return_dict=False` the tuple `(sample,)` (diffusers' model convention)."""
         check_latents(lr_latents, "lr_latents", channels=self.config.latent_channels)
         size = check_spatial_size(size, "size")
 
-        base = resize_frames(
-            lr_latents, size, self.config.resize_mode, space_to_depth_factor=self.config.space_to_depth_factor
-        )
-
-        hidden_states = self.conv_in(lr_latents)
+        base = self.base_resize(lr_latents, size)
+        hidden_states = self.conv_in(lr_latents.to(get_parameter_dtype(self.conv_in)))
         for block in self.lr_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, hidden_states)
@@ -291,7 +301,6 @@ class UpsamplerStream:
 
     def __init__(self, upsampler: LatentUpsampler3D, size: tuple[int, int]):
         self.upsampler, self.size = upsampler, size
-        config = upsampler.config
         blocks = [
             _DelayedSum(
                 _Chain(
@@ -316,9 +325,8 @@ class UpsamplerStream:
                 _TemporalConv(upsampler.conv_out),
             ]
         )
-        self.base = lambda frames: resize_frames(
-            frames, size, config.resize_mode, space_to_depth_factor=config.space_to_depth_factor
-        )
+        self.base = lambda frames: upsampler.base_resize(frames, size)
+        self.residual_dtype = get_parameter_dtype(upsampler.conv_in)
         self.waiting: torch.Tensor | None = None  # LR frames whose residual is not out yet (their base resize)
         self.ready: torch.Tensor | None = None  # upsampled frames not yet popped
         self.ended = False
@@ -337,12 +345,13 @@ class UpsamplerStream:
 
     @torch.no_grad()
     def push(self, lr_latents: torch.Tensor) -> None:
-        """Take the next (B, C, T, h, w) LR frames (in the upsampler's dtype) and compute what they complete."""
+        """Take the next (B, C, T, h, w) LR frames and compute what they complete: the base resize in float32, the
+        residual branch in the upsampler's dtype, as `LatentUpsampler3D.forward`."""
         if self.ended:
             raise ValueError("`push` after `end`: the stream has ended")
         check_latents(lr_latents, "lr_latents", channels=self.upsampler.config.latent_channels)
         self.waiting = _cat(self.waiting, lr_latents)
-        self._collect(self.residual.push(lr_latents))
+        self._collect(self.residual.push(lr_latents.to(self.residual_dtype)))
 
     @torch.no_grad()
     def end(self) -> None:
