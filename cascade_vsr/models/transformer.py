@@ -371,7 +371,7 @@ class CascadeVSRTransformer3DModel(
     _no_split_modules = ["CascadeVSRTransformerBlock"]
     _repeated_blocks = ["CascadeVSRTransformerBlock"]
     # The patch embedding reads the latents and the condition themselves: in float32 a bfloat16 stage sees the clip
-    # unrounded (rounded, its values move by up to a grey level, differently in every frame).
+    # unrounded (rounded, its values move by up to a quarter of a grey level, differently in every frame).
     _keep_in_fp32_modules = [
         "patch_embedding",
         "time_embedder",
