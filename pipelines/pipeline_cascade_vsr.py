@@ -1185,15 +1185,10 @@ class CascadeVSRPipeline(DiffusionPipeline, CascadeVSRLoraLoaderMixin):
         height, width = resolve_target_size((first.shape[3] * sc, first.shape[4] * sc), height, width, scale)
         latent_size = (math.ceil(height / sc), math.ceil(width / sc))
         chunk_frames = self.transformer.config.causal_chunk_frames
+        chunk_tokens = self.sequence_length((chunk_frames, *latent_size))
         if auto:
-            chunks_per_forward = auto_chunks_per_forward(self.sequence_length((chunk_frames, *latent_size)))
-        set_schedule(
-            self.scheduler,
-            settings["sigmas"],
-            settings["num_inference_steps"],
-            self.sequence_length((chunk_frames, *latent_size)),
-            device,
-        )
+            chunks_per_forward = auto_chunks_per_forward(chunk_tokens)
+        set_schedule(self.scheduler, settings["sigmas"], settings["num_inference_steps"], chunk_tokens, device)
         guidance = settings["guidance_scale"]
         do_cfg = guidance > 1.0 and (prompt is not None or prompt_embeds is not None)
         text = self.prepare_text_conditioning(
