@@ -101,6 +101,48 @@ def test_buckets_and_batch_sampler(tmp_path):
     assert not {k[0] for b in ranks[0] for k in b} & {k[0] for b in ranks[1] for k in b}
 
 
+def test_several_datasets_pool_their_clips_in_order(tmp_path):
+    # the same video at two HR sizes, as two make-pairs runs write it: the clips of both, in the order the
+    # datasets are given, each read from its own folder; crops of both sizes share one bucket
+    small = build_pairs(tmp_path / "small", num_clips=2, num_frames=3, hr_size=(32, 64))
+    large = build_pairs(tmp_path / "large", num_clips=3, num_frames=3, hr_size=(64, 96), first_frame=5)
+    alone = [PairLatentDataset(root) for root in (small, large)]
+    pooled = PairLatentDataset([small, str(large)], crop_size=(4, 4), num_frames=2)
+    assert len(pooled) == 5
+    assert [clip.latents_path for clip in pooled.clips] == [c.latents_path for d in alone for c in d.clips]
+    assert pooled.clips[2].latents_path.is_relative_to(large)
+    assert pooled.buckets() == [[0, 1, 2, 3, 4]]
+    whole = PairLatentDataset([small, large])
+    for index, reference in enumerate([alone[0][0], alone[0][1], alone[1][0], alone[1][1], alone[1][2]]):
+        assert torch.equal(whole[index]["hr_latents"], reference["hr_latents"])
+        assert torch.equal(whole[index]["lr_latents"], reference["lr_latents"])
+    assert whole.buckets() == [[0, 1], [2, 3, 4]]  # whole frames of two sizes: two buckets
+
+
+def test_several_datasets_are_named_in_config_files_and_on_the_command_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("data_dir: [a, b]\n")
+    assert load_config(config)[1].data_dir == ["a", "b"]
+    config.write_text("data_dir: a\n")  # one dataset without a list
+    assert load_config(config)[1].data_dir == ["a"]
+    assert load_config(config, ["--data_dir", "c", "d"])[1].data_dir == ["c", "d"]
+    assert load_config(None, ["--data_dir", "c"])[1].data_dir == ["c"]
+
+
+def test_bad_dataset_lists(tmp_path):
+    root = build_pairs(tmp_path / "pairs", num_clips=1, num_frames=2, hr_size=(32, 64))
+    with pytest.raises(ValueError, match="`data_dir` must name at least one pair dataset, got an empty list"):
+        PairLatentDataset([])
+    with pytest.raises(ValueError, match="`data_dir` lists the same dataset more than once: .*pairs"):
+        PairLatentDataset([root, tmp_path / "pairs" / ".." / "pairs"])
+    with pytest.raises(ValueError, match="`data_dir` .*missing.* does not exist"):
+        PairLatentDataset([root, tmp_path / "missing"])
+    config = tmp_path / "config.yaml"
+    config.write_text("data_dir: []\n")
+    with pytest.raises(ValueError, match="`data_dir` must name a pair dataset"):
+        load_config(config)
+
+
 def test_timestep_samplers_range_and_determinism():
     for sampler in (UniformTimestepSampler(), LogitNormalTimestepSampler(), DetailAwareTimestepSampler.default()):
         a = sampler.sample(1000, torch.Generator().manual_seed(0))

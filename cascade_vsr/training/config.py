@@ -131,11 +131,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data_dir: str | None = field(default=None, metadata={"help": "A pair dataset (cascade-vsr make-pairs)."})
+    data_dir: list[str] | None = field(
+        default=None,
+        metadata={"help": "One or more pair datasets (cascade-vsr make-pairs); several pool their clips."},
+    )
     crop_size: list[int] | None = field(default=None, metadata={"help": "Crop (h w) in LR latent pixels."})
     num_latent_frames: int | None = field(default=None, metadata={"help": "Latent frames per sample."})
     dataloader_num_workers: int = 0
     drop_last: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.data_dir, (str, Path)):  # one dataset, as a config file usually names it
+            self.data_dir = [str(self.data_dir)]
 
 
 @dataclass
@@ -589,6 +596,8 @@ def read_config_file(path: str | Path) -> dict:
     unknown = sorted(str(key) for key in values if key not in annotations)
     if unknown:
         raise ValueError(f"`config` {str(path)!r} has unknown fields: {', '.join(unknown)}")
+    if isinstance(values.get("data_dir"), str):  # one dataset, named without a list
+        values["data_dir"] = [values["data_dir"]]
     values = {name: parse_number_strings(value, annotations[name]) for name, value in values.items()}
     for name, value in values.items():
         check_field_value(name, value, annotations[name])

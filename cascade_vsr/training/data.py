@@ -12,6 +12,7 @@ pixel, and every crop of a clip has the same HR size (needed for same-shape batc
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,15 @@ def map_crop(start: int, size: int, lr_extent: int, hr_extent: int) -> tuple[int
 
 
 class PairLatentDataset(Dataset):
-    """HR / LR latents (and text embeddings when present) of a pair dataset, with aligned random crops.
+    """HR / LR latents (and text embeddings when present) of one or more pair datasets, with aligned random crops.
+
+    Several datasets pool their clips, in the order given: e.g. the same videos made into pairs at two HR sizes
+    (make-pairs keeps one size per dataset), so that the model sees them both sharper and softer per pixel.
 
     Index with `(index, crop_seed)` (what `BucketBatchSampler` yields) or with a plain `index` (seed 0).
 
     Args:
-        root: The dataset folder (with dataset.json and manifest.jsonl).
+        root: The dataset folder (with dataset.json and manifest.jsonl), or a sequence of them.
         crop_size: (h, w) of the crop in LR latent pixels; `None` keeps whole frames.
         num_frames: Latent frames per sample (a random window); `None` keeps all frames.
         latent_channels: When given, every clip must have this many channels (the model's).
@@ -90,22 +94,28 @@ class PairLatentDataset(Dataset):
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | Sequence[str | Path],
         crop_size: Sequence[int] | None = None,
         num_frames: int | None = None,
         latent_channels: int | None = None,
         latent_space: str | None = None,
     ):
-        self.root = Path(root)
+        self.roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(item) for item in root]
+        if not self.roots:
+            raise ValueError("`data_dir` must name at least one pair dataset, got an empty list")
+        counts = Counter(root.resolve() for root in self.roots)
+        repeated = sorted(str(root) for root, count in counts.items() if count > 1)
+        if repeated:
+            raise ValueError(f"`data_dir` lists the same dataset more than once: {', '.join(repeated)}")
         if crop_size is not None and (len(crop_size) != 2 or min(crop_size) <= 0):
             raise ValueError(f"`crop_size` must be an (h, w) pair of positive LR latent sizes, got {crop_size}")
         if num_frames is not None and num_frames <= 0:
             raise ValueError(f"`num_frames` must be positive, got {num_frames}")
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.num_frames = num_frames
-        records = read_pair_dataset(self.root)
-        self.clips = [_read_clip(self.root, record) for record in records]
-        for entry, clip in zip(records, self.clips):
+        records = [(root, record) for root in self.roots for record in read_pair_dataset(root)]
+        self.clips = [_read_clip(root, record) for root, record in records]
+        for (_, entry), clip in zip(records, self.clips):
             if latent_channels is not None and clip.lr_shape[0] != latent_channels:
                 raise ValueError(
                     f"clip {clip.id!r} has {clip.lr_shape[0]}-channel latents, the model's latent_channels is "
