@@ -111,6 +111,9 @@ def test_several_datasets_pool_their_clips_in_order(tmp_path):
     assert len(pooled) == 5
     assert [clip.latents_path for clip in pooled.clips] == [c.latents_path for d in alone for c in d.clips]
     assert pooled.clips[2].latents_path.is_relative_to(large)
+    # both datasets name their clips bbb-000, ...: pooled, a clip's id names its folder too
+    assert [clip.id for clip in pooled.clips[1:3]] == [f"{small}/bbb-001", f"{large}/bbb-000"]
+    assert alone[0].clips[0].id == "bbb-000"
     assert pooled.buckets() == [[0, 1, 2, 3, 4]]
     whole = PairLatentDataset([small, large])
     for index, reference in enumerate([alone[0][0], alone[0][1], alone[1][0], alone[1][1], alone[1][2]]):
@@ -139,7 +142,7 @@ def test_bad_dataset_lists(tmp_path):
         PairLatentDataset([root, tmp_path / "missing"])
     config = tmp_path / "config.yaml"
     config.write_text("data_dir: []\n")
-    with pytest.raises(ValueError, match="`data_dir` must name a pair dataset"):
+    with pytest.raises(ValueError, match="`data_dir` must name one or more pair datasets"):
         load_config(config)
 
 

@@ -433,7 +433,7 @@ def validate(model: ModelConfig, data: DataConfig, train: TrainConfig) -> None:
             f"{model.upsampler_hidden_channels}, {model.upsampler_num_blocks}"
         )
     if not data.data_dir:
-        raise ValueError("`data_dir` must name a pair dataset (cascade-vsr make-pairs output)")
+        raise ValueError("`data_dir` must name one or more pair datasets (cascade-vsr make-pairs output)")
     if data.crop_size is not None and (len(data.crop_size) != 2 or min(data.crop_size) <= 0):
         raise ValueError(f"`crop_size` must be two positive ints [h, w] in LR latent pixels, got {data.crop_size}")
     if data.num_latent_frames is not None and data.num_latent_frames <= 0:

@@ -34,8 +34,8 @@ class PairClip:
     text_shape: tuple[int, int] | None  # (L, D) of prompt_embeds, when present
 
 
-def _read_clip(root: Path, entry: dict) -> PairClip:
-    clip_id = entry["id"]
+def _read_clip(root: Path, entry: dict, prefix: str = "") -> PairClip:
+    clip_id = prefix + entry["id"]
     if not entry.get("latents"):
         raise ValueError(
             f'clip {clip_id!r} of `data_dir` has no latents ("latents": null): build the dataset with latents '
@@ -114,7 +114,9 @@ class PairLatentDataset(Dataset):
         self.crop_size = tuple(crop_size) if crop_size is not None else None
         self.num_frames = num_frames
         records = [(root, record) for root in self.roots for record in read_pair_dataset(root)]
-        self.clips = [_read_clip(root, record) for root, record in records]
+        # pooled datasets may share clip ids (the same videos at two sizes): their clips are named with the folder
+        qualify = len(self.roots) > 1
+        self.clips = [_read_clip(root, record, f"{root}/" if qualify else "") for root, record in records]
         for (_, entry), clip in zip(records, self.clips):
             if latent_channels is not None and clip.lr_shape[0] != latent_channels:
                 raise ValueError(
